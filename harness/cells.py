@@ -1,0 +1,214 @@
+"""Expand a matrix into cells: one cell per model x device x axis combination, with a readable id.
+
+Pure data (no torch): the pytest process expands thousands of cells at collection time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+from .families import FAMILIES
+from .matrix import Defaults, ExpectRule, Matrix, ModelEntry, Rule, Section
+
+DTYPE_ORDER = {"float32": 0, "bfloat16": 1, "float16": 2}  # float32 first: reduced dtypes compare against it
+
+
+@dataclass
+class Expectation:
+    outcome: str = "pass"  # pass | xfail | skip
+    categories: list[str] = field(default_factory=list)
+    reason: str = ""
+    strict: bool = True
+    answer: str | None = None
+    source: str = "default"  # matrix | capability | default
+
+
+@dataclass
+class Cell:
+    id: str
+    model: str
+    family: str
+    source: dict  # {"tiny": family, "variant": ...} | {"arch": name} | {"hub": id} | {"path": folder}
+    device: str
+    dtype: str
+    attn_implementation: str
+    resolution: str
+    input: str
+    min_pixels: int | None
+    max_pixels: int | None
+    backend: str
+    extra: dict[str, Any]
+    budget: str | None
+    prompt: str
+    max_new_tokens: int
+    timeout_s: float
+    images: int
+    drift_max_abs_diff: float
+    drift_top1: bool
+    degenerate_check: bool
+    expectation: Expectation = field(default_factory=Expectation)
+    fault: Any = None
+    matrix_file: str = ""
+
+    @property
+    def width(self) -> int:
+        return int(self.resolution.split("x")[0])
+
+    @property
+    def height(self) -> int:
+        return int(self.resolution.split("x")[1])
+
+    @property
+    def group(self) -> str:
+        """Cells sharing a loaded model: model, dtype, attention implementation and backend."""
+        return f"{self.model}/{self.dtype}/{self.attn_implementation}/{self.backend}"
+
+    @property
+    def drift_twin(self) -> str:
+        """The id of the same cell in float32 (what drift is measured against)."""
+        return self.id.replace(f"-{self.dtype}-", "-float32-", 1)
+
+    def axis_values(self) -> dict[str, Any]:
+        """What selectors (`when:`) match against."""
+        return {"model": self.model, "family": self.family, "device": self.device, "dtype": self.dtype,
+                "attn_implementation": self.attn_implementation, "resolution": self.resolution,
+                "input": self.input, "min_pixels": self.min_pixels, "max_pixels": self.max_pixels,
+                "backend": self.backend, "variant": self.source.get("variant", "default"), **self.extra}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Cell":
+        return cls(**{**data, "expectation": Expectation(**data["expectation"])})
+
+
+def selector_matches(when: dict[str, Any], values: dict[str, Any]) -> bool:
+    for axis, wanted in when.items():
+        options = wanted if isinstance(wanted, list) else [wanted]
+        if values.get(axis) not in options:
+            return False
+    return True
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def _arch_family(name: str) -> str | None:
+    try:
+        text = resources.files("harness.data.architectures").joinpath(f"{name}.json").read_text()
+    except FileNotFoundError:
+        return None
+    return json.loads(text).get("model_type")
+
+
+_FAMILY_FROM_NAME = [(r"qwen3[-_]?vl.*-a\d+b", "qwen3_vl_moe"), (r"qwen3[-_]?vl", "qwen3_vl"),
+                     (r"qwen2\.5[-_]?vl|qwen2_5_vl", "qwen2_5_vl"), (r"qwen2[-_]?vl", "qwen2_vl")]
+
+
+def model_identity(entry: ModelEntry, matrix_file: str) -> tuple[str, str, dict]:
+    """(id, family, source) of a model entry."""
+    if entry.tiny:
+        default_id = "tiny-" + _slug(entry.tiny) + ("" if entry.variant == "default" else "-" + _slug(entry.variant))
+        return entry.id or default_id, entry.tiny, {"tiny": entry.tiny, "variant": entry.variant}
+    name = entry.arch or entry.hub or entry.path
+    kind = "arch" if entry.arch else "hub" if entry.hub else "path"
+    family = entry.family
+    if family is None and kind == "arch":
+        family = _arch_family(name.split("/")[-1])
+    if family is None and kind == "path" and (Path(name) / "config.json").exists():
+        family = json.loads((Path(name) / "config.json").read_text()).get("model_type")
+    if family is None:
+        family = next((fam for pattern, fam in _FAMILY_FROM_NAME if re.search(pattern, name.lower())), None)
+    if family not in FAMILIES:
+        raise UserError(f"cannot tell the model family of '{name}' (got {family!r}).", file=matrix_file,
+                        key=f"models.{kind}", fix=f"add `family:` to this model, one of {', '.join(FAMILIES)}.")
+    short = re.sub(r"-instruct$", "", _slug(Path(name).name if kind == "path" else name.split("/")[-1]))
+    return entry.id or short, family, {kind: name}
+
+
+def _cell_id(model: str, device: str, dtype: str, attn: str, resolution: str, kind: str,
+             budget, backend: str, extra: dict) -> str:
+    parts = [model, device, dtype, attn, resolution]
+    if kind != "image":
+        parts.append(kind)
+    if budget is not None:
+        parts += [f"min{budget.min_pixels}px"] if budget.min_pixels else []
+        parts += [f"max{budget.max_pixels}px"] if budget.max_pixels else []
+    if backend != "transformers":
+        parts.append(backend)
+    parts += [f"{k}={v}" for k, v in extra.items()]
+    return "-".join(parts)
+
+
+def _first_rule(rules: list[Rule], values: dict) -> Rule | None:
+    return next((r for r in rules if selector_matches(r.when, values)), None)
+
+
+def _expectation(rule: ExpectRule) -> Expectation:
+    cats = rule.category if isinstance(rule.category, list) else [rule.category] if rule.category else []
+    return Expectation(outcome=rule.outcome, categories=cats, reason=rule.reason or "", strict=rule.strict,
+                       answer=rule.answer, source="matrix")
+
+
+def _section_cells(matrix: Matrix, section: Section, defaults: Defaults, matrix_file: str) -> list[Cell]:
+    axes = section.axes
+    budgets = {**matrix.budgets, **section.budgets}
+    expect = section.expect + matrix.expect
+    exclude = section.exclude + matrix.exclude
+    extra_names = list(axes.extra)
+    cells = []
+    for entry in section.models:
+        model, family, source = model_identity(entry, matrix_file)
+        for device, dtype, attn, resolution, kind, budget, backend, *extra_values in itertools.product(
+                section.devices, axes.dtype, axes.attn_implementation, axes.resolution, axes.input,
+                axes.pixel_budget, axes.backend, *axes.extra.values()):
+            extra = dict(zip(extra_names, extra_values))
+            cell = Cell(
+                id=_cell_id(model, device, dtype, attn, resolution, kind, budget, backend, extra),
+                model=model, family=family, source=source, device=device, dtype=dtype,
+                attn_implementation=attn, resolution=resolution, input=kind,
+                min_pixels=budget.min_pixels if budget else None, max_pixels=budget.max_pixels if budget else None,
+                backend=backend, extra=extra, budget=budgets.get(device, budgets.get("default")),
+                prompt=defaults.prompt, max_new_tokens=defaults.max_new_tokens, timeout_s=defaults.timeout_s,
+                images=defaults.images, drift_max_abs_diff=defaults.drift_max_abs_diff,
+                drift_top1=defaults.drift_top1, degenerate_check=defaults.degenerate_check,
+                matrix_file=matrix_file)
+            values = cell.axis_values()
+            if _first_rule(exclude, values):
+                continue
+            rule = _first_rule(expect, values)
+            if rule is not None:
+                cell.expectation = _expectation(rule)
+            fault = _first_rule(matrix.faults, values)
+            cell.fault = fault.inject if fault else None
+            cells.append(cell)
+    return cells
+
+
+def expand(matrix: Matrix, matrix_file: str) -> list[Cell]:
+    """All cells of a matrix, deduplicated by id, in matrix order; fails on a matrix with none."""
+    seen: dict[str, Cell] = {}
+    for section in matrix.all_sections():
+        for cell in _section_cells(matrix, section, matrix.defaults, matrix_file):
+            seen.setdefault(cell.id, cell)
+    if not seen:
+        raise UserError("the matrix expands to zero cells (every combination is excluded).", file=matrix_file,
+                        key="exclude", fix="loosen the `exclude` rules or add models, devices or axis values.")
+    return list(seen.values())
+
+
+def run_order(cells: list[Cell]) -> list[Cell]:
+    """Cells sharing a model, dtype, attention and backend run together; float32 before reduced dtypes."""
+    first_seen = {}
+    for i, cell in enumerate(cells):
+        first_seen.setdefault(cell.model, i)
+    return sorted(cells, key=lambda c: (first_seen[c.model], DTYPE_ORDER[c.dtype], c.attn_implementation, c.backend))

@@ -1,0 +1,216 @@
+"""Build Qwen-VL checkpoint folders without downloading anything.
+
+Two kinds, one output: a folder that `from_pretrained` reads exactly as it reads a downloaded model.
+- tiny: a small config that keeps every architectural feature, seeded random weights, saved.
+- architecture: a real model's config.json (true size) with no weights file content; transformers
+  initialises the missing weights randomly, directly on the target device and dtype, at load time.
+
+Folders are cached under the cache root, keyed by a hash of the recipe, built under a file lock
+into a temporary folder and renamed into place, so two processes building at once are safe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+from filelock import FileLock
+
+from . import architectures
+from .families import Family, get_family
+
+RECIPE_VERSION = 3  # bump when anything below changes what is written
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+]
+TINY_SPECIAL_BASE = 256  # tiny vocab: 256 byte symbols, then the specials
+REAL_SPECIAL_BASE = 151643  # Qwen's own id of <|endoftext|>; the specials follow in this order
+TINY_VOCAB = 320
+
+TINY_TEXT = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768)
+
+# Per family: text and vision sub-configs small enough for CPU, with every feature still present:
+# M-RoPE sections, Qwen2.5-VL window + full-attention blocks, Qwen3-VL DeepStack, MoE top-2 of 4.
+TINY_RECIPES: dict[str, dict] = {
+    "qwen2_vl": dict(
+        text={"rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}},
+        vision=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14),
+    ),
+    "qwen2_5_vl": dict(
+        text={"rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}},
+        vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                    patch_size=14, window_size=112, fullatt_block_indexes=[1]),
+    ),
+    "qwen3_vl": dict(
+        text={"head_dim": 16, "rope_parameters": {"rope_type": "default", "rope_theta": 5e6,
+                                                  "mrope_section": [4, 2, 2], "mrope_interleaved": True}},
+        vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                    patch_size=16, num_position_embeddings=256, deepstack_visual_indexes=[0]),
+    ),
+}
+TINY_RECIPES["qwen3_vl_moe"] = dict(
+    text={**TINY_RECIPES["qwen3_vl"]["text"], "num_experts": 4, "num_experts_per_tok": 2,
+          "moe_intermediate_size": 32, "decoder_sparse_step": 1},
+    vision=TINY_RECIPES["qwen3_vl"]["vision"],
+)
+
+# Variants of a tiny checkpoint: named weight edits that make a real failure reproducible.
+# "fp16-overflow" scales the vision tower's MLP output weights so activations exceed float16's
+# range (65504), as the real Qwen2-VL vision tower did in float16 before transformers fixed it.
+VARIANTS = {"default": {}, "fp16-overflow": {"vision_mlp_scale": 3000.0}}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("QWEN_COMPAT_CACHE", Path.home() / ".cache" / "qwen-compat"))
+
+
+def chat_template() -> str:
+    return resources.files("harness.data").joinpath("chat_template.jinja").read_text()
+
+
+def special_token_ids(base: int) -> dict[str, int]:
+    return {tok: base + i for i, tok in enumerate(SPECIAL_TOKENS)}
+
+
+def _recipe_hash(recipe: dict) -> str:
+    blob = json.dumps({"v": RECIPE_VERSION, **recipe}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def _cached_build(name: str, recipe: dict, build) -> Path:
+    """Return the cached folder for `recipe`, building it once (under a lock) if absent."""
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    folder = root / f"{name}-{_recipe_hash(recipe)}"
+    if (folder / "config.json").exists():
+        return folder
+    with FileLock(str(folder) + ".lock"):
+        if (folder / "config.json").exists():
+            return folder
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+        try:
+            build(tmp)
+            (tmp / "qwen_compat_recipe.json").write_text(json.dumps(recipe, indent=1, sort_keys=True))
+            tmp.rename(folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def build_tokenizer(special_base: int):
+    """A real Qwen2Tokenizer: byte-level vocabulary, no merges, Qwen's specials at `special_base`."""
+    from tokenizers import pre_tokenizers
+    from transformers import Qwen2Tokenizer
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet(), key=ord))}
+    vocab.update(special_token_ids(special_base))
+    return Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, eos_token="<|im_end|>",
+                          pad_token="<|endoftext|>", additional_special_tokens=SPECIAL_TOKENS[1:],
+                          chat_template=chat_template())
+
+
+def build_processor(family: Family, special_base: int):
+    import transformers
+
+    image_processor = transformers.Qwen2VLImageProcessor(
+        patch_size=family.patch_size, merge_size=family.merge_size,
+        temporal_patch_size=family.temporal_patch_size,
+        size={"shortest_edge": family.min_pixels, "longest_edge": family.max_pixels},
+        image_mean=family.image_mean, image_std=family.image_std)
+    video_processor = getattr(transformers, family.video_processor_class)(
+        patch_size=family.patch_size, merge_size=family.merge_size,
+        temporal_patch_size=family.temporal_patch_size, image_mean=family.image_mean, image_std=family.image_std)
+    processor_class = getattr(transformers, family.processor_class)
+    return processor_class(image_processor=image_processor, tokenizer=build_tokenizer(special_base),
+                           video_processor=video_processor, chat_template=chat_template())
+
+
+def tiny_config(family: Family):
+    import transformers
+
+    recipe = TINY_RECIPES[family.key]
+    ids = special_token_ids(TINY_SPECIAL_BASE)
+    text = {**TINY_TEXT, **recipe["text"], "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"]}
+    return getattr(transformers, family.config_class)(
+        text_config=text, vision_config=dict(recipe["vision"]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+
+
+def _apply_variant(model, variant: str) -> None:
+    import torch
+
+    scale = VARIANTS[variant].get("vision_mlp_scale")
+    if scale:
+        with torch.no_grad():
+            for block in model.model.visual.blocks:
+                for name, param in block.mlp.named_parameters():
+                    if name.endswith("weight"):
+                        param.mul_(scale)
+
+
+def tiny_checkpoint(family_key: str, variant: str = "default", seed: int = 0) -> Path:
+    """Folder of a tiny random-weight checkpoint of `family_key`, built once per recipe."""
+    family = get_family(family_key)
+    if variant not in VARIANTS:
+        from .errors import UserError
+        raise UserError(f"unknown tiny-model variant '{variant}'.", key="variant",
+                        fix=f"use one of {', '.join(VARIANTS)}.")
+    recipe = {"kind": "tiny", "family": family.key, "variant": variant, "seed": seed,
+              **TINY_RECIPES[family.key], **VARIANTS[variant]}
+
+    def build(out: Path) -> None:
+        import torch
+        import transformers
+
+        torch.manual_seed(seed)
+        model = getattr(transformers, family.model_class)(tiny_config(family)).eval()
+        _apply_variant(model, variant)
+        ids = special_token_ids(TINY_SPECIAL_BASE)
+        model.generation_config.eos_token_id = ids["<|im_end|>"]
+        model.generation_config.pad_token_id = ids["<|endoftext|>"]
+        model.save_pretrained(out)
+        build_processor(family, TINY_SPECIAL_BASE).save_pretrained(out)
+
+    return _cached_build(f"tiny-{family.key}-{variant}", recipe, build)
+
+
+def architecture_checkpoint(name: str) -> Path:
+    """Folder holding a true-size architecture's config, tokenizer and processor, and no weights.
+
+    `name` is a shipped architecture (see `harness.architectures`) or a hub id whose config.json
+    can be fetched. Loading it initialises random weights of true size on the target device.
+    """
+    config_dict = architectures.load_config(name)
+    family = get_family(config_dict["model_type"])
+    recipe = {"kind": "architecture", "name": name, "config": config_dict}
+
+    def build(out: Path) -> None:
+        from safetensors.torch import save_file
+
+        (out / "config.json").write_text(json.dumps(config_dict, indent=2))
+        # An empty weights file: from_pretrained finds a checkpoint, every key is "missing" and is
+        # initialised randomly on the requested device and dtype (no fp32 CPU copy of the model).
+        save_file({}, str(out / "model.safetensors"), metadata={"format": "pt"})
+        build_processor(family, REAL_SPECIAL_BASE).save_pretrained(out)
+
+    return _cached_build(f"arch-{name.replace('/', '--')}", recipe, build)
+
+
+def checkpoint_for(source: dict) -> str:
+    """What `from_pretrained` is given for a cell's model: a built folder, a hub id or a local path."""
+    if "tiny" in source:
+        return str(tiny_checkpoint(source["tiny"], source.get("variant", "default")))
+    if "arch" in source:
+        return str(architecture_checkpoint(source["arch"]))
+    return source.get("hub") or source["path"]

@@ -1,0 +1,276 @@
+"""Matrix files: YAML read with a safe loader, validated by a pydantic schema, errors as one paragraph.
+
+A matrix declares models x devices x axes (dtype, attention, resolution, input, pixel budget,
+backend, and user axes), per-device memory budgets, `expect` / `exclude` rules keyed by
+selectors, `faults` for testing the harness itself, and per-cell `defaults`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import UserError
+from .families import FAMILIES
+from .gpus import table
+
+Outcome = Literal["pass", "xfail", "skip"]
+CATEGORIES = ["kernel-launch", "out-of-memory", "dtype-unsupported", "attention-backend-unsupported", "numerical",
+              "missing-package", "driver-or-arch", "input-mismatch", "timeout", "crash", "over-budget", "wrong-answer", "other"]
+Category = Literal[tuple(CATEGORIES)]  # type: ignore[valid-type]
+
+
+def _pixels(value: Any) -> Any:
+    """Accept `800*28*28` as written in Qwen's docs, as well as a plain integer."""
+    if isinstance(value, str) and re.fullmatch(r"\s*\d+(\s*\*\s*\d+)*\s*", value):
+        product = 1
+        for factor in value.split("*"):
+            product *= int(factor)
+        return product
+    return value
+
+
+Pixels = Annotated[int, BeforeValidator(_pixels)]
+Resolution = Annotated[str, Field(pattern=r"^\d+x\d+$", description="WIDTHxHEIGHT in pixels, e.g. 1024x1024")]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelEntry(Strict):
+    """One model: exactly one of `tiny`, `arch`, `hub`, `path`."""
+
+    id: str | None = Field(None, description="short name used in cell ids; derived when absent")
+    tiny: str | None = Field(None, description="tiny random-weight family: " + ", ".join(FAMILIES))
+    variant: str = Field("default", description="tiny checkpoint variant, e.g. fp16-overflow")
+    arch: str | None = Field(None, description="true-size architecture shipped with qwen-compat (random weights)")
+    hub: str | None = Field(None, description="Hugging Face hub id of a real checkpoint")
+    path: str | None = Field(None, description="local folder of a checkpoint")
+    family: str | None = Field(None, description="model family when it cannot be read from the source")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        given = [k for k in ("tiny", "arch", "hub", "path") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(f"a model needs exactly one of tiny, arch, hub, path (got {given or 'none'})")
+        if self.tiny and self.tiny not in FAMILIES:
+            raise ValueError(f"unknown tiny family '{self.tiny}'; use one of {', '.join(FAMILIES)}")
+        return self
+
+
+class PixelBudget(Strict):
+    min_pixels: Pixels | None = None
+    max_pixels: Pixels | None = None
+
+
+class Axes(Strict):
+    dtype: list[Literal["float32", "float16", "bfloat16"]] = ["float32"]
+    attn_implementation: list[Literal["sdpa", "eager", "flash_attention_2"]] = ["sdpa"]
+    resolution: list[Resolution] = ["448x448"]
+    input: list[Literal["image", "images", "video"]] = ["image"]
+    pixel_budget: list[PixelBudget | None] = Field([None], description="null = the processor's default budget")
+    backend: list[Literal["transformers"]] = ["transformers"]
+    extra: dict[str, list[Union[str, int, float, bool]]] = Field(
+        {}, description="user axes: name -> values; they appear in cell ids and selectors")
+
+
+Budget = Annotated[str, Field(pattern=r"^\s*\d+(\.\d+)?\s*(GiB|MiB|%)\s*$", description="e.g. 14GiB, 900MiB or 90%")]
+
+
+class Rule(Strict):
+    when: dict[str, Any] = Field(..., description="axis -> value or list of values; all must match")
+
+
+class ExpectRule(Rule):
+    outcome: Outcome = "pass"
+    category: list[Category] | Category | None = None
+    reason: str | None = None
+    strict: bool = True
+    answer: str | None = Field(None, description="regex the generated text must match (real checkpoints)")
+
+
+class FaultRule(Rule):
+    inject: Literal["segfault", "abort", "hang", "oom"] | dict[Literal["raise"], str]
+
+
+class Defaults(Strict):
+    prompt: str = "Describe this image."
+    max_new_tokens: int = Field(8, ge=1)
+    timeout_s: float = Field(300, gt=0)
+    images: int = Field(2, ge=2, description="how many images the `images` input kind sends")
+    drift_max_abs_diff: float = Field(
+        5.0, description="largest |logit - float32 logit| allowed at the first step for reduced dtypes")
+    drift_top1: bool = Field(True, description="reduced dtypes must agree with float32 on the first token")
+    degenerate_check: bool = Field(True, description="fail when every new token is the same token")
+
+
+class Section(Strict):
+    name: str | None = None
+    models: list[ModelEntry]
+    devices: list[str] = ["cpu"]
+    axes: Axes = Axes()
+    budgets: dict[str, Budget] = {}
+    expect: list[ExpectRule] = []
+    exclude: list[Rule] = []
+
+
+class Matrix(Strict):
+    name: str | None = None
+    description: str | None = None
+    defaults: Defaults = Defaults()
+    models: list[ModelEntry] | None = None
+    devices: list[str] = ["cpu"]
+    axes: Axes = Axes()
+    budgets: dict[str, Budget] = Field({}, description="device key (or 'default') -> peak memory budget")
+    expect: list[ExpectRule] = []
+    exclude: list[Rule] = []
+    faults: list[FaultRule] = []
+    sections: list[Section] = []
+
+    def all_sections(self) -> list[Section]:
+        top = []
+        if self.models:
+            top = [Section(name=self.name, models=self.models, devices=self.devices, axes=self.axes)]
+        return top + self.sections
+
+
+SELECTOR_AXES = {"model", "family", "device", "dtype", "attn_implementation", "resolution", "input",
+                 "min_pixels", "max_pixels", "backend", "variant"}
+
+
+def schema() -> dict:
+    """JSON Schema of matrix files, for editors and CI checks."""
+    out = Matrix.model_json_schema()
+    out["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    out["title"] = "qwen-compat matrix"
+    return out
+
+
+# --- loading, with errors that name the file, the line, the key and the fix -------------------------
+
+def _line_of(root: yaml.Node | None, loc: tuple) -> int | None:
+    node, line = root, None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = [(k, v) for k, v in node.value if k.value == part]
+            if not match:
+                break
+            key, node = match[0]
+            line = key.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _field_names(model: type[BaseModel]) -> list[str]:
+    return list(model.model_fields)
+
+
+def _describe(error: dict, path: str, root) -> UserError:
+    loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and p.startswith(("function-", "literal["))))
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    line = _line_of(root, loc)
+    where = f"{path}" + (f", line {line}" if line else "")
+    if error["type"] == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        options = _field_names(parent) if parent else []
+        close = difflib.get_close_matches(str(loc[-1]), options, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        return UserError(f"unknown key '{loc[-1]}'.", file=where, key=key,
+                         fix=f"{hint}allowed keys here: {', '.join(options)}.")
+    return UserError(f"{error['msg']} (got {error.get('input')!r}).", file=where, key=key,
+                     fix="correct the value; `qwen-compat schema` prints every key and type.")
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The schema class that holds the key at `loc` (for "did you mean")."""
+    model: type[BaseModel] | None = Matrix
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        model = _inner_model(field.annotation)
+    return model
+
+
+def _inner_model(annotation) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _inner_model(arg)
+        if found:
+            return found
+    return None
+
+
+def load(path: str | Path) -> Matrix:
+    """Read and validate a matrix file; any problem is a UserError naming file, line, key and fix."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError("matrix file not found.", file=str(path),
+                        fix="pass an existing file with --matrix, e.g. matrices/default.yaml.")
+    text = path.read_text()
+    try:
+        data = yaml.safe_load(text)
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"this is not valid YAML: {problem}.", file=where,
+                        fix="check the indentation and quoting around that line.") from None
+    if not isinstance(data, dict):
+        raise UserError("a matrix must be a YAML mapping with keys such as models, devices, axes.",
+                        file=str(path), fix="see matrices/default.yaml for an example.")
+    try:
+        matrix = Matrix.model_validate(data)
+    except ValidationError as exc:
+        raise _describe(exc.errors()[0], str(path), root) from None
+    _check_references(matrix, path, root)
+    return matrix
+
+
+def _check_references(matrix: Matrix, path: Path, root) -> None:
+    """What the schema cannot see: device keys, selector axes, at least one model."""
+    if not matrix.all_sections():
+        raise UserError("the matrix declares no models.", file=str(path), key="models",
+                        fix="add a `models:` list (or `sections:` with models), e.g. `- tiny: qwen2_vl`.")
+    devices = set(table())
+    device_lists = [("devices", matrix.devices)] + [(f"sections.{i}.devices", s.devices)
+                                                    for i, s in enumerate(matrix.sections)]
+    for where, listed in device_lists:
+        for i, device in enumerate(listed):
+            if device not in devices:
+                loc = tuple(int(p) if p.isdigit() else p for p in where.split(".")) + (i,)
+                close = difflib.get_close_matches(device, devices, n=1)
+                hint = f"did you mean '{close[0]}'? " if close else ""
+                line = _line_of(root, loc)
+                raise UserError(f"unknown device '{device}'.", file=f"{path}" + (f", line {line}" if line else ""),
+                                key=where, fix=f"{hint}devices are GPU table keys: {', '.join(sorted(devices))}; "
+                                f"a new card is one row in harness/data/gpus.yaml.")
+    extra_axes = set(matrix.axes.extra) | {k for s in matrix.sections for k in s.axes.extra}
+    known = SELECTOR_AXES | extra_axes
+    rule_lists = [("expect", matrix.expect), ("exclude", matrix.exclude), ("faults", matrix.faults)] + \
+        [(f"sections.{i}.{kind}", getattr(s, kind)) for i, s in enumerate(matrix.sections) for kind in ("expect", "exclude")]
+    for where, rules in rule_lists:
+        for i, rule in enumerate(rules):
+            for axis in rule.when:
+                if axis not in known:
+                    close = difflib.get_close_matches(axis, known, n=1)
+                    hint = f"did you mean '{close[0]}'? " if close else ""
+                    loc = tuple(int(p) if p.isdigit() else p for p in where.split(".")) + (i, "when", axis)
+                    line = _line_of(root, loc)
+                    raise UserError(f"the selector names no axis: '{axis}'.",
+                                    file=f"{path}" + (f", line {line}" if line else ""), key=f"{where}[{i}].when.{axis}",
+                                    fix=f"{hint}selectors may use {', '.join(sorted(known))}.")

@@ -1,0 +1,304 @@
+"""The pytest plugin: a matrix becomes parametrized `cell` tests; each runs in the isolated worker.
+
+Options: --matrix, --device, --reports, --resume, --allow-faults, --emulate, --run-predicted-oom.
+A suite is a plain pytest file whose test takes `cell` (the cell) or `cell_run` (the cell run in
+the worker and judged); see suites/test_inference.py.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from . import cells as cells_mod
+from . import matrix as matrix_mod
+from .capabilities import effective_expectation
+from .cells import Cell
+from .device import Host, resolve
+from .errors import UserError
+from .families import FAMILIES
+from .gpus import table
+from .progress import Progress
+from .reports import ResultsFile, environment, latest_records, load_results
+from .verdict import Verdict, judge
+from .worker import Runner, WorkerResult
+
+DEFAULT_MATRIX = "matrices/default.yaml"
+RUN_KEY = pytest.StashKey["CellRun"]()
+DTYPE_MARKERS = ["float32", "float16", "bfloat16"]
+
+
+class CellFailure(AssertionError):
+    """A cell failed; subclasses per category let `xfail(raises=...)` expect a specific failure."""
+
+    category = "other"
+
+
+_FAILURE_CLASSES: dict[str, type[CellFailure]] = {}
+
+
+def failure_class(category: str) -> type[CellFailure]:
+    if category not in _FAILURE_CLASSES:
+        name = "".join(part.title() for part in category.split("-")) + "Failure"
+        _FAILURE_CLASSES[category] = type(name, (CellFailure,), {"category": category})
+    return _FAILURE_CLASSES[category]
+
+
+class HarnessError(Exception):
+    """The harness could not run the cell (bad input, a worker that would not start)."""
+
+
+class CellRun:
+    """A cell, what the worker returned for it, and the verdict."""
+
+    def __init__(self, cell: Cell, result: WorkerResult, verdict: Verdict, duration_s: float):
+        self.cell, self.result, self.verdict, self.duration_s = cell, result, verdict, duration_s
+
+    @property
+    def measurements(self) -> dict:
+        return self.result.measurements
+
+    def check(self) -> None:
+        """Turn the verdict into the test's outcome."""
+        v = self.verdict
+        if v.outcome == "failed":
+            tail = f"\n--- worker stderr (tail) ---\n{self.result.stderr_tail[-1500:]}" if self.result.stderr_tail else ""
+            raise failure_class(v.category)(f"[{v.category}] {v.message}\nremedy: {v.remedy}{tail}")
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("qwen-compat", "qwen-compat hardware-compatibility matrix")
+    group.addoption("--matrix", default=None, help=f"matrix YAML file (default: {DEFAULT_MATRIX})")
+    group.addoption("--device", default="auto", help="auto (NVML, then torch, else cpu) or a GPU table key")
+    group.addoption("--reports", default="reports", help="reports folder; results go to <reports>/<device>/")
+    group.addoption("--resume", action="store_true", help="skip cells already in <reports>/<device>/results.json")
+    group.addoption("--allow-faults", action="store_true", help="honour the matrix's `faults:` section")
+    group.addoption("--emulate", default=None, metavar="KEY",
+                    help="emulate a GPU table card on this GPU: its memory size and capability rules")
+    group.addoption("--run-predicted-oom", action="store_true",
+                    help="run cells the memory plan predicts to exceed the card")
+
+
+def pytest_configure(config):
+    for key in table():
+        config.addinivalue_line("markers", f"{key}: cells targeting the {table()[key].name}")
+    for key in FAMILIES:
+        config.addinivalue_line("markers", f"{key}: cells of the {key} model family")
+    for dtype in DTYPE_MARKERS:
+        config.addinivalue_line("markers", f"{dtype}: cells run in {dtype}")
+    config.addinivalue_line("markers", "gpu: cells that target a GPU")
+    config.addinivalue_line("markers", "slow: cells of true-size or downloaded models")
+    config.addinivalue_line("markers", "xdist_group(name): cells sharing a loaded model (pytest-xdist)")
+    session = CompatSession(config)
+    config.pluginmanager.register(session, "qwen_compat_session")
+    if session.active:
+        try:
+            session.prepare()
+        except UserError as err:
+            raise pytest.UsageError(str(err)) from None
+
+
+class CompatSession:
+    """Per-process state of a matrix run: host, cells, worker runner, results file."""
+
+    def __init__(self, config):
+        self.config = config
+        self.matrix_path = config.getoption("matrix") or DEFAULT_MATRIX
+        suites = Path(config.rootpath, "suites").resolve()
+        self.active = bool(config.getoption("matrix")) or any(
+            Path(a.split("::")[0]).resolve().is_relative_to(suites) for a in config.args)
+        self.is_xdist_worker = hasattr(config, "workerinput")
+        self._cells: list[Cell] | None = None
+        self.host: Host | None = None
+        self.runner: Runner | None = None
+        self.results: ResultsFile | None = None
+        self.done: dict[str, dict] = {}
+        self.progress: Progress | None = None
+        self.stats = {"cells": 0, "model_loads": 0, "worker_starts": 0}
+        self.started = time.monotonic()
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def prepare(self) -> list[Cell]:
+        if self._cells is not None:
+            return self._cells
+        matrix = matrix_mod.load(self.matrix_path)
+        if matrix.faults and not self.config.getoption("allow_faults"):
+            raise UserError("the matrix has a `faults:` section, which injects crashes and hangs on purpose.",
+                            file=self.matrix_path, key="faults",
+                            fix="pass --allow-faults to run it (harness self-tests), or remove the section.")
+        emulate = self.config.getoption("emulate")
+        self.host = resolve(self.config.getoption("device"))
+        if emulate:
+            real = self.host
+            self.host = resolve(emulate)
+            self.host.emulated_on = real.name
+        self._cells = cells_mod.expand(matrix, self.matrix_path)
+        self.reports_dir = Path(self.config.getoption("reports")) / self.host.key
+        self.results = ResultsFile(self.reports_dir / "results.json")
+        if self.config.getoption("resume") and self.results.path.exists():
+            self.done = {k: v for k, v in latest_records(load_results(self.results.path)).items()
+                         if v["outcome"] not in ("error",)}
+        if not self.is_xdist_worker:
+            if not self.config.getoption("xmlpath", None):
+                self.reports_dir.mkdir(parents=True, exist_ok=True)
+                self.config.option.xmlpath = str(self.reports_dir / "junit.xml")
+            self.results.start(environment(self.host, self.matrix_path), resume=self.config.getoption("resume"))
+        return self._cells
+
+    def marks(self, cell: Cell) -> list:
+        gpu = table()[cell.device]
+        marks = [getattr(pytest.mark, cell.device), getattr(pytest.mark, cell.family),
+                 getattr(pytest.mark, cell.dtype), pytest.mark.xdist_group(cell.group)]
+        if gpu.is_gpu:
+            marks.append(pytest.mark.gpu)
+        if "tiny" not in cell.source:
+            marks.append(pytest.mark.slow)
+        if cell.id in self.done:
+            return marks + [pytest.mark.skip(reason="already done in an earlier run (--resume)")]
+        if cell.device != self.host.key:
+            return marks + [pytest.mark.skip(reason=f"this host is {self.host.key}; cell targets {cell.device}")]
+        expectation = effective_expectation(cell, gpu)
+        cell.expectation = expectation
+        reason = f"[{'/'.join(expectation.categories) or 'expected'}] {expectation.reason}".strip()
+        if expectation.outcome == "skip":
+            marks.append(pytest.mark.skip(reason=reason))
+        elif expectation.outcome == "xfail":
+            raises = tuple(failure_class(c) for c in expectation.categories) or CellFailure
+            marks.append(pytest.mark.xfail(reason=reason, strict=expectation.strict, raises=raises))
+        return marks
+
+    # -- running ----------------------------------------------------------------------------------
+    def run(self, cell: Cell) -> CellRun:
+        if self.runner is None:
+            self.runner = Runner(self.reports_dir / ".reference-logits", emulate=self.config.getoption("emulate"))
+        start = time.perf_counter()
+        try:
+            result = self.runner.run(cell)
+        except RuntimeError as exc:
+            raise HarnessError(str(exc)) from None
+        verdict = judge(cell, result)
+        return CellRun(cell, result, verdict, time.perf_counter() - start)
+
+    def record(self, cell: Cell, run: CellRun | None, report) -> dict:
+        if hasattr(report, "wasxfail"):
+            outcome = "xfailed" if report.skipped else "xpassed"
+        elif report.when == "setup" and report.failed:
+            outcome = "error"
+        else:
+            outcome = report.outcome
+        if report.failed and hasattr(report, "wasxfail") is False and "XPASS(strict)" in str(report.longrepr):
+            outcome = "xpassed-strict"
+        verdict = run.verdict if run else Verdict(outcome)
+        record = {field: getattr(cell, field) for field in ("id", "model", "family", "device", "dtype",
+                                                               "attn_implementation", "resolution", "input",
+                                                               "min_pixels", "max_pixels", "backend")}
+        message = verdict.message
+        if outcome == "skipped":
+            message = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+            message = message.removeprefix("Skipped: ")
+        elif outcome == "error" and not run:
+            message = str(report.longrepr).strip().splitlines()[-1] if report.longrepr else ""
+        record.update(
+            outcome=outcome,
+            category=verdict.category if run else (cell.expectation.categories or [None])[0] if outcome == "skipped" else None,
+            message=message, remedy=verdict.remedy, matched=verdict.matched,
+            duration_s=round(run.duration_s, 4) if run else 0.0,
+            measurements=run.result.measurements if run else {},
+            expectation=cell.expectation.__dict__,
+            model_loaded=bool(run and run.result.model_loaded),
+            worker_started=bool(run and run.result.worker_started),
+            exit={"returncode": run.result.returncode, "signal": run.result.signal_name} if run and run.result.died else None,
+            stderr_tail=run.result.stderr_tail[-2000:] if run and run.result.died else "",
+            output_text=run.result.generation.get("text") if run else None,
+        )
+        return record
+
+    # -- hooks --------------------------------------------------------------------------------------
+    def pytest_generate_tests(self, metafunc):
+        if "cell" not in metafunc.fixturenames:
+            return
+        try:
+            cells = self.prepare()
+        except UserError as err:
+            pytest.exit(str(err), returncode=pytest.ExitCode.USAGE_ERROR)
+        metafunc.parametrize("cell", [pytest.param(c, id=c.id, marks=self.marks(c)) for c in cells])
+
+    def pytest_collection_modifyitems(self, items):
+        cell_items = [i for i in items if isinstance(_cell_of(i), Cell)]
+        if not cell_items:
+            return
+        ordered = {c.id: n for n, c in enumerate(cells_mod.run_order([_cell_of(i) for i in cell_items]))}
+        others = [i for i in items if not isinstance(_cell_of(i), Cell)]
+        items[:] = others + sorted(cell_items, key=lambda i: ordered[_cell_of(i).id])
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(self, item, call):
+        report = yield
+        cell = _cell_of(item)
+        finished = report.when == "call" or (report.when == "setup" and not report.passed)
+        if isinstance(cell, Cell) and finished and cell.id not in self.done:
+            report.qwen_compat = self.record(cell, item.stash.get(RUN_KEY, None), report)
+        return report
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_report_teststatus(self, report, config):
+        """Without -v, the per-cell progress line replaces pytest's dot."""
+        category, letter, word = yield
+        if getattr(report, "qwen_compat", None) is not None and config.get_verbosity() <= 0:
+            letter = ""
+        return category, letter, word
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_runtest_logreport(self, report):
+        record = getattr(report, "qwen_compat", None)
+        if record is None or self.is_xdist_worker or self.results is None:
+            return
+        self.results.append(record)
+        self.stats["cells"] += 1
+        self.stats["model_loads"] += record["model_loaded"]
+        self.stats["worker_starts"] += record["worker_started"]
+        if self.progress is None:
+            terminal = self.config.pluginmanager.get_plugin("terminalreporter")
+            self.progress = Progress(lambda line: terminal.write_line(line) if terminal else print(line),
+                                     color=bool(terminal and terminal.hasmarkup))
+        self.progress.cell_done(record)
+
+    def pytest_sessionfinish(self, session):
+        if self.runner:
+            self.runner.close()
+        if self.is_xdist_worker or self.results is None or not self.results.path.exists():
+            return
+        from .summary import write_summaries
+
+        self.stats["wall_s"] = round(time.monotonic() - self.started, 2)
+        write_summaries(self.reports_dir, self.stats)
+
+    def pytest_terminal_summary(self, terminalreporter):
+        if self.results is None or self.is_xdist_worker or not self.stats["cells"]:
+            return
+        s = self.stats
+        terminalreporter.write_sep("-", "qwen-compat")
+        terminalreporter.write_line(f"{s['cells']} cells on {self.host.key}; model loads: {s['model_loads']}; "
+                                    f"worker starts: {s['worker_starts']}")
+        terminalreporter.write_line(f"reports: {self.reports_dir}/results.json, junit.xml, summary.md, summary.html")
+
+
+def _cell_of(item):
+    callspec = getattr(item, "callspec", None)
+    return callspec.params.get("cell") if callspec else None
+
+
+@pytest.fixture
+def cell_run(request, cell, record_property) -> CellRun:
+    """Run the cell in the isolated worker and judge it; measurements go to the JUnit report."""
+    session: CompatSession = request.config.pluginmanager.get_plugin("qwen_compat_session")
+    run = session.run(cell)
+    request.node.stash[RUN_KEY] = run
+    for key, value in run.result.measurements.items():
+        record_property(key, value)
+    record_property("category", run.verdict.category)
+    if run.verdict.outcome == "error":
+        raise HarnessError(run.verdict.message)
+    return run

@@ -1,0 +1,90 @@
+"""From what came back for a cell to a verdict: outcome, category, message and remedy.
+
+Pure logic (no torch): the worker reports facts; this module judges them against the cell's
+checks (new tokens, finite scores, degeneracy, drift, answer) and its memory budget.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+import psutil
+
+from .cells import Cell
+from .failures import classify
+from .gpus import table
+from .worker import WorkerResult
+
+HARNESS_ERRORS = {"UserError"}  # raised by the harness for bad input: an error, not a failure of the model
+
+
+@dataclass
+class Verdict:
+    outcome: str  # passed | failed | error
+    category: str | None = None
+    message: str = ""
+    remedy: str = ""
+    matched: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_budget_mib(budget: str, device: str) -> float:
+    """'14GiB' / '900MiB' / '90%' (of the card, or of host RAM for cpu) -> MiB."""
+    text = budget.replace(" ", "")
+    if text.endswith("GiB"):
+        return float(text[:-3]) * 1024
+    if text.endswith("MiB"):
+        return float(text[:-3])
+    card = table()[device].memory_mib or psutil.virtual_memory().total / 2**20
+    return float(text[:-1]) / 100 * card
+
+
+def is_degenerate(new_token_ids: list[int]) -> bool:
+    """Degenerate: two or more new tokens, all the same token (fp16 overflow's '!!!!!!!!')."""
+    return len(new_token_ids) >= 2 and len(set(new_token_ids)) == 1
+
+
+def _numerical(message: str) -> Verdict:
+    return Verdict("failed", "numerical", message,
+                   "run this cell in float32 to confirm; on V100/T4 prefer float32 for the vision tower or "
+                   "bfloat16 on sm80+ cards; check for fp16 overflow (values beyond 65504)")
+
+
+def judge(cell: Cell, result: WorkerResult) -> Verdict:
+    """The verdict for one cell."""
+    if not result.ok:
+        text = "\n".join(t for t in (result.error_message, result.traceback) if t)
+        if result.error_type in HARNESS_ERRORS:
+            return Verdict("error", "harness", result.error_message, "fix the input named in the message")
+        found = classify(result.error_message if result.died else text)
+        prefix = f"{result.error_type}: " if result.error_type else ""
+        return Verdict("failed", found.category, f"{prefix}{result.error_message}".strip(), found.remedy, found.matched)
+    gen, m = result.generation, result.measurements
+    if not gen["new_token_ids"]:
+        return _numerical("no new token was generated")
+    if gen["nonfinite_steps"]:
+        return _numerical(f"NaN or inf in the logits at decoding steps {gen['nonfinite_steps']}")
+    if cell.degenerate_check and is_degenerate(gen["new_token_ids"]):
+        return _numerical(f"degenerate output: all {len(gen['new_token_ids'])} new tokens are token "
+                          f"{gen['new_token_ids'][0]}")
+    if m.get("drift_reference"):
+        if m.get("drift_max_abs_diff") is not None and m["drift_max_abs_diff"] > cell.drift_max_abs_diff:
+            return _numerical(f"first-step logits drift from float32 by {m['drift_max_abs_diff']:.3g} "
+                              f"(bound {cell.drift_max_abs_diff:g}, reference {m['drift_reference']})")
+        if cell.drift_top1 and not m.get("drift_top1_agree", True):
+            return _numerical(f"first token differs from float32 (reference {m['drift_reference']})")
+    answer = cell.expectation.answer
+    if answer and not re.search(answer, gen["text"], re.IGNORECASE):
+        return Verdict("failed", "wrong-answer", f"answer {gen['text']!r} does not match /{answer}/",
+                       "check the prompt and image; a real checkpoint should answer this correctly")
+    if cell.budget:
+        budget = parse_budget_mib(cell.budget, cell.device)
+        if m["peak_memory_mib"] > budget:
+            return Verdict("failed", "over-budget",
+                           f"peak memory {m['peak_memory_mib']:.0f} MiB ({m['peak_memory_source']}) is over the "
+                           f"budget of {budget:.0f} MiB ({cell.budget})",
+                           "lower max_pixels or the resolution, use sdpa, or raise the budget in the matrix")
+    return Verdict("passed")

@@ -1,0 +1,281 @@
+"""Isolated workers: cells run in a child process, so a CUDA error, segfault or hang ends one cell.
+
+Parent side (`Runner`, imported by the pytest process; never imports torch): starts one worker
+(a fresh interpreter, never a fork), sends it cells as JSON lines, waits with a timeout, and
+replaces the worker only after a crash, a timeout, or an error that poisons a CUDA context.
+
+Child side (`python -m harness.worker`): imports torch once, keeps the current group's model
+loaded (model, dtype, attention, backend), releases it before loading the next group, and
+answers each cell with the generation, the measurements, or the error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .cells import Cell
+from .failures import is_sticky
+
+STARTUP_TIMEOUT_S = 600.0
+STDERR_TAIL_CHARS = 4000
+
+
+@dataclass
+class WorkerResult:
+    """What came back for one cell: a generation, an error raised in the worker, or the worker's death."""
+
+    ok: bool = False
+    generation: dict = field(default_factory=dict)
+    measurements: dict = field(default_factory=dict)
+    error_type: str | None = None
+    error_message: str = ""
+    traceback: str = ""
+    returncode: int | None = None
+    signal_name: str | None = None
+    timed_out: bool = False
+    stderr_tail: str = ""
+    worker_started: bool = False  # this cell started a worker (the first, or a replacement)
+    model_loaded: bool = False  # this cell loaded a model (a new group, or after a replacement)
+
+    @property
+    def died(self) -> bool:
+        return self.timed_out or self.returncode is not None
+
+
+class Runner:
+    """Drives one worker process over a run; counts model loads and worker starts."""
+
+    def __init__(self, reference_dir: Path, env: dict | None = None, emulate: str | None = None):
+        self.reference_dir = Path(reference_dir)
+        self.env = {**os.environ, **(env or {})}
+        self.emulate = emulate
+        self.loads = 0
+        self.starts = 0
+        self._proc: subprocess.Popen | None = None
+        self._stderr = None
+
+    # -- process management -------------------------------------------------------------------
+    def _start(self) -> None:
+        self._stderr = tempfile.TemporaryFile(mode="w+b")
+        self._proc = subprocess.Popen([sys.executable, "-m", "harness.worker"], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, stderr=self._stderr, env=self.env)
+        self.starts += 1
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._proc.stdout, selectors.EVENT_READ)
+        ready = self._read(STARTUP_TIMEOUT_S)
+        if not ready or ready.get("event") != "ready":
+            tail = self._stderr_tail()
+            self._kill()
+            raise RuntimeError(f"the qwen-compat worker did not start: {tail or 'no output'}")
+
+    def _kill(self) -> None:
+        if self._proc and self._proc.poll() is None:
+            self._proc.kill()
+        if self._proc:
+            self._proc.wait()
+            self._selector.close()
+        self._proc = None
+
+    def close(self) -> None:
+        if self._proc and self._proc.poll() is None:
+            try:
+                self._send({"op": "exit"})
+                self._proc.wait(timeout=10)
+            except Exception:
+                pass
+        self._kill()
+
+    def _send(self, message: dict) -> None:
+        self._proc.stdin.write((json.dumps(message) + "\n").encode())
+        self._proc.stdin.flush()
+
+    def _read(self, timeout: float) -> dict | None:
+        """One protocol line, or None on timeout or end of stream."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._selector.select(timeout=left):
+                return None
+            line = self._proc.stdout.readline()
+            if not line:
+                return None
+            return json.loads(line)
+
+    def _stderr_tail(self) -> str:
+        self._stderr.flush()
+        self._stderr.seek(0, os.SEEK_END)
+        size = self._stderr.tell()
+        self._stderr.seek(max(0, size - STDERR_TAIL_CHARS))
+        return self._stderr.read().decode(errors="replace")
+
+    # -- running cells --------------------------------------------------------------------------
+    def run(self, cell: Cell) -> WorkerResult:
+        started = loaded = False
+        if self._proc is None or self._proc.poll() is not None:
+            self._start()
+            started = True
+        self._send({"op": "run", "cell": cell.to_dict(), "reference_dir": str(self.reference_dir),
+                    "emulate": self.emulate})
+        deadline_s = cell.timeout_s
+        while True:
+            message = self._read(deadline_s)
+            if message is None:
+                result = self._dead_worker(cell)
+                break
+            if message.get("event") == "loaded":
+                self.loads += 1
+                loaded = True
+                continue  # the cell's timeout covers inference; loading a large model may take long
+            result = WorkerResult(**{k: v for k, v in message.items() if k in WorkerResult.__dataclass_fields__})
+            if not result.ok and is_sticky(f"{result.error_message}\n{result.traceback}"):
+                self._kill()  # the CUDA context is poisoned: the next cell gets a fresh worker
+            break
+        result.worker_started, result.model_loaded = started, loaded
+        return result
+
+    def _dead_worker(self, cell: Cell) -> WorkerResult:
+        alive = self._proc.poll() is None
+        if alive:
+            self._proc.kill()
+        code = self._proc.wait()
+        tail = self._stderr_tail()
+        self._kill()
+        if alive:
+            return WorkerResult(timed_out=True, returncode=code, stderr_tail=tail,
+                                error_message=f"cell exceeded its timeout of {cell.timeout_s:g} s; the worker was killed")
+        name = signal.Signals(-code).name if code < 0 else None
+        message = (f"worker was killed by signal {-code} ({name}) while running the cell" if name
+                   else f"worker exited with code {code} while running the cell")
+        return WorkerResult(returncode=code, signal_name=name, stderr_tail=tail, error_message=message)
+
+
+# --- child side ------------------------------------------------------------------------------------
+
+def _fault_action(fault, model):
+    """A callable that injects the matrix's fault inside inference, as a real failure would."""
+    if fault is None:
+        return None
+
+    def inject():
+        import ctypes
+
+        import torch
+
+        if isinstance(fault, dict):
+            raise RuntimeError(fault["raise"])
+        if fault == "segfault":
+            ctypes.string_at(0)
+        elif fault == "abort":
+            os.abort()
+        elif fault == "hang":
+            while True:
+                time.sleep(1)
+        elif fault == "oom":
+            torch.empty(2**50, dtype=torch.uint8, device=model.device)
+
+    return inject
+
+
+class _Worker:
+    def __init__(self, out):
+        self.out = out
+        self.group = None
+        self.processor = self.model = None
+
+    def emit(self, message: dict) -> None:
+        self.out.write(json.dumps(message) + "\n")
+        self.out.flush()
+
+    def release(self) -> None:
+        import gc
+
+        import torch
+
+        self.processor = self.model = None
+        self.group = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def device(self) -> str:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def ensure_loaded(self, cell: Cell) -> float:
+        from . import inference
+        from .checkpoints import checkpoint_for
+
+        if self.group == cell.group:
+            return 0.0
+        self.release()
+        t0 = time.perf_counter()
+        self.processor, self.model = inference.load(checkpoint_for(cell.source), dtype=cell.dtype,
+                                                    attn_implementation=cell.attn_implementation, device=self.device())
+        self.group = cell.group
+        self.emit({"event": "loaded", "group": cell.group})
+        return time.perf_counter() - t0
+
+    def run(self, cell: Cell, reference_dir: Path, emulate: str | None) -> dict:
+        from . import inference
+        from .health import drift
+        from .measurements import MemoryTracker
+
+        if emulate:
+            from .emulation import apply_memory_cap
+
+            apply_memory_cap(emulate)
+        load_s = self.ensure_loaded(cell)
+        spec = inference.CellInput(kind=cell.input, width=cell.width, height=cell.height, count=cell.images,
+                                   min_pixels=cell.min_pixels, max_pixels=cell.max_pixels, prompt=cell.prompt)
+        with MemoryTracker(self.device()) as tracker:
+            gen = inference.run(self.processor, self.model, spec, max_new_tokens=cell.max_new_tokens,
+                                fault=_fault_action(cell.fault, self.model))
+        measurements = {**tracker.result, "visual_tokens": gen.visual_tokens, "input_tokens": gen.input_tokens,
+                        "load_s": round(load_s, 4), "preprocess_s": round(gen.preprocess_s, 4),
+                        "prefill_s": round(gen.prefill_s, 4),
+                        "decode_tokens_per_s": round(gen.decode_tokens_per_s, 2) if gen.decode_tokens_per_s else None,
+                        **drift(cell, gen.first_logits, reference_dir)}
+        generation = {"new_token_ids": gen.new_token_ids, "text": gen.text, "nonfinite_steps": gen.nonfinite_steps}
+        return {"ok": True, "generation": generation, "measurements": measurements}
+
+
+def main() -> None:
+    import faulthandler
+    import traceback
+
+    faulthandler.enable()  # a segfault leaves a Python traceback in the stderr tail
+    protocol = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # library prints go to stderr, never into the protocol stream
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import torch  # noqa: F401  (the import cost is paid once, before "ready")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    worker = _Worker(protocol)
+    worker.emit({"event": "ready", "pid": os.getpid()})
+    for line in sys.stdin:
+        request = json.loads(line)
+        if request["op"] == "exit":
+            break
+        cell = Cell.from_dict(request["cell"])
+        try:
+            reply = worker.run(cell, Path(request["reference_dir"]), request.get("emulate"))
+        except BaseException as exc:  # every failure of a cell is data for the verdict
+            reply = {"ok": False, "error_type": type(exc).__name__, "error_message": str(exc),
+                     "traceback": traceback.format_exc()[-STDERR_TAIL_CHARS:]}
+        worker.emit(reply)
+
+
+if __name__ == "__main__":
+    main()

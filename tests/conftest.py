@@ -1,0 +1,44 @@
+"""Shared fixtures for the harness's own tests."""
+
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkpoint_cache(tmp_path_factory):
+    """One checkpoint cache for the whole test session, fresh for each session (a clean clone's view)."""
+    folder = tmp_path_factory.mktemp("qwen-compat-cache")
+    old = os.environ.get("QWEN_COMPAT_CACHE")
+    os.environ["QWEN_COMPAT_CACHE"] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("QWEN_COMPAT_CACHE", None)
+    else:
+        os.environ["QWEN_COMPAT_CACHE"] = old
+
+
+@pytest.fixture
+def matrix_file(pytester):
+    """Write a matrix YAML into the pytester folder and return its path."""
+
+    def write(text: str, name: str = "matrix.yaml") -> Path:
+        path = pytester.path / name
+        path.write_text(textwrap.dedent(text))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def suite(pytester):
+    """The default suite, copied into the pytester folder."""
+    pytester.makepyfile(test_suite=(REPO / "suites" / "test_inference.py").read_text())
+    pytester.makeini("[pytest]\njunit_family = xunit1\n")
+    return pytester

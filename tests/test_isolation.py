@@ -1,0 +1,49 @@
+"""Isolated workers: a segfault, a hang and a sticky CUDA error each end one cell, never the run."""
+
+import json
+
+FIVE_CELLS = """
+models:
+  - tiny: qwen2_vl
+devices: [cpu]
+axes:
+  resolution: [224x224]
+  extra:
+    case: [1, 2, 3, 4, 5]
+defaults:
+  max_new_tokens: 2
+  timeout_s: 20
+faults:
+  - when: {case: 2}
+    inject: segfault
+  - when: {case: 3}
+    inject: hang
+  - when: {case: 4}
+    inject: {raise: "CUDA error: too many resources requested for launch"}
+"""
+
+
+def test_faults_end_one_cell_each_and_the_model_is_not_reloaded_per_cell(suite, matrix_file):
+    path = matrix_file(FIVE_CELLS)
+    result = suite.runpytest("--matrix", str(path), "--allow-faults", "--reports", "reports", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2, failed=3)
+    data = json.loads((suite.path / "reports" / "cpu" / "results.json").read_text())
+    by_case = {c["id"].rsplit("case=", 1)[1]: c for c in data["cells"]}
+    assert sorted(by_case) == ["1", "2", "3", "4", "5"]
+    assert by_case["1"]["outcome"] == by_case["5"]["outcome"] == "passed"
+    expected = {"2": "crash", "3": "timeout", "4": "kernel-launch"}
+    for case, category in expected.items():
+        cell = by_case[case]
+        assert cell["outcome"] == "failed" and cell["category"] == category, cell
+        assert cell["remedy"]
+    assert by_case["2"]["exit"]["signal"] == "SIGSEGV"
+    assert "Segmentation fault" in by_case["2"]["stderr_tail"]
+    run = json.loads((suite.path / "reports" / "cpu" / "run.json").read_text())
+    assert 1 <= run["model_loads"] < 5
+    assert "model loads: " in result.stdout.str()
+
+
+def test_faults_are_refused_without_the_flag(suite, matrix_file):
+    result = suite.runpytest("--matrix", str(matrix_file(FIVE_CELLS)), "--collect-only")
+    assert result.ret != 0
+    assert "--allow-faults" in result.stdout.str() + result.stderr.str()

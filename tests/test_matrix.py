@@ -1,0 +1,148 @@
+"""Matrix files: schema, expansion into cells, markers, and one-paragraph errors for bad input."""
+
+import json
+import re
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from harness import cells, matrix
+from harness.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+MATRICES = sorted((REPO / "matrices").glob("*.yaml"))
+
+GOOD = """
+models:
+  - tiny: qwen2_vl
+devices: [cpu]
+axes:
+  dtype: [float32, bfloat16]
+  resolution: [448x448]
+"""
+
+
+@pytest.mark.parametrize("path", MATRICES, ids=lambda p: p.name)
+def test_shipped_matrices_validate_against_the_exported_schema(path):
+    jsonschema.validate(yaml.safe_load(path.read_text()), matrix.schema())
+    assert cells.expand(matrix.load(path), str(path))
+
+
+def test_schema_command_prints_json_schema(capsys):
+    from harness.cli import main
+
+    assert main(["schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert schema["title"] == "qwen-compat matrix" and "models" in schema["properties"]
+
+
+def test_ids_are_readable_and_deterministic():
+    m = matrix.load(REPO / "matrices" / "nightly.yaml")
+    first = [c.id for c in cells.expand(m, "nightly.yaml")]
+    assert first == [c.id for c in cells.expand(m, "nightly.yaml")]
+    assert "qwen2-vl-7b-v100-float16-sdpa-1024x1024" in first
+    assert len(first) == len(set(first))
+    assert all(re.fullmatch(r"[a-z0-9.=_-]+", i) for i in first)
+
+
+def test_pixel_budget_accepts_qwen_style_products():
+    m = matrix.Matrix.model_validate(yaml.safe_load(GOOD + "  pixel_budget: [{max_pixels: 800*28*28}]\n"))
+    assert m.axes.pixel_budget[0].max_pixels == 800 * 28 * 28
+
+
+def test_exclude_and_expect_rules_apply():
+    text = GOOD + """
+exclude:
+  - when: {dtype: bfloat16}
+expect:
+  - when: {family: qwen2_vl}
+    outcome: xfail
+    category: numerical
+    reason: known
+"""
+    m = matrix.Matrix.model_validate(yaml.safe_load(text))
+    out = cells.expand(m, "m.yaml")
+    assert [c.dtype for c in out] == ["float32"]
+    assert out[0].expectation.outcome == "xfail" and out[0].expectation.categories == ["numerical"]
+
+
+def test_run_order_groups_cells_that_share_a_model():
+    m = matrix.load(REPO / "matrices" / "default.yaml")
+    ordered = cells.run_order([c for c in cells.expand(m, "d") if c.device == "cpu"])
+    groups = [c.group for c in ordered]
+    changes = sum(1 for a, b in zip(groups, groups[1:]) if a != b)
+    assert changes == len(set(groups)) - 1  # each group is contiguous: one load per group
+    assert ordered[0].dtype == "float32"
+
+
+# --- bad input: one paragraph naming file, line, key and fix; never a traceback ---------------------
+
+BAD = {
+    "malformed": ("models:\n  - tiny: qwen2_vl\n devices: [cpu]\n", ["not valid YAML", "line 3"]),
+    "unknown-key": (GOOD + "axis: {}\n", ["unknown key 'axis'", "did you mean 'axes'", "line 8"]),
+    "unknown-nested-key": (GOOD.replace("dtype:", "dtypes:"), ["unknown key 'dtypes'", "did you mean 'dtype'"]),
+    "wrong-type": (GOOD + "defaults:\n  max_new_tokens: many\n", ["defaults.max_new_tokens", "line 10"]),
+    "unknown-device": (GOOD.replace("[cpu]", "[v1OO]"), ["unknown device 'v1OO'", "did you mean 'v100'", "line 4"]),
+    "unknown-family": (GOOD.replace("qwen2_vl", "qwen9_vl"), ["unknown tiny family 'qwen9_vl'", "line 3"]),
+    "selector-no-axis": (GOOD + "expect:\n  - when: {dtpye: float32}\n    outcome: skip\n",
+                         ["names no axis: 'dtpye'", "did you mean 'dtype'", "line 9"]),
+    "zero-cells": (GOOD + "exclude:\n  - when: {model: tiny-qwen2-vl}\n", ["zero cells", "key 'exclude'"]),
+    "faults-without-flag": (GOOD + "faults:\n  - when: {dtype: float32}\n    inject: hang\n", ["--allow-faults"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_matrix_is_one_paragraph(pytester, matrix_file, case):
+    text, expected = BAD[case]
+    path = matrix_file(text)
+    pytester.makepyfile(test_s="def test_cell(cell):\n    pass\n")
+    result = pytester.runpytest("--matrix", str(path), "--collect-only", "-p", "no:cacheprovider")
+    output = result.stdout.str() + result.stderr.str()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "Traceback" not in output
+    for needle in expected:
+        assert needle in output, output
+    assert str(path) in output and "Fix:" in output
+
+
+def test_missing_matrix_file_names_the_option(tmp_path):
+    with pytest.raises(UserError) as err:
+        matrix.load(tmp_path / "nope.yaml")
+    assert "nope.yaml" in str(err.value) and "--matrix" in str(err.value)
+
+
+def test_hub_model_without_a_recognisable_family_asks_for_one(tmp_path):
+    m = matrix.Matrix.model_validate(yaml.safe_load("models:\n  - hub: someone/mystery-model\n"))
+    with pytest.raises(UserError) as err:
+        cells.expand(m, "m.yaml")
+    assert "add `family:`" in str(err.value)
+
+
+# --- markers and devices -----------------------------------------------------------------------
+
+def test_dash_m_v100_collects_only_v100_cells(pytester):
+    pytester.makepyfile(test_s="def test_cell(cell):\n    pass\n")
+    result = pytester.runpytest("--matrix", str(REPO / "matrices" / "nightly.yaml"), "--device", "v100",
+                                "-m", "v100", "--collect-only", "-q", "--strict-markers")
+    ids = [line for line in result.stdout.lines if "::test_cell[" in line]
+    assert ids and all("-v100-" in line for line in ids)
+    assert not any("-v100-16gb-" in line or "-t4-" in line for line in ids)
+
+
+def test_cells_for_another_device_are_skipped_with_the_host(pytester):
+    pytester.makepyfile(test_s="def test_cell(cell):\n    pass\n")
+    result = pytester.runpytest("--matrix", str(REPO / "matrices" / "nightly.yaml"), "--device", "cpu",
+                                "-m", "v100 and float16 and sdpa", "-rs", "--reports", str(pytester.path / "r"))
+    outcomes = result.parseoutcomes()
+    assert outcomes["skipped"] > 0 and "passed" not in outcomes and "failed" not in outcomes
+    assert "this host is cpu; cell targets v100" in result.stdout.str()
+
+
+def test_all_markers_are_registered(pytester):
+    pytester.makepyfile(test_s="def test_cell(cell):\n    pass\n")
+    result = pytester.runpytest("--matrix", str(REPO / "matrices" / "default.yaml"), "--device", "cpu",
+                                "--collect-only", "-q", "--strict-markers", "-m", "qwen3_vl_moe and bfloat16 and cpu")
+    assert result.ret == 0
+    assert all("tiny-qwen3-vl-moe-cpu-bfloat16" in line for line in result.stdout.lines if "::" in line)
