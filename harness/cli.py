@@ -18,8 +18,9 @@ from .errors import UserError
 def _explain(args) -> int:
     from .failures import classify
 
-    source = Path(args.text)
-    text = source.read_text(errors="replace") if len(args.text) < 4096 and source.is_file() else args.text
+    text = args.text
+    if "\n" not in text and len(text) < 1024 and Path(text).is_file():
+        text = Path(text).read_text(errors="replace")
     found = classify(text)
     if args.json:
         print(json.dumps(found.to_dict(), indent=2))

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema, model_validator
 
 from .errors import UserError
 from .families import FAMILIES
@@ -25,9 +25,12 @@ CATEGORIES = ["kernel-launch", "out-of-memory", "dtype-unsupported", "attention-
 Category = Literal[tuple(CATEGORIES)]  # type: ignore[valid-type]
 
 
+PIXELS_PATTERN = r"^\s*\d+(\s*\*\s*\d+)*\s*$"
+
+
 def _pixels(value: Any) -> Any:
     """Accept `800*28*28` as written in Qwen's docs, as well as a plain integer."""
-    if isinstance(value, str) and re.fullmatch(r"\s*\d+(\s*\*\s*\d+)*\s*", value):
+    if isinstance(value, str) and re.fullmatch(PIXELS_PATTERN, value):
         product = 1
         for factor in value.split("*"):
             product *= int(factor)
@@ -35,7 +38,9 @@ def _pixels(value: Any) -> Any:
     return value
 
 
-Pixels = Annotated[int, BeforeValidator(_pixels)]
+Pixels = Annotated[int, BeforeValidator(_pixels), WithJsonSchema(
+    {"anyOf": [{"type": "integer"}, {"type": "string", "pattern": PIXELS_PATTERN}],
+     "description": "pixels (an area), e.g. 627200 or 800*28*28"})]
 Resolution = Annotated[str, Field(pattern=r"^\d+x\d+$", description="WIDTHxHEIGHT in pixels, e.g. 1024x1024")]
 
 
@@ -253,7 +258,7 @@ def _check_references(matrix: Matrix, path: Path, root) -> None:
         for i, device in enumerate(listed):
             if device not in devices:
                 loc = tuple(int(p) if p.isdigit() else p for p in where.split(".")) + (i,)
-                close = difflib.get_close_matches(device, devices, n=1)
+                close = difflib.get_close_matches(device.lower(), devices, n=1)
                 hint = f"did you mean '{close[0]}'? " if close else ""
                 line = _line_of(root, loc)
                 raise UserError(f"unknown device '{device}'.", file=f"{path}" + (f", line {line}" if line else ""),

@@ -42,6 +42,6 @@ def test_architecture_checkpoint_is_loadable_config_without_weights():
 
     folder = checkpoints.architecture_checkpoint("Qwen2-VL-2B-Instruct")
     assert (folder / "model.safetensors").stat().st_size < 1024
-    assert AutoConfig.from_pretrained(folder).hidden_size == 1536
+    assert AutoConfig.from_pretrained(folder).text_config.hidden_size == 1536
     processor = AutoProcessor.from_pretrained(folder)
     assert processor.tokenizer.convert_tokens_to_ids("<|image_pad|>") == 151655

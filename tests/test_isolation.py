@@ -12,7 +12,7 @@ axes:
     case: [1, 2, 3, 4, 5]
 defaults:
   max_new_tokens: 2
-  timeout_s: 20
+  timeout_s: 10
 faults:
   - when: {case: 2}
     inject: segfault
