@@ -238,7 +238,8 @@ class CompatSession:
         report = yield
         cell = _cell_of(item)
         finished = report.when == "call" or (report.when == "setup" and not report.passed)
-        if isinstance(cell, Cell) and finished and cell.id not in self.done:
+        # Only this host's cells are reported: another card's cells belong to that card's runner.
+        if isinstance(cell, Cell) and finished and cell.id not in self.done and cell.device == self.host.key:
             report.qwen_compat = self.record(cell, item.stash.get(RUN_KEY, None), report)
         return report
 
@@ -261,8 +262,7 @@ class CompatSession:
         self.stats["worker_starts"] += record["worker_started"]
         if self.progress is None:
             terminal = self.config.pluginmanager.get_plugin("terminalreporter")
-            self.progress = Progress(lambda line: terminal.write_line(line) if terminal else print(line),
-                                     color=bool(terminal and terminal.hasmarkup))
+            self.progress = Progress(lambda line: _write_progress(terminal, line), color=bool(terminal and terminal.hasmarkup))
         self.progress.cell_done(record)
 
     def pytest_sessionfinish(self, session):
@@ -283,6 +283,16 @@ class CompatSession:
         terminalreporter.write_line(f"{s['cells']} cells on {self.host.key}; model loads: {s['model_loads']}; "
                                     f"worker starts: {s['worker_starts']}")
         terminalreporter.write_line(f"reports: {self.reports_dir}/results.json, junit.xml, summary.md, summary.html")
+
+
+def _write_progress(terminal, line: str) -> None:
+    """A line of its own, without making pytest repeat the file name before the next result."""
+    if terminal is None:
+        print(line)
+        return
+    current = terminal.currentfspath
+    terminal.write_line(line)
+    terminal.currentfspath = current
 
 
 def _cell_of(item):

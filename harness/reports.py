@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import platform
-import re
 import socket
 from importlib import metadata
 from pathlib import Path
@@ -19,10 +18,10 @@ from pathlib import Path
 from filelock import FileLock
 
 from .errors import UserError
+from .secrets import scrub
 
 SCHEMA_VERSION = 1
 CLOSING = b"\n]}\n"
-SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASSWORD", re.IGNORECASE)
 CELL_FIELDS = ["id", "model", "family", "device", "dtype", "attn_implementation", "resolution", "input",
                "min_pixels", "max_pixels", "backend"]
 
@@ -32,25 +31,6 @@ def _version(package: str) -> str:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
         return "absent"
-
-
-def secret_values() -> list[str]:
-    """Values of environment variables whose names look like secrets (to be scrubbed)."""
-    return [v for k, v in os.environ.items() if SECRET_NAME.search(k) and len(v) >= 4]
-
-
-def scrub(value, secrets: list[str] | None = None):
-    """Replace secret values anywhere in a JSON-able structure."""
-    secrets = secret_values() if secrets is None else secrets
-    if isinstance(value, str):
-        for secret in secrets:
-            value = value.replace(secret, "***")
-        return value
-    if isinstance(value, dict):
-        return {k: scrub(v, secrets) for k, v in value.items()}
-    if isinstance(value, list):
-        return [scrub(v, secrets) for v in value]
-    return value
 
 
 def environment(host, matrix_file: str | None) -> dict:

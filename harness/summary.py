@@ -1,6 +1,6 @@
 """The page a person reads: summary.md and a self-contained summary.html per device.
 
-A grid of the matrix (rows: model / dtype / attention; columns: resolution / input / budget)
+A grid of the matrix (rows: model / device / dtype / attention; columns: resolution / input / budget)
 coloured by outcome, with category and remedy on failing cells, and two plots embedded as PNG:
 peak memory against visual tokens per dtype, and time to first token against visual tokens.
 """
@@ -21,7 +21,7 @@ COLOURS = {"passed": "#c8f7c5", "failed": "#f7c5c5", "error": "#e3b5f0", "skippe
 
 
 def _row_key(c: dict) -> str:
-    return f"{c['model']} · {c['dtype']} · {c['attn_implementation']}"
+    return f"{c['model']} · {c['device']} · {c['dtype']} · {c['attn_implementation']}"
 
 
 def _col_key(c: dict) -> str:

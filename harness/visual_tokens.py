@@ -34,8 +34,3 @@ def image_tokens(height: int, width: int, factor: int, min_pixels: int, max_pixe
     h, w = smart_resize(height, width, factor, min_pixels, max_pixels)
     return (h // factor) * (w // factor)
 
-
-def video_tokens(height: int, width: int, frames: int, factor: int, min_pixels: int, max_pixels: int,
-                 temporal_patch_size: int = 2) -> int:
-    """Visual tokens of a video: per temporal patch of frames, one image's worth."""
-    return math.ceil(frames / temporal_patch_size) * image_tokens(height, width, factor, min_pixels, max_pixels)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .cells import Cell
 from .failures import is_sticky
+from .secrets import scrub
 
 STARTUP_TIMEOUT_S = 600.0
 STDERR_TAIL_CHARS = 4000
@@ -135,7 +136,7 @@ class Runner:
                 self.loads += 1
                 loaded = True
                 continue  # the cell's timeout covers inference; loading a large model may take long
-            result = WorkerResult(**{k: v for k, v in message.items() if k in WorkerResult.__dataclass_fields__})
+            result = WorkerResult(**scrub({k: v for k, v in message.items() if k in WorkerResult.__dataclass_fields__}))
             if not result.ok and is_sticky(f"{result.error_message}\n{result.traceback}"):
                 self._kill()  # the CUDA context is poisoned: the next cell gets a fresh worker
             break
@@ -147,7 +148,7 @@ class Runner:
         if alive:
             self._proc.kill()
         code = self._proc.wait()
-        tail = self._stderr_tail()
+        tail = scrub(self._stderr_tail())
         self._kill()
         if alive:
             return WorkerResult(timed_out=True, returncode=code, stderr_tail=tail,
@@ -249,11 +250,26 @@ class _Worker:
         return {"ok": True, "generation": generation, "measurements": measurements}
 
 
+def _exit_with_parent() -> None:
+    """End this worker if the process driving it dies (even by SIGKILL), whatever the cell is doing."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def main() -> None:
     import faulthandler
     import traceback
 
     faulthandler.enable()  # a segfault leaves a Python traceback in the stderr tail
+    _exit_with_parent()
     protocol = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # library prints go to stderr, never into the protocol stream
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -4,8 +4,11 @@ import os
 import textwrap
 from pathlib import Path
 
+import matplotlib.pyplot  # noqa: F401  (see below)
 import pytest
 
+# In-process pytester runs drop modules first imported inside them; numpy cannot be imported twice
+# in one process, so the summary's plotting stack is imported once here, for the whole session.
 pytest_plugins = ["pytester"]
 
 REPO = Path(__file__).resolve().parents[1]
