@@ -3,6 +3,8 @@
   qwen-compat run [PYTEST ARGS]     run a matrix (pytest with the plugin; defaults to the default matrix)
   qwen-compat schema                JSON Schema of matrix files
   qwen-compat explain TEXT-OR-FILE  classify an error text or log
+  qwen-compat gate --baseline DIR|NAME --current DIR   compare a run with a baseline (exit 1 on regression)
+  qwen-compat report DIR...         merge many runners' reports into one fleet view
 """
 
 from __future__ import annotations
@@ -45,6 +47,26 @@ def _run(args) -> int:
     return int(pytest.main(args.pytest_args))
 
 
+def _gate(args) -> int:
+    from . import baselines, gate
+
+    baseline = baselines.resolve(args.baseline)
+    memory_tol = gate.parse_percent(args.memory_tolerance, "--memory-tolerance")
+    latency_tol = gate.parse_percent(args.latency_tolerance, "--latency-tolerance")
+    changes = gate.compare(baseline, Path(args.current), memory_tol, latency_tol)
+    gate.print_table(changes)
+    gate.write(changes, Path(args.out or args.current))
+    return 1 if any(ch.kind == "regression" for ch in changes) else 0
+
+
+def _report(args) -> int:
+    from . import fleet
+
+    html_path, md_path = fleet.write([Path(d) for d in args.dirs], Path(args.out or args.dirs[0]))
+    print(f"fleet view: {html_path} and {md_path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen-compat", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -57,6 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text", help="the error text, or a path to a log file")
     p.add_argument("--json", action="store_true", help="print a JSON object")
     p.set_defaults(func=_explain)
+    p = sub.add_parser("gate", help="compare a run with a baseline; exit 1 on any regression, 2 on bad input")
+    p.add_argument("--baseline", required=True, help="reports folder, or a name saved with --save-baseline")
+    p.add_argument("--current", required=True, help="reports folder of the run to check")
+    p.add_argument("--memory-tolerance", default="5%", help="allowed rise of peak memory (default 5%%)")
+    p.add_argument("--latency-tolerance", default="15%", help="allowed rise of time to first token (default 15%%)")
+    p.add_argument("--out", help="where gate.json and gate.md go (default: the current folder)")
+    p.set_defaults(func=_gate)
+    p = sub.add_parser("report", help="merge per-GPU reports folders into one fleet view (HTML and Markdown)")
+    p.add_argument("dirs", nargs="+", help="reports folders, each holding <device>/results.json")
+    p.add_argument("--out", help="where fleet.html and fleet.md go (default: the first folder)")
+    p.set_defaults(func=_report)
     return parser
 
 

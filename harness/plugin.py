@@ -7,6 +7,7 @@ the worker and judged); see suites/test_inference.py.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -77,6 +78,10 @@ def pytest_addoption(parser):
     group.addoption("--allow-faults", action="store_true", help="honour the matrix's `faults:` section")
     group.addoption("--emulate", default=None, metavar="KEY",
                     help="emulate a GPU table card on this GPU: its memory size and capability rules")
+    group.addoption("--gpu-per-worker", action="store_true",
+                    help="with pytest-xdist: xdist worker N drives GPU N (CUDA_VISIBLE_DEVICES=N)")
+    group.addoption("--save-baseline", default=None, metavar="NAME",
+                    help="after the run, keep its results as baseline NAME under <reports>/baselines/")
     group.addoption("--run-predicted-oom", action="store_true",
                     help="run cells the memory plan predicts to exceed the card")
 
@@ -128,6 +133,9 @@ class CompatSession:
             raise UserError("the matrix has a `faults:` section, which injects crashes and hangs on purpose.",
                             file=self.matrix_path, key="faults",
                             fix="pass --allow-faults to run it (harness self-tests), or remove the section.")
+        if self.is_xdist_worker and self.config.getoption("gpu_per_worker"):
+            # Set before the host is detected; the pytest process itself never initialises CUDA.
+            os.environ["CUDA_VISIBLE_DEVICES"] = self.config.workerinput["workerid"].removeprefix("gw")
         emulate = self.config.getoption("emulate")
         self.host = resolve(self.config.getoption("device"))
         if emulate:
@@ -274,6 +282,12 @@ class CompatSession:
 
         self.stats["wall_s"] = round(time.monotonic() - self.started, 2)
         write_summaries(self.reports_dir, self.stats)
+        name = self.config.getoption("save_baseline")
+        if name:
+            from . import baselines
+
+            root = Path(self.config.getoption("reports"))
+            baselines.save(name, root, root / "baselines")
 
     def pytest_terminal_summary(self, terminalreporter):
         if self.results is None or self.is_xdist_worker or not self.stats["cells"]:

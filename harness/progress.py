@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 
 STYLES = {"passed": "green", "failed": "bold red", "error": "bold magenta", "skipped": "yellow",
           "xfailed": "cyan", "xpassed": "bold yellow", "xpassed-strict": "bold red"}
@@ -20,13 +21,13 @@ class Progress:
         self.count += 1
         m = record.get("measurements") or {}
         style = STYLES.get(record["outcome"], "")
-        parts = [f"[{style}]{record['outcome'].upper():>8}[/]", record["id"]]
+        parts = [f"[{style}]{record['outcome'].upper():>8}[/]", escape(record["id"])]
         if m.get("peak_memory_mib") is not None:
             parts.append(f"{m['peak_memory_mib']:.0f} MiB ({m['peak_memory_source']})")
         if m.get("visual_tokens") is not None:
             parts.append(f"{m['visual_tokens']} visual tokens")
         if record.get("category") and record["outcome"] not in ("passed", "skipped"):
-            parts.append(f"[{record['category']}]")
+            parts.append(escape(f"[{record['category']}]"))
         with self.console.capture() as captured:
             self.console.print(f"qwen-compat {self.count:>4} " + "  ".join(parts))
         self.write(captured.get().rstrip("\n"))
