@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 
 from .cells import Cell, Expectation
-from .gpus import Gpu
+from .gpus import Gpu, table
 
 
 def flash_attn_installed() -> bool:
@@ -43,3 +43,10 @@ def effective_expectation(cell: Cell, gpu: Gpu) -> Expectation:
     if cell.expectation.source == "matrix":
         return cell.expectation
     return capability_expectation(cell, gpu) or cell.expectation
+
+
+def disposition(cell: Cell, host_key: str) -> Expectation:
+    """What happens to the cell on this host: another card's cell is skipped, else its expectation."""
+    if cell.device != host_key:
+        return Expectation("skip", [], f"this host is {host_key}; cell targets {cell.device}", source="host")
+    return effective_expectation(cell, table()[cell.device])

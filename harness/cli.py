@@ -5,6 +5,8 @@
   qwen-compat explain TEXT-OR-FILE  classify an error text or log
   qwen-compat gate --baseline DIR|NAME --current DIR   compare a run with a baseline (exit 1 on regression)
   qwen-compat report DIR...         merge many runners' reports into one fleet view
+  qwen-compat plan MATRIX --device KEY [--json]   predicted peak memory of every cell of that device
+  qwen-compat doctor [MATRIX]       this host's facts, and what the matrix will do here
 """
 
 from __future__ import annotations
@@ -67,6 +69,56 @@ def _report(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    from . import cells, matrix
+    from .cells import selector_matches
+    from .device import resolve
+    from .plan import predict
+
+    resolve(args.device)  # a clear error for an unknown device key
+    m = matrix.load(args.matrix)
+    chosen = [c for c in cells.expand(m, args.matrix) if c.device == args.device]
+    if not chosen:
+        raise UserError(f"no cell of this matrix targets '{args.device}'.", file=args.matrix, key="devices",
+                        fix="pick a device the matrix lists.")
+    predictions = []
+    for cell in chosen:
+        row = predict(cell).to_dict()
+        claim = next((c for c in m.claims if selector_matches(c.when, cell.axis_values())), None)
+        if claim:
+            row["claim"] = {"peak_gb": claim.peak_gb, "source": claim.source}
+        predictions.append(row)
+    if args.json:
+        print(json.dumps(predictions, indent=1))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"memory plan: {args.matrix} on {args.device}")
+    for column in ("cell", "peak MiB", "GB", "claimed GB", "verdict", "weights", "KV", "vision act.", "text act.",
+                   "overhead"):
+        table.add_column(column, justify="left" if column == "cell" else "right", overflow="fold")
+    for r in predictions:
+        p = r["parts"]
+        claimed = f"{r['claim']['peak_gb']:.1f}" if "claim" in r else ""
+        table.add_row(r["id"], f"{r['predicted_peak_mib']:.0f}", f"{r['predicted_peak_mib'] * 2**20 / 1e9:.1f}",
+                      claimed, r["verdict"], f"{p['weights_mib']:.0f}", f"{p['kv_cache_mib']:.0f}",
+                      f"{p['vision_activations_mib']:.0f}", f"{p['text_activations_mib']:.0f}", f"{p['overhead_mib']:.0f}")
+    Console(width=220).print(table)
+    print("MiB = 2**20 bytes; GB = 1e9 bytes (as the claimed figures are usually given).")
+    return 0
+
+
+def _doctor(args) -> int:
+    from . import doctor
+    from .device import detect_host
+
+    host = detect_host()
+    rows = doctor.plan_cells(args.matrix, host) if args.matrix else None
+    doctor.render(host, rows)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen-compat", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -90,6 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dirs", nargs="+", help="reports folders, each holding <device>/results.json")
     p.add_argument("--out", help="where fleet.html and fleet.md go (default: the first folder)")
     p.set_defaults(func=_report)
+    p = sub.add_parser("plan", help="predicted peak memory of every cell a matrix runs on one device")
+    p.add_argument("matrix")
+    p.add_argument("--device", required=True, help="GPU table key")
+    p.add_argument("--json", action="store_true", help="one JSON object per cell")
+    p.set_defaults(func=_plan)
+    p = sub.add_parser("doctor", help="this host's GPU, drivers and packages; what a matrix will do here")
+    p.add_argument("matrix", nargs="?", default="matrices/default.yaml")
+    p.set_defaults(func=_doctor)
     return parser
 
 

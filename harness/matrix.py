@@ -104,6 +104,13 @@ class FaultRule(Rule):
     inject: Literal["segfault", "abort", "hang", "oom"] | dict[Literal["raise"], str]
 
 
+class Claim(Rule):
+    """A published memory figure for matching cells, printed beside the plan's prediction."""
+
+    peak_gb: float = Field(..., description="the claimed peak memory in GB")
+    source: str = Field(..., description="where the figure was published")
+
+
 class Defaults(Strict):
     prompt: str = "Describe this image."
     max_new_tokens: int = Field(8, ge=1)
@@ -136,6 +143,7 @@ class Matrix(Strict):
     expect: list[ExpectRule] = []
     exclude: list[Rule] = []
     faults: list[FaultRule] = []
+    claims: list[Claim] = []
     sections: list[Section] = []
 
     def all_sections(self) -> list[Section]:
@@ -266,7 +274,8 @@ def _check_references(matrix: Matrix, path: Path, root) -> None:
                                 f"a new card is one row in harness/data/gpus.yaml.")
     extra_axes = set(matrix.axes.extra) | {k for s in matrix.sections for k in s.axes.extra}
     known = SELECTOR_AXES | extra_axes
-    rule_lists = [("expect", matrix.expect), ("exclude", matrix.exclude), ("faults", matrix.faults)] + \
+    rule_lists = [("expect", matrix.expect), ("exclude", matrix.exclude), ("faults", matrix.faults),
+                  ("claims", matrix.claims)] + \
         [(f"sections.{i}.{kind}", getattr(s, kind)) for i, s in enumerate(matrix.sections) for kind in ("expect", "exclude")]
     for where, rules in rule_lists:
         for i, rule in enumerate(rules):

@@ -15,15 +15,15 @@ import pytest
 
 from . import cells as cells_mod
 from . import matrix as matrix_mod
-from .capabilities import effective_expectation
+from .capabilities import disposition
 from .cells import Cell
 from .device import Host, resolve
 from .errors import UserError
 from .families import FAMILIES
 from .gpus import table
 from .progress import Progress
-from .reports import ResultsFile, environment, latest_records, load_results
-from .verdict import Verdict, judge
+from .reports import CELL_FIELDS, ResultsFile, environment, latest_records, load_results
+from .verdict import judge
 from .worker import Runner, WorkerResult
 
 DEFAULT_MATRIX = "matrices/default.yaml"
@@ -64,6 +64,8 @@ class CellRun:
     def check(self) -> None:
         """Turn the verdict into the test's outcome."""
         v = self.verdict
+        if v.outcome == "skipped":
+            pytest.skip(v.message)
         if v.outcome == "failed":
             tail = f"\n--- worker stderr (tail) ---\n{self.result.stderr_tail[-1500:]}" if self.result.stderr_tail else ""
             raise failure_class(v.category)(f"[{v.category}] {v.message}\nremedy: {v.remedy}{tail}")
@@ -165,9 +167,9 @@ class CompatSession:
             marks.append(pytest.mark.slow)
         if cell.id in self.done:
             return marks + [pytest.mark.skip(reason="already done in an earlier run (--resume)")]
-        if cell.device != self.host.key:
-            return marks + [pytest.mark.skip(reason=f"this host is {self.host.key}; cell targets {cell.device}")]
-        expectation = effective_expectation(cell, gpu)
+        expectation = disposition(cell, self.host.key)
+        if expectation.source == "host":
+            return marks + [pytest.mark.skip(reason=expectation.reason)]
         cell.expectation = expectation
         reason = f"[{'/'.join(expectation.categories) or 'expected'}] {expectation.reason}".strip()
         if expectation.outcome == "skip":
@@ -180,7 +182,8 @@ class CompatSession:
     # -- running ----------------------------------------------------------------------------------
     def run(self, cell: Cell) -> CellRun:
         if self.runner is None:
-            self.runner = Runner(self.reports_dir / ".reference-logits", emulate=self.config.getoption("emulate"))
+            self.runner = Runner(self.reports_dir / ".reference-logits", emulate=self.config.getoption("emulate"),
+                                 run_predicted_oom=self.config.getoption("run_predicted_oom"))
         start = time.perf_counter()
         try:
             result = self.runner.run(cell)
@@ -190,37 +193,23 @@ class CompatSession:
         return CellRun(cell, result, verdict, time.perf_counter() - start)
 
     def record(self, cell: Cell, run: CellRun | None, report) -> dict:
-        if hasattr(report, "wasxfail"):
-            outcome = "xfailed" if report.skipped else "xpassed"
-        elif report.when == "setup" and report.failed:
-            outcome = "error"
+        """The results.json line of a finished cell: its axes, pytest's outcome, the verdict, measurements."""
+        outcome = _outcome(report)
+        record = {field: getattr(cell, field) for field in CELL_FIELDS}
+        if run is None:  # skipped or errored before the worker ran it
+            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr or "")
+            category = (cell.expectation.categories or [None])[0] if outcome == "skipped" else "harness"
+            record.update(outcome=outcome, category=category, message=reason.removeprefix("Skipped: ").strip(),
+                          remedy="", matched=None, duration_s=0.0, measurements={}, prediction=None,
+                          model_loaded=False, worker_started=False, exit=None, stderr_tail="", output_text=None)
         else:
-            outcome = report.outcome
-        if report.failed and hasattr(report, "wasxfail") is False and "XPASS(strict)" in str(report.longrepr):
-            outcome = "xpassed-strict"
-        verdict = run.verdict if run else Verdict(outcome)
-        record = {field: getattr(cell, field) for field in ("id", "model", "family", "device", "dtype",
-                                                               "attn_implementation", "resolution", "input",
-                                                               "min_pixels", "max_pixels", "backend")}
-        message = verdict.message
-        if outcome == "skipped":
-            message = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
-            message = message.removeprefix("Skipped: ")
-        elif outcome == "error" and not run:
-            message = str(report.longrepr).strip().splitlines()[-1] if report.longrepr else ""
-        record.update(
-            outcome=outcome,
-            category=verdict.category if run else (cell.expectation.categories or [None])[0] if outcome == "skipped" else None,
-            message=message, remedy=verdict.remedy, matched=verdict.matched,
-            duration_s=round(run.duration_s, 4) if run else 0.0,
-            measurements=run.result.measurements if run else {},
-            expectation=cell.expectation.__dict__,
-            model_loaded=bool(run and run.result.model_loaded),
-            worker_started=bool(run and run.result.worker_started),
-            exit={"returncode": run.result.returncode, "signal": run.result.signal_name} if run and run.result.died else None,
-            stderr_tail=run.result.stderr_tail[-2000:] if run and run.result.died else "",
-            output_text=run.result.generation.get("text") if run else None,
-        )
+            v, r = run.verdict, run.result
+            record.update(outcome=outcome, category=v.category, message=v.message, remedy=v.remedy,
+                          matched=v.matched, duration_s=round(run.duration_s, 4), measurements=r.measurements,
+                          prediction=r.prediction or None, model_loaded=r.model_loaded, worker_started=r.worker_started,
+                          exit={"returncode": r.returncode, "signal": r.signal_name} if r.died else None,
+                          stderr_tail=r.stderr_tail[-2000:] if r.died else "", output_text=r.generation.get("text"))
+        record["expectation"] = cell.expectation.__dict__
         return record
 
     # -- hooks --------------------------------------------------------------------------------------
@@ -297,6 +286,17 @@ class CompatSession:
         terminalreporter.write_line(f"{s['cells']} cells on {self.host.key}; model loads: {s['model_loads']}; "
                                     f"worker starts: {s['worker_starts']}")
         terminalreporter.write_line(f"reports: {self.reports_dir}/results.json, junit.xml, summary.md, summary.html")
+
+
+def _outcome(report) -> str:
+    """pytest's outcome in one word: passed, failed, error, skipped, xfailed, xpassed, xpassed-strict."""
+    if hasattr(report, "wasxfail"):
+        return "xfailed" if report.skipped else "xpassed"
+    if report.failed and "XPASS(strict)" in str(report.longrepr):
+        return "xpassed-strict"
+    if report.when == "setup" and report.failed:
+        return "error"
+    return report.outcome
 
 
 def _write_progress(terminal, line: str) -> None:

@@ -21,7 +21,7 @@ HARNESS_ERRORS = {"UserError"}  # raised by the harness for bad input: an error,
 
 @dataclass
 class Verdict:
-    outcome: str  # passed | failed | error
+    outcome: str  # passed | failed | error | skipped
     category: str | None = None
     message: str = ""
     remedy: str = ""
@@ -55,6 +55,9 @@ def _numerical(message: str) -> Verdict:
 
 def judge(cell: Cell, result: WorkerResult) -> Verdict:
     """The verdict for one cell."""
+    if result.skipped:
+        return Verdict("skipped", "predicted-oom", result.skipped, "run it on a larger card, lower max_pixels, or "
+                       "pass --run-predicted-oom to find out")
     if not result.ok:
         text = "\n".join(t for t in (result.error_message, result.traceback) if t)
         if result.error_type in HARNESS_ERRORS:

@@ -44,6 +44,8 @@ class WorkerResult:
     signal_name: str | None = None
     timed_out: bool = False
     stderr_tail: str = ""
+    skipped: str | None = None  # the plan predicted the cell cannot fit the card (and was not told to run it)
+    prediction: dict = field(default_factory=dict)
     worker_started: bool = False  # this cell started a worker (the first, or a replacement)
     model_loaded: bool = False  # this cell loaded a model (a new group, or after a replacement)
 
@@ -55,10 +57,12 @@ class WorkerResult:
 class Runner:
     """Drives one worker process over a run; counts model loads and worker starts."""
 
-    def __init__(self, reference_dir: Path, env: dict | None = None, emulate: str | None = None):
+    def __init__(self, reference_dir: Path, env: dict | None = None, emulate: str | None = None,
+                 run_predicted_oom: bool = False):
         self.reference_dir = Path(reference_dir)
         self.env = {**os.environ, **(env or {})}
         self.emulate = emulate
+        self.run_predicted_oom = run_predicted_oom
         self.loads = 0
         self.starts = 0
         self._proc: subprocess.Popen | None = None
@@ -125,7 +129,7 @@ class Runner:
             self._start()
             started = True
         self._send({"op": "run", "cell": cell.to_dict(), "reference_dir": str(self.reference_dir),
-                    "emulate": self.emulate})
+                    "emulate": self.emulate, "run_predicted_oom": self.run_predicted_oom})
         deadline_s = cell.timeout_s
         while True:
             message = self._read(deadline_s)
@@ -226,8 +230,20 @@ class _Worker:
         self.emit({"event": "loaded", "group": cell.group})
         return time.perf_counter() - t0
 
-    def run(self, cell: Cell, reference_dir: Path, emulate: str | None) -> dict:
-        from . import inference
+    def card_mib(self, emulate: str | None) -> float | None:
+        """Memory of the card cells run on: the emulated card's, or this GPU's; None on the CPU."""
+        import torch
+
+        from .gpus import table
+
+        if emulate:
+            return table()[emulate].memory_mib
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_properties(0).total_memory / 2**20
+        return None
+
+    def run(self, cell: Cell, reference_dir: Path, emulate: str | None, run_predicted_oom: bool) -> dict:
+        from . import inference, plan
         from .health import drift
         from .measurements import MemoryTracker
 
@@ -235,6 +251,16 @@ class _Worker:
             from .emulation import apply_memory_cap
 
             apply_memory_cap(emulate)
+        kind = self.device()
+        before = plan.predict(cell, device_kind=kind)
+        card = self.card_mib(emulate)
+        if card and before.predicted_peak_mib > card and not run_predicted_oom:
+            p = before.parts
+            return {"ok": False, "prediction": before.to_dict(), "skipped":
+                    f"predicted peak {before.predicted_peak_mib:.0f} MiB exceeds the card's {card:.0f} MiB (weights "
+                    f"{p['weights_mib']:.0f}, KV cache {p['kv_cache_mib']:.0f}, vision activations "
+                    f"{p['vision_activations_mib']:.0f}, overhead {p['overhead_mib']:.0f} MiB); "
+                    f"--run-predicted-oom runs it anyway"}
         load_s = self.ensure_loaded(cell)
         spec = inference.CellInput(kind=cell.input, width=cell.width, height=cell.height, count=cell.images,
                                    min_pixels=cell.min_pixels, max_pixels=cell.max_pixels, prompt=cell.prompt)
@@ -247,7 +273,9 @@ class _Worker:
                         "decode_tokens_per_s": round(gen.decode_tokens_per_s, 2) if gen.decode_tokens_per_s else None,
                         **drift(cell, gen.first_logits, reference_dir)}
         generation = {"new_token_ids": gen.new_token_ids, "text": gen.text, "nonfinite_steps": gen.nonfinite_steps}
-        return {"ok": True, "generation": generation, "measurements": measurements}
+        after = plan.predict(cell, text_tokens=gen.input_tokens - gen.visual_tokens, visual_tokens=gen.visual_tokens,
+                             device_kind=kind)
+        return {"ok": True, "generation": generation, "measurements": measurements, "prediction": after.to_dict()}
 
 
 def _exit_with_parent() -> None:
@@ -286,7 +314,8 @@ def main() -> None:
             break
         cell = Cell.from_dict(request["cell"])
         try:
-            reply = worker.run(cell, Path(request["reference_dir"]), request.get("emulate"))
+            reply = worker.run(cell, Path(request["reference_dir"]), request.get("emulate"),
+                               request.get("run_predicted_oom", False))
         except BaseException as exc:  # every failure of a cell is data for the verdict
             reply = {"ok": False, "error_type": type(exc).__name__, "error_message": str(exc),
                      "traceback": traceback.format_exc()[-STDERR_TAIL_CHARS:]}

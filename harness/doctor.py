@@ -1,0 +1,66 @@
+"""`qwen-compat doctor`: what this host is, and what a matrix will do here, before anything runs."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from . import cells as cells_mod
+from . import matrix as matrix_mod
+from .capabilities import disposition
+from .device import Host
+from .reports import environment
+
+
+def host_facts(host: Host) -> dict:
+    env = environment(host, None)
+    gpu = host.gpu
+    return {
+        "device": host.key, "gpu": host.name, "compute capability": host.compute_capability or "-",
+        "memory": f"{host.memory_mib:.0f} MiB" if host.memory_mib else "-",
+        "driver": env["driver"], "CUDA": env["cuda"], "torch": env["torch"], "transformers": env["transformers"],
+        "native bf16": "yes" if gpu and gpu.native_bf16 else "no" if gpu else "unknown card",
+        "flash-attn": env["flash_attn"],
+        "vLLM": env["vllm"], "detected via": host.via,
+    }
+
+
+def plan_cells(matrix_path: str, host: Host) -> list[dict]:
+    """One row per cell: run / skip / xfail here and why, with the memory plan for cells that run."""
+    from .plan import predict
+
+    rows = []
+    for cell in cells_mod.expand(matrix_mod.load(matrix_path), matrix_path):
+        expectation = disposition(cell, host.key)
+        row = {"id": cell.id, "here": {"pass": "run", "xfail": "expected to fail", "skip": "skip"}[expectation.outcome],
+               "why": expectation.reason, "predicted_peak_mib": None, "plan": ""}
+        if expectation.source != "host" and expectation.outcome != "skip":
+            prediction = predict(cell)
+            row["predicted_peak_mib"], row["plan"] = prediction.predicted_peak_mib, prediction.verdict
+            if prediction.verdict == "over":
+                row["here"], row["why"] = "skip (predicted out of memory)", f"predicted {prediction.predicted_peak_mib:.0f} MiB"
+        rows.append(row)
+    return rows
+
+
+def render(host: Host, rows: list[dict] | None) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = Console(width=220)
+    facts = Table(title="this host", show_header=False)
+    for key, value in host_facts(host).items():
+        facts.add_row(key, escape(str(value)))
+    console.print(facts)
+    if rows is None:
+        return
+    counts = Counter(r["here"] for r in rows)
+    console.print("cells here: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
+    table = Table(title="cells of this host")
+    for column in ("cell", "here", "why", "predicted peak MiB", "plan"):
+        table.add_column(column, overflow="fold")
+    for r in rows:
+        if not r["here"].startswith("skip") or r["why"] and not r["why"].startswith("this host is"):
+            table.add_row(escape(r["id"]), r["here"], escape(r["why"]),
+                          f"{r['predicted_peak_mib']:.0f}" if r["predicted_peak_mib"] else "", r["plan"])
+    console.print(table)
