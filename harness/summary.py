@@ -95,12 +95,14 @@ def markdown(data: dict, stats: dict) -> str:
              + (f"; emulated on {env['emulated_on']}" if env.get("emulated_on") else ""), "",
              "Outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(counts(cells).items()))
              + (f"; model loads: {stats['model_loads']}, worker starts: {stats['worker_starts']}" if stats else ""), "",
-             "| cell | outcome | category | peak MiB (source) | visual tokens | TTFT s | remedy |",
-             "|---|---|---|---|---|---|---|"]
+             "| cell | outcome | category | peak MiB (source) | predicted MiB (error) | visual tokens | TTFT s | remedy |",
+             "|---|---|---|---|---|---|---|---|"]
     for c in cells:
         m = c.get("measurements") or {}
         peak = f"{m['peak_memory_mib']:.0f} ({m['peak_memory_source']})" if m.get("peak_memory_mib") else ""
-        lines.append(f"| {c['id']} | {c['outcome']} | {c.get('category') or ''} | {peak} | "
+        predicted = (c.get("prediction") or {}).get("predicted_peak_mib")
+        plan = f"{predicted:.0f} ({_prediction_error(c)})" if predicted else ""
+        lines.append(f"| {c['id']} | {c['outcome']} | {c.get('category') or ''} | {peak} | {plan} | "
                      f"{m.get('visual_tokens', '')} | {m.get('prefill_s', '')} | "
                      f"{(c.get('remedy') or '').replace('|', '/')} |")
     return "\n".join(lines) + "\n"
@@ -122,6 +124,8 @@ def html_page(data: dict, stats: dict) -> str:
                 continue
             m = c.get("measurements") or {}
             detail = f"{m['peak_memory_mib']:.0f} MiB · {m.get('visual_tokens')} vt" if m.get("peak_memory_mib") else ""
+            if _prediction_error(c):
+                detail += f" · plan {_prediction_error(c)}"
             extra = ""
             if c["outcome"] in ("failed", "error", "xfailed", "xpassed-strict"):
                 extra = (f"<div class='cat'>{esc(c.get('category') or '')}</div>"

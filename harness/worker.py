@@ -296,7 +296,7 @@ def main() -> None:
     import faulthandler
     import traceback
 
-    faulthandler.enable()  # a segfault leaves a Python traceback in the stderr tail
+    faulthandler.enable(all_threads=False)  # a segfault leaves the crashing thread's traceback in the stderr tail
     _exit_with_parent()
     protocol = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # library prints go to stderr, never into the protocol stream
