@@ -7,6 +7,7 @@ the worker and judged); see suites/test_inference.py.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from pathlib import Path
@@ -105,6 +106,9 @@ def pytest_configure(config):
             session.prepare()
         except UserError as err:
             raise pytest.UsageError(str(err)) from None
+        xdist_controller = getattr(config.option, "dist", "no") != "no" and not session.is_xdist_worker
+        if not (config.option.collectonly or xdist_controller) and session.host.key in {c.device for c in session.prepare()}:
+            session.start_worker()
 
 
 class CompatSession:
@@ -157,36 +161,48 @@ class CompatSession:
             self.results.start(environment(self.host, self.matrix_path), resume=self.config.getoption("resume"))
         return self._cells
 
+    @staticmethod
+    @functools.cache
+    def _mark(name: str, *args, **kwargs):
+        """Marks are shared between cells: a 10,000-cell matrix creates a few dozen, not 60,000."""
+        return getattr(pytest.mark, name)(*args, **kwargs) if args or kwargs else getattr(pytest.mark, name)
+
     def marks(self, cell: Cell) -> list:
-        gpu = table()[cell.device]
-        marks = [getattr(pytest.mark, cell.device), getattr(pytest.mark, cell.family),
-                 getattr(pytest.mark, cell.dtype), pytest.mark.xdist_group(cell.group)]
-        if gpu.is_gpu:
-            marks.append(pytest.mark.gpu)
+        mark = self._mark
+        marks = [mark(cell.device), mark(cell.family), mark(cell.dtype), mark("xdist_group", cell.group)]
+        if table()[cell.device].is_gpu:
+            marks.append(mark("gpu"))
         if "tiny" not in cell.source:
-            marks.append(pytest.mark.slow)
+            marks.append(mark("slow"))
         if cell.id in self.done:
-            return marks + [pytest.mark.skip(reason="already done in an earlier run (--resume)")]
+            return marks + [mark("skip", reason="already done in an earlier run (--resume)")]
         expectation = disposition(cell, self.host.key)
         if expectation.source == "host":
-            return marks + [pytest.mark.skip(reason=expectation.reason)]
+            return marks + [mark("skip", reason=expectation.reason)]
         cell.expectation = expectation
         reason = f"[{'/'.join(expectation.categories) or 'expected'}] {expectation.reason}".strip()
         if expectation.outcome == "skip":
-            marks.append(pytest.mark.skip(reason=reason))
+            marks.append(mark("skip", reason=reason))
         elif expectation.outcome == "xfail":
             raises = tuple(failure_class(c) for c in expectation.categories) or CellFailure
-            marks.append(pytest.mark.xfail(reason=reason, strict=expectation.strict, raises=raises))
+            marks.append(mark("xfail", reason=reason, strict=expectation.strict, raises=raises))
         return marks
 
     # -- running ----------------------------------------------------------------------------------
-    def run(self, cell: Cell) -> CellRun:
+    def _runner(self) -> Runner:
         if self.runner is None:
             self.runner = Runner(self.reports_dir / ".reference-logits", emulate=self.config.getoption("emulate"),
                                  run_predicted_oom=self.config.getoption("run_predicted_oom"))
+        return self.runner
+
+    def start_worker(self) -> None:
+        """Start the worker now: its ~5 s of torch imports overlap with pytest's start-up and collection."""
+        self._runner().prestart()
+
+    def run(self, cell: Cell) -> CellRun:
         start = time.perf_counter()
         try:
-            result = self.runner.run(cell)
+            result = self._runner().run(cell)
         except RuntimeError as exc:
             raise HarnessError(str(exc)) from None
         verdict = judge(cell, result)
@@ -265,7 +281,7 @@ class CompatSession:
     def pytest_sessionfinish(self, session):
         if self.runner:
             self.runner.close()
-        if self.is_xdist_worker or self.results is None or not self.results.path.exists():
+        if self.is_xdist_worker or self.results is None or not self.stats["cells"]:
             return
         from .summary import write_summaries
 

@@ -66,21 +66,33 @@ class Runner:
         self.loads = 0
         self.starts = 0
         self._proc: subprocess.Popen | None = None
+        self._ready = False
         self._stderr = None
 
     # -- process management -------------------------------------------------------------------
-    def _start(self) -> None:
+    def prestart(self) -> None:
+        """Start the worker now, so its ~5 s of imports overlap with pytest's own start-up."""
+        if self._proc is None:
+            self._spawn()
+
+    def _spawn(self) -> None:
         self._stderr = tempfile.TemporaryFile(mode="w+b")
         self._proc = subprocess.Popen([sys.executable, "-m", "harness.worker"], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, stderr=self._stderr, env=self.env)
         self.starts += 1
+        self._ready = False
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._proc.stdout, selectors.EVENT_READ)
+
+    def _await_ready(self) -> None:
+        if self._ready:
+            return
         ready = self._read(STARTUP_TIMEOUT_S)
         if not ready or ready.get("event") != "ready":
             tail = self._stderr_tail()
             self._kill()
             raise RuntimeError(f"the qwen-compat worker did not start: {tail or 'no output'}")
+        self._ready = True
 
     def _kill(self) -> None:
         if self._proc and self._proc.poll() is None:
@@ -126,7 +138,9 @@ class Runner:
     def run(self, cell: Cell) -> WorkerResult:
         started = loaded = False
         if self._proc is None or self._proc.poll() is not None:
-            self._start()
+            self._spawn()
+        if not self._ready:
+            self._await_ready()
             started = True
         self._send({"op": "run", "cell": cell.to_dict(), "reference_dir": str(self.reference_dir),
                     "emulate": self.emulate, "run_predicted_oom": self.run_predicted_oom})
@@ -207,8 +221,8 @@ class _Worker:
 
         self.processor = self.model = None
         self.group = None
-        gc.collect()
-        if torch.cuda.is_available():
+        if torch.cuda.is_available():  # on the CPU, reference counting already returned the memory
+            gc.collect()
             torch.cuda.empty_cache()
 
     def device(self) -> str:

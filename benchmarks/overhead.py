@@ -1,0 +1,69 @@
+"""What isolation and reporting cost: the harness against a bare transformers script, in one run.
+
+(a) benchmarks/bare_transformers.py: one process, each tiny model loaded once, the cells run with
+    transformers alone; (b) the same cells through the harness: pytest, the plugin, the isolated
+    worker, measurements, verdicts and reports. Prints both wall times (each a fresh process, so
+    each pays the ~5 s import of torch and transformers once), their ratio b / a, the model loads
+    of each, and the overhead per cell in ms.
+
+    python benchmarks/overhead.py [--select SUBSTRING] [--matrix matrices/default.yaml]
+
+By default every CPU cell of the default matrix runs. pytest runs with only qwen-compat's plugin
+(`-p no:` for the plugins the test extras add), as after README command (1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def timed(cmd: list[str], cwd: Path) -> tuple[float, str]:
+    start = time.perf_counter()
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return wall, done.stdout
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--matrix", default=str(REPO / "matrices" / "default.yaml"))
+    parser.add_argument("--select", default="", help="only cells whose id contains this (default: all)")
+    args = parser.parse_args()
+    from harness import checkpoints
+    from harness.families import FAMILIES
+
+    for family in FAMILIES:  # both sides find the checkpoints built: neither pays for building them
+        checkpoints.tiny_checkpoint(family)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        shutil.copy(REPO / "suites" / "test_inference.py", folder / "test_suite.py")
+        bare_s, out = timed([sys.executable, str(REPO / "benchmarks" / "bare_transformers.py"), args.matrix,
+                             args.select], folder)
+        bare = json.loads(out.strip().splitlines()[-1])
+        select = ["-k", args.select] if args.select else []
+        harness_s, _ = timed([sys.executable, "-m", "pytest", "test_suite.py", "-q", "-p", "no:cacheprovider",
+                              "-p", "no:hypothesispytest", "-p", "no:benchmark", "-p", "no:xdist", "--rootdir", ".",
+                              "--matrix", args.matrix, *select, "--reports", "r"], folder)
+        run = json.loads((folder / "r" / "cpu" / "run.json").read_text())
+    cells = bare["cells"]
+    assert cells == run["cells"], (cells, run["cells"])
+    print(f"cells: {cells}" + (f" (ids containing '{args.select}')" if args.select else " (every CPU cell)"))
+    print(f"(a) bare transformers script: {bare_s:6.2f} s, model loads {bare['model_loads']}")
+    print(f"(b) qwen-compat harness:      {harness_s:6.2f} s, model loads {run['model_loads']}, "
+          f"worker starts {run['worker_starts']}")
+    print(f"ratio b / a: {harness_s / bare_s:.3f}; overhead per cell: {(harness_s - bare_s) / cells * 1000:.0f} ms")
+
+
+if __name__ == "__main__":
+    main()
