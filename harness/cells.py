@@ -5,6 +5,7 @@ Pure data (no torch): the pytest process expands thousands of cells at collectio
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import json
 import re
@@ -124,6 +125,14 @@ def model_identity(entry: ModelEntry, matrix_file: str) -> tuple[str, str, dict]
     family = entry.family
     if family is None and kind == "arch":
         family = _arch_family(name.split("/")[-1])
+        if family is None and "/" not in name:
+            from .architectures import shipped
+
+            close = difflib.get_close_matches(name, shipped(), n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise UserError(f"unknown architecture '{name}'.", file=matrix_file, key="models.arch",
+                            fix=f"{hint}shipped: {', '.join(shipped())}; or give a hub id (Org/Name) whose config "
+                                f"can be fetched, or `path:` to a local folder.")
     if family is None and kind == "path" and (Path(name) / "config.json").exists():
         family = json.loads((Path(name) / "config.json").read_text()).get("model_type")
     if family is None:

@@ -36,6 +36,17 @@ def test_unreachable_hub_config_ends_in_a_clear_message(monkeypatch):
     assert "could not be fetched" in str(err.value) and "Fix:" in str(err.value)
 
 
+def test_true_size_loads_through_from_pretrained_without_allocating_weights():
+    """The one loading path, on the meta device: true shapes, nothing materialised on the CPU."""
+    from harness import inference
+
+    folder = checkpoints.architecture_checkpoint("Qwen2-VL-2B-Instruct")
+    _, model = inference.load(str(folder), dtype="bfloat16", attn_implementation="sdpa", device="meta")
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    assert sum(p.numel() for p in model.parameters()) == architectures.count_parameters(
+        architectures.load_config("Qwen2-VL-2B-Instruct"))
+
+
 def test_architecture_checkpoint_is_loadable_config_without_weights():
     """The folder a true-size model loads from: real config and processor, an empty weights file."""
     from transformers import AutoConfig, AutoProcessor

@@ -86,6 +86,8 @@ BAD = {
     "wrong-type": (GOOD + "defaults:\n  max_new_tokens: many\n", ["defaults.max_new_tokens", "line 9", "'many'"]),
     "unknown-device": (GOOD.replace("[cpu]", "[V100]"), ["unknown device 'V100'", "did you mean 'v100'", "line 4"]),
     "unknown-family": (GOOD.replace("qwen2_vl", "qwen9_vl"), ["unknown tiny family 'qwen9_vl'", "line 3"]),
+    "unknown-model": (GOOD.replace("tiny: qwen2_vl", "arch: Qwen2-VL-7B-Instruk"),
+                      ["unknown architecture 'Qwen2-VL-7B-Instruk'", "did you mean 'Qwen2-VL-7B-Instruct'"]),
     "selector-no-axis": (GOOD + "expect:\n  - when: {dtpye: float32}\n    outcome: skip\n",
                          ["names no axis: 'dtpye'", "did you mean 'dtype'", "line 9"]),
     "zero-cells": (GOOD + "exclude:\n  - when: {model: tiny-qwen2-vl}\n", ["zero cells", "key 'exclude'"]),
@@ -105,6 +107,25 @@ def test_bad_matrix_is_one_paragraph(pytester, matrix_file, case):
     for needle in expected:
         assert needle in output, output
     assert str(path) in output and "Fix:" in output
+
+
+def test_an_unknown_gpu_warns_with_the_row_to_add():
+    from harness import device
+
+    with pytest.warns(UserWarning) as caught:
+        host = device._host_from("NVIDIA B200", "10.0", 183_359, "580.1", "13.0", "nvml")
+    text = str(caught[0].message)
+    assert host.key == "unknown"
+    assert "NVIDIA B200" in text and "10.0" in text and "nvml_names: ['NVIDIA B200']" in text and "gpus.yaml" in text
+
+
+def test_a_known_gpu_is_found_by_its_nvml_name():
+    from harness import device
+
+    assert device._host_from("Tesla V100-SXM2-32GB", "7.0", 32_510, "535", "12.2", "nvml").key == "v100"
+    assert device._host_from("Tesla V100-SXM2-16GB", "7.0", 16_160, "535", "12.2", "nvml").key == "v100-16gb"
+    assert device._host_from("NVIDIA GeForce RTX 4090 D", "8.9", 24_564, "550", "12.4", "nvml").key == "rtx4090"
+    assert device._host_from("NVIDIA A10G", "8.6", 23_028, "550", "12.4", "nvml").key == "a10g"
 
 
 def test_missing_matrix_file_names_the_option(tmp_path):
