@@ -45,9 +45,28 @@ def measure(cells: int, folder: Path, extra: list[str]) -> tuple[int, float, flo
     matrix = folder / f"m{cells}.yaml"
     matrix.write_text(generated_matrix(cells))
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-                           "--rootdir", str(folder), "--matrix", str(matrix), "--reports", str(folder / "r"),
-                           *extra, str(folder / "test_suite.py")], capture_output=True, text=True, cwd=folder)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "--collect-only",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--rootdir",
+            str(folder),
+            "--matrix",
+            str(matrix),
+            "--reports",
+            str(folder / "r"),
+            *extra,
+            str(folder / "test_suite.py"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=folder,
+    )
     wall = time.perf_counter() - start
     found = re.search(r"(\d+) tests? collected in ([\d.]+)s", done.stdout)
     if not found:

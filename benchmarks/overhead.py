@@ -48,20 +48,45 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         shutil.copy(REPO / "suites" / "test_inference.py", folder / "test_suite.py")
-        bare_s, out = timed([sys.executable, str(REPO / "benchmarks" / "bare_transformers.py"), args.matrix,
-                             args.select], folder)
+        bare_s, out = timed(
+            [sys.executable, str(REPO / "benchmarks" / "bare_transformers.py"), args.matrix, args.select], folder
+        )
         bare = json.loads(out.strip().splitlines()[-1])
         select = ["-k", args.select] if args.select else []
-        harness_s, _ = timed([sys.executable, "-m", "pytest", "test_suite.py", "-q", "-p", "no:cacheprovider",
-                              "-p", "no:hypothesispytest", "-p", "no:benchmark", "-p", "no:xdist", "--rootdir", ".",
-                              "--matrix", args.matrix, *select, "--reports", "r"], folder)
+        harness_s, _ = timed(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "test_suite.py",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "-p",
+                "no:hypothesispytest",
+                "-p",
+                "no:benchmark",
+                "-p",
+                "no:xdist",
+                "--rootdir",
+                ".",
+                "--matrix",
+                args.matrix,
+                *select,
+                "--reports",
+                "r",
+            ],
+            folder,
+        )
         run = json.loads((folder / "r" / "cpu" / "run.json").read_text())
     cells = bare["cells"]
     assert cells == run["cells"], (cells, run["cells"])
     print(f"cells: {cells}" + (f" (ids containing '{args.select}')" if args.select else " (every CPU cell)"))
     print(f"(a) bare transformers script: {bare_s:6.2f} s, model loads {bare['model_loads']}")
-    print(f"(b) qwen-compat harness:      {harness_s:6.2f} s, model loads {run['model_loads']}, "
-          f"worker starts {run['worker_starts']}")
+    print(
+        f"(b) qwen-compat harness:      {harness_s:6.2f} s, model loads {run['model_loads']}, "
+        f"worker starts {run['worker_starts']}"
+    )
     print(f"ratio b / a: {harness_s / bare_s:.3f}; overhead per cell: {(harness_s - bare_s) / cells * 1000:.0f} ms")
 
 

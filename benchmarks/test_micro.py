@@ -1,7 +1,7 @@
 """pytest-benchmark micro-benchmarks of the hot pure parts; kept out of `pytest tests`.
 
-    pytest benchmarks/test_micro.py --benchmark-autosave          # store a run under .benchmarks/
-    pytest benchmarks/test_micro.py --benchmark-compare           # compare with the last stored run
+pytest benchmarks/test_micro.py --benchmark-autosave          # store a run under .benchmarks/
+pytest benchmarks/test_micro.py --benchmark-compare           # compare with the last stored run
 """
 
 import random

@@ -44,9 +44,11 @@ def _fetch_hub_config(name: str) -> dict:
     not_shipped = index()["not_shipped"]
     short = name.split("/")[-1]
     why = f" ({not_shipped[short]})" if short in not_shipped else ""
-    fix = (f"use a shipped architecture ({', '.join(shipped())}), run where the Hugging Face hub is "
-           f"reachable so that its config.json (a few KB) can be fetched, or point the model at a local "
-           f"folder holding the real config.json.")
+    fix = (
+        f"use a shipped architecture ({', '.join(shipped())}), run where the Hugging Face hub is "
+        f"reachable so that its config.json (a few KB) can be fetched, or point the model at a local "
+        f"folder holding the real config.json."
+    )
     if "/" not in name:
         raise UserError(f"architecture '{name}' is not shipped with qwen-compat{why}.", key="models.arch", fix=fix)
     try:
@@ -55,8 +57,12 @@ def _fetch_hub_config(name: str) -> dict:
         path = hf_hub_download(name, "config.json")
     except Exception as exc:  # offline, unknown repo, gated: all end the same way for the user
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"the config of '{name}' is not shipped with qwen-compat{why} and could not be "
-                        f"fetched from the hub ({first}).", key="models.arch", fix=fix) from None
+        raise UserError(
+            f"the config of '{name}' is not shipped with qwen-compat{why} and could not be "
+            f"fetched from the hub ({first}).",
+            key="models.arch",
+            fix=fix,
+        ) from None
     with open(path) as f:
         return json.load(f)
 

@@ -17,8 +17,11 @@ DEFAULT_STORE = Path("reports") / "baselines"
 def save(name: str, reports_dir: Path, store: Path = DEFAULT_STORE) -> Path:
     """Copy every `<device>/results.json` of `reports_dir` into the baseline `name`."""
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
-        raise UserError(f"baseline name '{name}' has characters other than letters, digits, '.', '_', '-'.",
-                        key="--save-baseline", fix="use a name such as 'release-1.4' or 'nightly'.")
+        raise UserError(
+            f"baseline name '{name}' has characters other than letters, digits, '.', '_', '-'.",
+            key="--save-baseline",
+            fix="use a name such as 'release-1.4' or 'nightly'.",
+        )
     target = store / name
     for results in Path(reports_dir).glob("*/results.json"):
         if store.resolve() in results.resolve().parents:
@@ -36,6 +39,9 @@ def resolve(name_or_dir: str, store: Path = DEFAULT_STORE) -> Path:
     if (store / name_or_dir).is_dir():
         return store / name_or_dir
     saved = sorted(p.name for p in store.glob("*") if p.is_dir()) if store.is_dir() else []
-    raise UserError(f"'{name_or_dir}' is neither a reports folder nor a saved baseline.", key="--baseline",
-                    fix=f"saved baselines: {', '.join(saved) or 'none yet'}; save one after a run with "
-                        f"`pytest --save-baseline NAME`.")
+    raise UserError(
+        f"'{name_or_dir}' is neither a reports folder nor a saved baseline.",
+        key="--baseline",
+        fix=f"saved baselines: {', '.join(saved) or 'none yet'}; save one after a run with "
+        f"`pytest --save-baseline NAME`.",
+    )

@@ -21,20 +21,35 @@ def capability_expectation(cell: Cell, gpu: Gpu, *, flash_attn: bool | None = No
     """The expectation the card's facts imply for this cell, or None when nothing stands out."""
     if cell.attn_implementation == "flash_attention_2":
         if not gpu.is_gpu:
-            return Expectation("skip", ["attention-backend-unsupported"],
-                               "flash_attention_2 needs a CUDA GPU; use sdpa or eager on the CPU", source="capability")
+            return Expectation(
+                "skip",
+                ["attention-backend-unsupported"],
+                "flash_attention_2 needs a CUDA GPU; use sdpa or eager on the CPU",
+                source="capability",
+            )
         if not gpu.flash_attn_2:
-            return Expectation("skip", ["attention-backend-unsupported"],
-                               f"flash_attention_2 needs compute capability 8.0 or newer; {gpu.name} is "
-                               f"{gpu.compute_capability}: use sdpa", source="capability")
+            return Expectation(
+                "skip",
+                ["attention-backend-unsupported"],
+                f"flash_attention_2 needs compute capability 8.0 or newer; {gpu.name} is "
+                f"{gpu.compute_capability}: use sdpa",
+                source="capability",
+            )
         if not (flash_attn_installed() if flash_attn is None else flash_attn):
-            return Expectation("skip", ["missing-package"],
-                               "the flash-attn package is not installed: pip install 'qwen-compat[flash-attn]', "
-                               "or use sdpa", source="capability")
+            return Expectation(
+                "skip",
+                ["missing-package"],
+                "the flash-attn package is not installed: pip install 'qwen-compat[flash-attn]', or use sdpa",
+                source="capability",
+            )
     if cell.dtype == "bfloat16" and not gpu.native_bf16:
-        return Expectation("xfail", ["dtype-unsupported", "kernel-launch"],
-                           f"{gpu.name} (sm{gpu.sm}) has no native bfloat16: use float16 or float32",
-                           strict=False, source="capability")
+        return Expectation(
+            "xfail",
+            ["dtype-unsupported", "kernel-launch"],
+            f"{gpu.name} (sm{gpu.sm}) has no native bfloat16: use float16 or float32",
+            strict=False,
+            source="capability",
+        )
     return None
 
 

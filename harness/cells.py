@@ -78,16 +78,26 @@ class Cell:
 
     def axis_values(self) -> dict[str, Any]:
         """What selectors (`when:`) match against."""
-        return {"model": self.model, "family": self.family, "device": self.device, "dtype": self.dtype,
-                "attn_implementation": self.attn_implementation, "resolution": self.resolution,
-                "input": self.input, "min_pixels": self.min_pixels, "max_pixels": self.max_pixels,
-                "backend": self.backend, "variant": self.source.get("variant", "default"), **self.extra}
+        return {
+            "model": self.model,
+            "family": self.family,
+            "device": self.device,
+            "dtype": self.dtype,
+            "attn_implementation": self.attn_implementation,
+            "resolution": self.resolution,
+            "input": self.input,
+            "min_pixels": self.min_pixels,
+            "max_pixels": self.max_pixels,
+            "backend": self.backend,
+            "variant": self.source.get("variant", "default"),
+            **self.extra,
+        }
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Cell":
+    def from_dict(cls, data: dict) -> Cell:
         return cls(**{**data, "expectation": Expectation(**data["expectation"])})
 
 
@@ -111,8 +121,12 @@ def _arch_family(name: str) -> str | None:
     return json.loads(text).get("model_type")
 
 
-_FAMILY_FROM_NAME = [(r"qwen3[-_]?vl.*-a\d+b", "qwen3_vl_moe"), (r"qwen3[-_]?vl", "qwen3_vl"),
-                     (r"qwen2\.5[-_]?vl|qwen2_5_vl", "qwen2_5_vl"), (r"qwen2[-_]?vl", "qwen2_vl")]
+_FAMILY_FROM_NAME = [
+    (r"qwen3[-_]?vl.*-a\d+b", "qwen3_vl_moe"),
+    (r"qwen3[-_]?vl", "qwen3_vl"),
+    (r"qwen2\.5[-_]?vl|qwen2_5_vl", "qwen2_5_vl"),
+    (r"qwen2[-_]?vl", "qwen2_vl"),
+]
 
 
 def model_identity(entry: ModelEntry, matrix_file: str) -> tuple[str, str, dict]:
@@ -130,22 +144,31 @@ def model_identity(entry: ModelEntry, matrix_file: str) -> tuple[str, str, dict]
 
             close = difflib.get_close_matches(name, shipped(), n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""
-            raise UserError(f"unknown architecture '{name}'.", file=matrix_file, key="models.arch",
-                            fix=f"{hint}shipped: {', '.join(shipped())}; or give a hub id (Org/Name) whose config "
-                                f"can be fetched, or `path:` to a local folder.")
+            raise UserError(
+                f"unknown architecture '{name}'.",
+                file=matrix_file,
+                key="models.arch",
+                fix=f"{hint}shipped: {', '.join(shipped())}; or give a hub id (Org/Name) whose config "
+                f"can be fetched, or `path:` to a local folder.",
+            )
     if family is None and kind == "path" and (Path(name) / "config.json").exists():
         family = json.loads((Path(name) / "config.json").read_text()).get("model_type")
     if family is None:
         family = next((fam for pattern, fam in _FAMILY_FROM_NAME if re.search(pattern, name.lower())), None)
     if family not in FAMILIES:
-        raise UserError(f"cannot tell the model family of '{name}' (got {family!r}).", file=matrix_file,
-                        key=f"models.{kind}", fix=f"add `family:` to this model, one of {', '.join(FAMILIES)}.")
+        raise UserError(
+            f"cannot tell the model family of '{name}' (got {family!r}).",
+            file=matrix_file,
+            key=f"models.{kind}",
+            fix=f"add `family:` to this model, one of {', '.join(FAMILIES)}.",
+        )
     short = re.sub(r"-instruct$", "", _slug(Path(name).name if kind == "path" else name.split("/")[-1]))
     return entry.id or short, family, {kind: name}
 
 
-def _cell_id(model: str, device: str, dtype: str, attn: str, resolution: str, kind: str,
-             budget, backend: str, extra: dict) -> str:
+def _cell_id(
+    model: str, device: str, dtype: str, attn: str, resolution: str, kind: str, budget, backend: str, extra: dict
+) -> str:
     parts = [model, device, dtype, attn, resolution]
     if kind != "image":
         parts.append(kind)
@@ -164,8 +187,14 @@ def _first_rule(rules: list[Rule], values: dict) -> Rule | None:
 
 def _expectation(rule: ExpectRule) -> Expectation:
     cats = rule.category if isinstance(rule.category, list) else [rule.category] if rule.category else []
-    return Expectation(outcome=rule.outcome, categories=cats, reason=rule.reason or "", strict=rule.strict,
-                       answer=rule.answer, source="matrix")
+    return Expectation(
+        outcome=rule.outcome,
+        categories=cats,
+        reason=rule.reason or "",
+        strict=rule.strict,
+        answer=rule.answer,
+        source="matrix",
+    )
 
 
 def _section_cells(matrix: Matrix, section: Section, defaults: Defaults, matrix_file: str) -> list[Cell]:
@@ -178,19 +207,40 @@ def _section_cells(matrix: Matrix, section: Section, defaults: Defaults, matrix_
     for entry in section.models:
         model, family, source = model_identity(entry, matrix_file)
         for device, dtype, attn, resolution, kind, budget, backend, *extra_values in itertools.product(
-                section.devices, axes.dtype, axes.attn_implementation, axes.resolution, axes.input,
-                axes.pixel_budget, axes.backend, *axes.extra.values()):
-            extra = dict(zip(extra_names, extra_values))
+            section.devices,
+            axes.dtype,
+            axes.attn_implementation,
+            axes.resolution,
+            axes.input,
+            axes.pixel_budget,
+            axes.backend,
+            *axes.extra.values(),
+        ):
+            extra = dict(zip(extra_names, extra_values, strict=True))
             cell = Cell(
                 id=_cell_id(model, device, dtype, attn, resolution, kind, budget, backend, extra),
-                model=model, family=family, source=source, device=device, dtype=dtype,
-                attn_implementation=attn, resolution=resolution, input=kind,
-                min_pixels=budget.min_pixels if budget else None, max_pixels=budget.max_pixels if budget else None,
-                backend=backend, extra=extra, budget=budgets.get(device, budgets.get("default")),
-                prompt=defaults.prompt, max_new_tokens=defaults.max_new_tokens, timeout_s=defaults.timeout_s,
-                images=defaults.images, drift_max_abs_diff=defaults.drift_max_abs_diff,
-                drift_top1=defaults.drift_top1, degenerate_check=defaults.degenerate_check,
-                matrix_file=matrix_file)
+                model=model,
+                family=family,
+                source=source,
+                device=device,
+                dtype=dtype,
+                attn_implementation=attn,
+                resolution=resolution,
+                input=kind,
+                min_pixels=budget.min_pixels if budget else None,
+                max_pixels=budget.max_pixels if budget else None,
+                backend=backend,
+                extra=extra,
+                budget=budgets.get(device, budgets.get("default")),
+                prompt=defaults.prompt,
+                max_new_tokens=defaults.max_new_tokens,
+                timeout_s=defaults.timeout_s,
+                images=defaults.images,
+                drift_max_abs_diff=defaults.drift_max_abs_diff,
+                drift_top1=defaults.drift_top1,
+                degenerate_check=defaults.degenerate_check,
+                matrix_file=matrix_file,
+            )
             values = cell.axis_values()
             if _first_rule(exclude, values):
                 continue
@@ -210,8 +260,12 @@ def expand(matrix: Matrix, matrix_file: str) -> list[Cell]:
         for cell in _section_cells(matrix, section, matrix.defaults, matrix_file):
             seen.setdefault(cell.id, cell)
     if not seen:
-        raise UserError("the matrix expands to zero cells (every combination is excluded).", file=matrix_file,
-                        key="exclude", fix="loosen the `exclude` rules or add models, devices or axis values.")
+        raise UserError(
+            "the matrix expands to zero cells (every combination is excluded).",
+            file=matrix_file,
+            key="exclude",
+            fix="loosen the `exclude` rules or add models, devices or axis values.",
+        )
     return list(seen.values())
 
 

@@ -27,16 +27,34 @@ from .families import Family, get_family
 RECIPE_VERSION = 3  # bump when anything below changes what is written
 
 SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
 ]
 TINY_SPECIAL_BASE = 256  # tiny vocab: 256 byte symbols, then the specials
 REAL_SPECIAL_BASE = 151643  # Qwen's own id of <|endoftext|>; the specials follow in this order
 TINY_VOCAB = 320
 
-TINY_TEXT = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768)
+TINY_TEXT = dict(
+    vocab_size=TINY_VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=32768,
+)
 
 # Per family: text and vision sub-configs small enough for CPU, with every feature still present:
 # M-RoPE sections, Qwen2.5-VL window + full-attention blocks, Qwen3-VL DeepStack, MoE top-2 of 4.
@@ -47,19 +65,47 @@ TINY_RECIPES: dict[str, dict] = {
     ),
     "qwen2_5_vl": dict(
         text={"rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}},
-        vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                    patch_size=14, window_size=112, fullatt_block_indexes=[1]),
+        vision=dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=64,
+            patch_size=14,
+            window_size=112,
+            fullatt_block_indexes=[1],
+        ),
     ),
     "qwen3_vl": dict(
-        text={"head_dim": 16, "rope_parameters": {"rope_type": "default", "rope_theta": 5e6,
-                                                  "mrope_section": [4, 2, 2], "mrope_interleaved": True}},
-        vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                    patch_size=16, num_position_embeddings=256, deepstack_visual_indexes=[0]),
+        text={
+            "head_dim": 16,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 5e6,
+                "mrope_section": [4, 2, 2],
+                "mrope_interleaved": True,
+            },
+        },
+        vision=dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=64,
+            patch_size=16,
+            num_position_embeddings=256,
+            deepstack_visual_indexes=[0],
+        ),
     ),
 }
 TINY_RECIPES["qwen3_vl_moe"] = dict(
-    text={**TINY_RECIPES["qwen3_vl"]["text"], "num_experts": 4, "num_experts_per_tok": 2,
-          "moe_intermediate_size": 32, "decoder_sparse_step": 1},
+    text={
+        **TINY_RECIPES["qwen3_vl"]["text"],
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "decoder_sparse_step": 1,
+    },
     vision=TINY_RECIPES["qwen3_vl"]["vision"],
 )
 
@@ -113,25 +159,42 @@ def build_tokenizer(special_base: int):
 
     vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet(), key=ord))}
     vocab.update(special_token_ids(special_base))
-    return Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, eos_token="<|im_end|>",
-                          pad_token="<|endoftext|>", additional_special_tokens=SPECIAL_TOKENS[1:],
-                          chat_template=chat_template())
+    return Qwen2Tokenizer(
+        vocab=vocab,
+        merges=[],
+        unk_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIAL_TOKENS[1:],
+        chat_template=chat_template(),
+    )
 
 
 def build_processor(family: Family, special_base: int):
     import transformers
 
     image_processor = transformers.Qwen2VLImageProcessor(
-        patch_size=family.patch_size, merge_size=family.merge_size,
+        patch_size=family.patch_size,
+        merge_size=family.merge_size,
         temporal_patch_size=family.temporal_patch_size,
         size={"shortest_edge": family.min_pixels, "longest_edge": family.max_pixels},
-        image_mean=family.image_mean, image_std=family.image_std)
+        image_mean=family.image_mean,
+        image_std=family.image_std,
+    )
     video_processor = getattr(transformers, family.video_processor_class)(
-        patch_size=family.patch_size, merge_size=family.merge_size,
-        temporal_patch_size=family.temporal_patch_size, image_mean=family.image_mean, image_std=family.image_std)
+        patch_size=family.patch_size,
+        merge_size=family.merge_size,
+        temporal_patch_size=family.temporal_patch_size,
+        image_mean=family.image_mean,
+        image_std=family.image_std,
+    )
     processor_class = getattr(transformers, family.processor_class)
-    return processor_class(image_processor=image_processor, tokenizer=build_tokenizer(special_base),
-                           video_processor=video_processor, chat_template=chat_template())
+    return processor_class(
+        image_processor=image_processor,
+        tokenizer=build_tokenizer(special_base),
+        video_processor=video_processor,
+        chat_template=chat_template(),
+    )
 
 
 def tiny_config(family: Family):
@@ -139,12 +202,21 @@ def tiny_config(family: Family):
 
     recipe = TINY_RECIPES[family.key]
     ids = special_token_ids(TINY_SPECIAL_BASE)
-    text = {**TINY_TEXT, **recipe["text"], "bos_token_id": ids["<|endoftext|>"],
-            "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"]}
+    text = {
+        **TINY_TEXT,
+        **recipe["text"],
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+    }
     return getattr(transformers, family.config_class)(
-        text_config=text, vision_config=dict(recipe["vision"]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+        text_config=text,
+        vision_config=dict(recipe["vision"]),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
 
 
 def _apply_variant(model, variant: str) -> None:
@@ -164,10 +236,18 @@ def tiny_checkpoint(family_key: str, variant: str = "default", seed: int = 0) ->
     family = get_family(family_key)
     if variant not in VARIANTS:
         from .errors import UserError
-        raise UserError(f"unknown tiny-model variant '{variant}'.", key="variant",
-                        fix=f"use one of {', '.join(VARIANTS)}.")
-    recipe = {"kind": "tiny", "family": family.key, "variant": variant, "seed": seed,
-              **TINY_RECIPES[family.key], **VARIANTS[variant]}
+
+        raise UserError(
+            f"unknown tiny-model variant '{variant}'.", key="variant", fix=f"use one of {', '.join(VARIANTS)}."
+        )
+    recipe = {
+        "kind": "tiny",
+        "family": family.key,
+        "variant": variant,
+        "seed": seed,
+        **TINY_RECIPES[family.key],
+        **VARIANTS[variant],
+    }
 
     def build(out: Path) -> None:
         import torch

@@ -1,12 +1,12 @@
 """`qwen-compat`: the command line around the pytest plugin.
 
-  qwen-compat run [PYTEST ARGS]     run a matrix (pytest with the plugin; defaults to the default matrix)
-  qwen-compat schema                JSON Schema of matrix files
-  qwen-compat explain TEXT-OR-FILE  classify an error text or log
-  qwen-compat gate --baseline DIR|NAME --current DIR   compare a run with a baseline (exit 1 on regression)
-  qwen-compat report DIR...         merge many runners' reports into one fleet view
-  qwen-compat plan MATRIX --device KEY [--json]   predicted peak memory of every cell of that device
-  qwen-compat doctor [MATRIX]       this host's facts, and what the matrix will do here
+qwen-compat run [PYTEST ARGS]     run a matrix (pytest with the plugin; defaults to the default matrix)
+qwen-compat schema                JSON Schema of matrix files
+qwen-compat explain TEXT-OR-FILE  classify an error text or log
+qwen-compat gate --baseline DIR|NAME --current DIR   compare a run with a baseline (exit 1 on regression)
+qwen-compat report DIR...         merge many runners' reports into one fleet view
+qwen-compat plan MATRIX --device KEY [--json]   predicted peak memory of every cell of that device
+qwen-compat doctor [MATRIX]       this host's facts, and what the matrix will do here
 """
 
 from __future__ import annotations
@@ -79,8 +79,12 @@ def _plan(args) -> int:
     m = matrix.load(args.matrix)
     chosen = [c for c in cells.expand(m, args.matrix) if c.device == args.device]
     if not chosen:
-        raise UserError(f"no cell of this matrix targets '{args.device}'.", file=args.matrix, key="devices",
-                        fix="pick a device the matrix lists.")
+        raise UserError(
+            f"no cell of this matrix targets '{args.device}'.",
+            file=args.matrix,
+            key="devices",
+            fix="pick a device the matrix lists.",
+        )
     predictions = []
     for cell in chosen:
         row = predict(cell).to_dict()
@@ -95,15 +99,34 @@ def _plan(args) -> int:
     from rich.table import Table
 
     table = Table(title=f"memory plan: {args.matrix} on {args.device}")
-    for column in ("cell", "peak MiB", "GB", "claimed GB", "verdict", "weights", "KV", "vision act.", "text act.",
-                   "overhead"):
+    for column in (
+        "cell",
+        "peak MiB",
+        "GB",
+        "claimed GB",
+        "verdict",
+        "weights",
+        "KV",
+        "vision act.",
+        "text act.",
+        "overhead",
+    ):
         table.add_column(column, justify="left" if column == "cell" else "right", overflow="fold")
     for r in predictions:
         p = r["parts"]
         claimed = f"{r['claim']['peak_gb']:.1f}" if "claim" in r else ""
-        table.add_row(r["id"], f"{r['predicted_peak_mib']:.0f}", f"{r['predicted_peak_mib'] * 2**20 / 1e9:.1f}",
-                      claimed, r["verdict"], f"{p['weights_mib']:.0f}", f"{p['kv_cache_mib']:.0f}",
-                      f"{p['vision_activations_mib']:.0f}", f"{p['text_activations_mib']:.0f}", f"{p['overhead_mib']:.0f}")
+        table.add_row(
+            r["id"],
+            f"{r['predicted_peak_mib']:.0f}",
+            f"{r['predicted_peak_mib'] * 2**20 / 1e9:.1f}",
+            claimed,
+            r["verdict"],
+            f"{p['weights_mib']:.0f}",
+            f"{p['kv_cache_mib']:.0f}",
+            f"{p['vision_activations_mib']:.0f}",
+            f"{p['text_activations_mib']:.0f}",
+            f"{p['overhead_mib']:.0f}",
+        )
     Console(width=220).print(table)
     print("MiB = 2**20 bytes; GB = 1e9 bytes (as the claimed figures are usually given).")
     return 0

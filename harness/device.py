@@ -58,11 +58,13 @@ def _nvml_host() -> Host | None:
         pynvml.nvmlShutdown()
 
 
-_TORCH_PROBE = ("import json, torch\n"
-                "if torch.cuda.is_available():\n"
-                "    p = torch.cuda.get_device_properties(0)\n"
-                "    print(json.dumps([p.name, f'{p.major}.{p.minor}', p.total_memory / 2**20, torch.version.cuda]))\n"
-                "else:\n    print('null')\n")
+_TORCH_PROBE = (
+    "import json, torch\n"
+    "if torch.cuda.is_available():\n"
+    "    p = torch.cuda.get_device_properties(0)\n"
+    "    print(json.dumps([p.name, f'{p.major}.{p.minor}', p.total_memory / 2**20, torch.version.cuda]))\n"
+    "else:\n    print('null')\n"
+)
 
 
 def _torch_host() -> Host | None:
@@ -85,11 +87,20 @@ def _host_from(name, cc, memory_mib, driver, cuda, via) -> Host:
             f"qwen-compat: this GPU is not in the GPU table: NVML name '{name}', compute capability {cc}, "
             f"{memory_mib:.0f} MiB. Cells for known cards are skipped here. To add it, add one row to "
             f"harness/data/gpus.yaml:\n<key>:\n  name: {name}\n  nvml_names: ['{name}']\n"
-            f"  compute_capability: \"{cc}\"\n  memory_gb: {round(memory_mib / 1024)}\n"
+            f'  compute_capability: "{cc}"\n  memory_gb: {round(memory_mib / 1024)}\n'
             f"  native_bf16: {str(float(cc) >= 8.0).lower()}\n  flash_attn_2: {str(float(cc) >= 8.0).lower()}\n"
-            f"  source: <datasheet url>", stacklevel=2)
-    return Host(key=gpu.key if gpu else "unknown", name=name, compute_capability=cc, memory_mib=memory_mib,
-                driver=driver, cuda=cuda, via=via)
+            f"  source: <datasheet url>",
+            stacklevel=2,
+        )
+    return Host(
+        key=gpu.key if gpu else "unknown",
+        name=name,
+        compute_capability=cc,
+        memory_mib=memory_mib,
+        driver=driver,
+        cuda=cuda,
+        via=via,
+    )
 
 
 def _has_nvidia_driver() -> bool:
@@ -117,8 +128,12 @@ def resolve(option: str) -> Host:
 
         close = get_close_matches(option, table(), n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
-        raise UserError(f"--device '{option}' is not in the GPU table.", key="--device",
-                        fix=f"{hint}use 'auto' or one of {', '.join(table())}.")
+        raise UserError(
+            f"--device '{option}' is not in the GPU table.",
+            key="--device",
+            fix=f"{hint}use 'auto' or one of {', '.join(table())}.",
+        )
     gpu = table()[option]
-    return Host(key=gpu.key, name=gpu.name, compute_capability=gpu.compute_capability,
-                memory_mib=gpu.memory_mib, via="--device")
+    return Host(
+        key=gpu.key, name=gpu.name, compute_capability=gpu.compute_capability, memory_mib=gpu.memory_mib, via="--device"
+    )

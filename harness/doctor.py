@@ -15,12 +15,18 @@ def host_facts(host: Host) -> dict:
     env = environment(host, None)
     gpu = host.gpu
     return {
-        "device": host.key, "gpu": host.name, "compute capability": host.compute_capability or "-",
+        "device": host.key,
+        "gpu": host.name,
+        "compute capability": host.compute_capability or "-",
         "memory": f"{host.memory_mib:.0f} MiB" if host.memory_mib else "-",
-        "driver": env["driver"], "CUDA": env["cuda"], "torch": env["torch"], "transformers": env["transformers"],
+        "driver": env["driver"],
+        "CUDA": env["cuda"],
+        "torch": env["torch"],
+        "transformers": env["transformers"],
         "native bf16": "yes" if gpu and gpu.native_bf16 else "no" if gpu else "unknown card",
         "flash-attn": env["flash_attn"],
-        "vLLM": env["vllm"], "detected via": host.via,
+        "vLLM": env["vllm"],
+        "detected via": host.via,
     }
 
 
@@ -31,13 +37,21 @@ def plan_cells(matrix_path: str, host: Host) -> list[dict]:
     rows = []
     for cell in cells_mod.expand(matrix_mod.load(matrix_path), matrix_path):
         expectation = disposition(cell, host.key)
-        row = {"id": cell.id, "here": {"pass": "run", "xfail": "expected to fail", "skip": "skip"}[expectation.outcome],
-               "why": expectation.reason, "predicted_peak_mib": None, "plan": ""}
+        row = {
+            "id": cell.id,
+            "here": {"pass": "run", "xfail": "expected to fail", "skip": "skip"}[expectation.outcome],
+            "why": expectation.reason,
+            "predicted_peak_mib": None,
+            "plan": "",
+        }
         if expectation.source != "host" and expectation.outcome != "skip":
             prediction = predict(cell)
             row["predicted_peak_mib"], row["plan"] = prediction.predicted_peak_mib, prediction.verdict
             if prediction.verdict == "over":
-                row["here"], row["why"] = "skip (predicted out of memory)", f"predicted {prediction.predicted_peak_mib:.0f} MiB"
+                row["here"], row["why"] = (
+                    "skip (predicted out of memory)",
+                    f"predicted {prediction.predicted_peak_mib:.0f} MiB",
+                )
         rows.append(row)
     return rows
 
@@ -61,6 +75,11 @@ def render(host: Host, rows: list[dict] | None) -> None:
         table.add_column(column, overflow="fold")
     for r in rows:
         if not r["here"].startswith("skip") or r["why"] and not r["why"].startswith("this host is"):
-            table.add_row(escape(r["id"]), r["here"], escape(r["why"]),
-                          f"{r['predicted_peak_mib']:.0f}" if r["predicted_peak_mib"] else "", r["plan"])
+            table.add_row(
+                escape(r["id"]),
+                r["here"],
+                escape(r["why"]),
+                f"{r['predicted_peak_mib']:.0f}" if r["predicted_peak_mib"] else "",
+                r["plan"],
+            )
     console.print(table)

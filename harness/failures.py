@@ -14,8 +14,11 @@ from importlib import resources
 import yaml
 
 # Errors after which a CUDA context cannot be trusted: the worker that saw one is replaced.
-STICKY = re.compile(r"CUDA error|cudaError|CUBLAS_STATUS|illegal memory access|device-side assert|"
-                    r"too many resources requested", re.IGNORECASE)
+STICKY = re.compile(
+    r"CUDA error|cudaError|CUBLAS_STATUS|illegal memory access|device-side assert|"
+    r"too many resources requested",
+    re.IGNORECASE,
+)
 
 
 @dataclass(frozen=True)
@@ -46,12 +49,21 @@ def classify(text: str) -> Classification:
     """Classify an error message, traceback or log; unknown text is `other`, first line kept."""
     for entry in catalog():
         if entry["_regex"].search(text):
-            return Classification(entry["category"], " ".join(entry["cause"].split()),
-                                  " ".join(entry["remedy"].split()), entry["id"], _first_line(text))
+            return Classification(
+                entry["category"],
+                " ".join(entry["cause"].split()),
+                " ".join(entry["remedy"].split()),
+                entry["id"],
+                _first_line(text),
+            )
     first = _first_line(text)
-    return Classification("other", f"not in the failure catalog: {first}" if first else "no error text",
-                          "read the stderr tail; if this is a recurring failure, add an entry to "
-                          "harness/data/failure-catalog.yaml", None, first)
+    return Classification(
+        "other",
+        f"not in the failure catalog: {first}" if first else "no error text",
+        "read the stderr tail; if this is a recurring failure, add an entry to harness/data/failure-catalog.yaml",
+        None,
+        first,
+    )
 
 
 def is_sticky(text: str) -> bool:

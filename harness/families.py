@@ -42,16 +42,46 @@ class Family:
 FAMILIES: dict[str, Family] = {
     f.key: f
     for f in (
-        Family("qwen2_vl", "Qwen2VLConfig", "Qwen2VLForConditionalGeneration", "Qwen2VLProcessor",
-               "Qwen2VLVideoProcessor", patch_size=14),
-        Family("qwen2_5_vl", "Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor",
-               "Qwen2VLVideoProcessor", patch_size=14),
-        Family("qwen3_vl", "Qwen3VLConfig", "Qwen3VLForConditionalGeneration", "Qwen3VLProcessor",
-               "Qwen3VLVideoProcessor", patch_size=16, min_pixels=65536, max_pixels=16777216,
-               image_mean=[0.5] * 3, image_std=[0.5] * 3),
-        Family("qwen3_vl_moe", "Qwen3VLMoeConfig", "Qwen3VLMoeForConditionalGeneration", "Qwen3VLProcessor",
-               "Qwen3VLVideoProcessor", patch_size=16, min_pixels=65536, max_pixels=16777216,
-               image_mean=[0.5] * 3, image_std=[0.5] * 3),
+        Family(
+            "qwen2_vl",
+            "Qwen2VLConfig",
+            "Qwen2VLForConditionalGeneration",
+            "Qwen2VLProcessor",
+            "Qwen2VLVideoProcessor",
+            patch_size=14,
+        ),
+        Family(
+            "qwen2_5_vl",
+            "Qwen2_5_VLConfig",
+            "Qwen2_5_VLForConditionalGeneration",
+            "Qwen2_5_VLProcessor",
+            "Qwen2VLVideoProcessor",
+            patch_size=14,
+        ),
+        Family(
+            "qwen3_vl",
+            "Qwen3VLConfig",
+            "Qwen3VLForConditionalGeneration",
+            "Qwen3VLProcessor",
+            "Qwen3VLVideoProcessor",
+            patch_size=16,
+            min_pixels=65536,
+            max_pixels=16777216,
+            image_mean=[0.5] * 3,
+            image_std=[0.5] * 3,
+        ),
+        Family(
+            "qwen3_vl_moe",
+            "Qwen3VLMoeConfig",
+            "Qwen3VLMoeForConditionalGeneration",
+            "Qwen3VLProcessor",
+            "Qwen3VLVideoProcessor",
+            patch_size=16,
+            min_pixels=65536,
+            max_pixels=16777216,
+            image_mean=[0.5] * 3,
+            image_std=[0.5] * 3,
+        ),
     )
 }
 
@@ -60,5 +90,6 @@ def get_family(key: str, *, file: str | None = None) -> Family:
     try:
         return FAMILIES[key]
     except KeyError:
-        raise UserError(f"unknown model family '{key}'.", file=file, key="family",
-                        fix=f"use one of {', '.join(FAMILIES)}.") from None
+        raise UserError(
+            f"unknown model family '{key}'.", file=file, key="family", fix=f"use one of {', '.join(FAMILIES)}."
+        ) from None

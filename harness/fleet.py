@@ -10,8 +10,15 @@ from pathlib import Path
 from .gate import FAILING, load_run
 
 RANK = ["xpassed-strict", "error", "failed", "xpassed", "xfailed", "passed", "skipped"]
-COLOURS = {"failed": "#f7c5c5", "error": "#e3b5f0", "xpassed-strict": "#f7c5c5", "xpassed": "#fbeaa5",
-           "xfailed": "#c5e3f7", "passed": "#c8f7c5", "skipped": "#eeeeee"}
+COLOURS = {
+    "failed": "#f7c5c5",
+    "error": "#e3b5f0",
+    "xpassed-strict": "#f7c5c5",
+    "xpassed": "#fbeaa5",
+    "xfailed": "#c5e3f7",
+    "passed": "#c8f7c5",
+    "skipped": "#eeeeee",
+}
 
 
 def merge(folders: list[Path]) -> tuple[dict[str, dict[str, Counter]], dict[str, Path]]:
@@ -42,8 +49,11 @@ def write(folders: list[Path], out: Path) -> tuple[Path, Path]:
     md = ["# qwen-compat fleet", "", "| model | " + " | ".join(devices) + " |", "|---|" + "---|" * len(devices)]
     rows = []
     for model in sorted(grid):
-        md.append(f"| {model} | " + " | ".join(
-            f"[{_text(grid[model][d])}]({link[d]})" if grid[model].get(d) else "" for d in devices) + " |")
+        md.append(
+            f"| {model} | "
+            + " | ".join(f"[{_text(grid[model][d])}]({link[d]})" if grid[model].get(d) else "" for d in devices)
+            + " |"
+        )
         tds = []
         for d in devices:
             counts = grid[model].get(d)
@@ -51,15 +61,19 @@ def write(folders: list[Path], out: Path) -> tuple[Path, Path]:
                 tds.append("<td></td>")
                 continue
             worst = _worst(counts)
-            tds.append(f"<td style='background:{COLOURS[worst]}' class='{worst}'><a href='{html.escape(link[d])}'>"
-                       f"{html.escape(_text(counts))}</a></td>")
+            tds.append(
+                f"<td style='background:{COLOURS[worst]}' class='{worst}'><a href='{html.escape(link[d])}'>"
+                f"{html.escape(_text(counts))}</a></td>"
+            )
         rows.append(f"<tr><th>{html.escape(model)}</th>{''.join(tds)}</tr>")
     failing = sum(n for m in grid.values() for c in m.values() for o, n in c.items() if o in FAILING)
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>qwen-compat fleet</title><style>"
-            f"body{{font-family:sans-serif}}table{{border-collapse:collapse}}td,th{{border:1px solid #bbb;padding:6px}}"
-            f"</style></head><body><h1>qwen-compat fleet</h1><p>{len(devices)} devices, {failing} failing cells</p>"
-            f"<table id='fleet'><tr><th>model</th>{''.join(f'<th>{html.escape(d)}</th>' for d in devices)}</tr>"
-            f"{''.join(rows)}</table></body></html>")
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>qwen-compat fleet</title><style>"
+        f"body{{font-family:sans-serif}}table{{border-collapse:collapse}}td,th{{border:1px solid #bbb;padding:6px}}"
+        f"</style></head><body><h1>qwen-compat fleet</h1><p>{len(devices)} devices, {failing} failing cells</p>"
+        f"<table id='fleet'><tr><th>model</th>{''.join(f'<th>{html.escape(d)}</th>' for d in devices)}</tr>"
+        f"{''.join(rows)}</table></body></html>"
+    )
     (out / "fleet.md").write_text("\n".join(md) + "\n")
     (out / "fleet.html").write_text(page)
     return out / "fleet.html", out / "fleet.md"

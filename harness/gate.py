@@ -41,12 +41,18 @@ def load_run(folder: Path) -> dict[str, dict[str, dict]]:
     """device -> cell id -> record, from every `<device>/results.json` under `folder`."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise UserError("reports folder not found.", file=str(folder),
-                        fix="pass a folder holding <device>/results.json (e.g. reports/), or a saved baseline name.")
+        raise UserError(
+            "reports folder not found.",
+            file=str(folder),
+            fix="pass a folder holding <device>/results.json (e.g. reports/), or a saved baseline name.",
+        )
     files = sorted(folder.glob("*/results.json"))
     if not files:
-        raise UserError("no <device>/results.json in this folder.", file=str(folder),
-                        fix="run the matrix first (pytest --reports DIR), or point at the folder it wrote.")
+        raise UserError(
+            "no <device>/results.json in this folder.",
+            file=str(folder),
+            fix="run the matrix first (pytest --reports DIR), or point at the folder it wrote.",
+        )
     return {f.parent.name: latest_records(load_results(f)) for f in files}
 
 
@@ -64,14 +70,24 @@ def _rise(base: float | None, cur: float | None) -> float | None:
     return (cur - base) / base
 
 
-def compare_cell(device: str, cell_id: str, base: dict, cur: dict, memory_tol: float, latency_tol: float) -> list[Change]:
+def compare_cell(
+    device: str, cell_id: str, base: dict, cur: dict, memory_tol: float, latency_tol: float
+) -> list[Change]:
     out: list[Change] = []
     b, c = base["outcome"], cur["outcome"]
     if b in PASSING and c in FAILING:
         out.append(Change(device, cell_id, "regression", f"{b} -> {c}", b, f"{c} [{cur.get('category')}]"))
     elif b in FAILING and c in FAILING and base.get("category") != cur.get("category"):
-        out.append(Change(device, cell_id, "regression", "failure category changed",
-                          str(base.get("category")), str(cur.get("category"))))
+        out.append(
+            Change(
+                device,
+                cell_id,
+                "regression",
+                "failure category changed",
+                str(base.get("category")),
+                str(cur.get("category")),
+            )
+        )
     elif b in FAILING and c in PASSING:
         out.append(Change(device, cell_id, "improvement", f"{b} -> {c}", f"{b} [{base.get('category')}]", c))
     elif b != c:
@@ -112,8 +128,12 @@ def compare(baseline: Path, current: Path, memory_tol: float = 0.05, latency_tol
 
 def markdown(changes: list[Change]) -> str:
     regressions = sum(ch.kind == "regression" for ch in changes)
-    lines = [f"# qwen-compat gate: {'FAIL' if regressions else 'PASS'} ({regressions} regressions)", "",
-             "| kind | device | cell | what | baseline | current |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"# qwen-compat gate: {'FAIL' if regressions else 'PASS'} ({regressions} regressions)",
+        "",
+        "| kind | device | cell | what | baseline | current |",
+        "|---|---|---|---|---|---|",
+    ]
     lines += [f"| {ch.kind} | {ch.device} | {ch.cell} | {ch.what} | {ch.baseline} | {ch.current} |" for ch in changes]
     return "\n".join(lines) + "\n"
 
@@ -121,8 +141,12 @@ def markdown(changes: list[Change]) -> str:
 def write(changes: list[Change], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     regressions = sum(ch.kind == "regression" for ch in changes)
-    (out / "gate.json").write_text(json.dumps({"passed": regressions == 0, "regressions": regressions,
-                                               "changes": [asdict(ch) for ch in changes]}, indent=1))
+    (out / "gate.json").write_text(
+        json.dumps(
+            {"passed": regressions == 0, "regressions": regressions, "changes": [asdict(ch) for ch in changes]},
+            indent=1,
+        )
+    )
     (out / "gate.md").write_text(markdown(changes))
 
 
@@ -136,7 +160,9 @@ def print_table(changes: list[Change]) -> None:
     for column in ("kind", "device", "cell", "what", "baseline", "current"):
         table.add_column(column, overflow="fold", no_wrap=column != "cell")
     for ch in changes:
-        table.add_row(f"[{styles[ch.kind]}]{ch.kind}[/]", *map(escape, (ch.device, ch.cell, ch.what, ch.baseline, ch.current)))
+        table.add_row(
+            f"[{styles[ch.kind]}]{ch.kind}[/]", *map(escape, (ch.device, ch.cell, ch.what, ch.baseline, ch.current))
+        )
     console = Console(width=250)
     console.print(table)
     regressions = sum(ch.kind == "regression" for ch in changes)

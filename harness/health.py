@@ -33,6 +33,8 @@ def drift(cell: Cell, first_logits: torch.Tensor | None, reference_dir: Path) ->
     reference = torch.load(path)
     if not torch.isfinite(first_logits).all():
         return {"drift_reference": cell.drift_twin, "drift_max_abs_diff": None, "drift_top1_agree": False}
-    return {"drift_reference": cell.drift_twin,
-            "drift_max_abs_diff": round(float((first_logits - reference).abs().max()), 5),
-            "drift_top1_agree": bool(first_logits.argmax() == reference.argmax())}
+    return {
+        "drift_reference": cell.drift_twin,
+        "drift_max_abs_diff": round(float((first_logits - reference).abs().max()), 5),
+        "drift_top1_agree": bool(first_logits.argmax() == reference.argmax()),
+    }

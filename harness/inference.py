@@ -26,9 +26,11 @@ def _check_attention(attn_implementation: str) -> None:
             raise UserError(
                 "attn_implementation 'flash_attention_2' needs the flash-attn package, which is not "
                 "installed here (it is an optional extra, built for CUDA GPUs of compute capability 8.0 "
-                "or newer).", key="axes.attn_implementation",
+                "or newer).",
+                key="axes.attn_implementation",
                 fix="install it on a GPU runner with `pip install 'qwen-compat[flash-attn]'`, or use "
-                    "attn_implementation 'sdpa' (any device) or 'eager'.")
+                "attn_implementation 'sdpa' (any device) or 'eager'.",
+            )
 
 
 def load(source: str, *, dtype: str, attn_implementation: str, device: str):
@@ -36,7 +38,8 @@ def load(source: str, *, dtype: str, attn_implementation: str, device: str):
     _check_attention(attn_implementation)
     processor = AutoProcessor.from_pretrained(source)
     model = AutoModelForImageTextToText.from_pretrained(
-        source, dtype=DTYPES[dtype], attn_implementation=attn_implementation, device_map=device)
+        source, dtype=DTYPES[dtype], attn_implementation=attn_implementation, device_map=device
+    )
     return processor, model.eval()
 
 
@@ -112,8 +115,15 @@ def run(processor, model, cell: CellInput, *, max_new_tokens: int, fault=None) -
     kwargs = _budget_kwargs(processor, cell)
     if cell.kind == "video":
         kwargs.setdefault("videos_kwargs", {}).update(
-            do_sample_frames=False, video_metadata=[{"fps": 2.0, "total_num_frames": inputs.VIDEO_FRAMES,
-                                            "frames_indices": list(range(inputs.VIDEO_FRAMES))}])
+            do_sample_frames=False,
+            video_metadata=[
+                {
+                    "fps": 2.0,
+                    "total_num_frames": inputs.VIDEO_FRAMES,
+                    "frames_indices": list(range(inputs.VIDEO_FRAMES)),
+                }
+            ],
+        )
     batch = processor(text=[text], return_tensors="pt", **visual, **kwargs).to(model.device)
     preprocess_s = time.perf_counter() - t0
 
@@ -127,11 +137,17 @@ def run(processor, model, cell: CellInput, *, max_new_tokens: int, fault=None) -
     clock = _StepClock()
     t1 = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                             do_sample=False, output_logits=True, return_dict_in_generate=True,
-                             logits_processor=LogitsProcessorList([clock]))
+        out = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            logits_processor=LogitsProcessorList([clock]),
+        )
     end = time.perf_counter()
-    new_ids = out.sequences[0, input_ids.shape[0]:].tolist()
+    new_ids = out.sequences[0, input_ids.shape[0] :].tolist()
     steps = clock.times or [end]
     decode_rate = (len(steps) - 1) / (end - steps[0]) if len(steps) > 1 and end > steps[0] else None
     logits = out.logits or ()

@@ -14,11 +14,13 @@ def synthetic_image(width: int, height: int, seed: int = 0) -> Image.Image:
     """A gradient with a coloured square: structure at every scale, same bytes on every machine."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width]
-    base = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1),
-                     (x + y) * 255 // max(width + height - 2, 1)], axis=-1).astype(np.uint8)
+    base = np.stack(
+        [x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), (x + y) * 255 // max(width + height - 2, 1)],
+        axis=-1,
+    ).astype(np.uint8)
     side = max(min(width, height) // 3, 1)
     top, left = rng.integers(0, height - side + 1), rng.integers(0, width - side + 1)
-    base[top:top + side, left:left + side] = rng.integers(0, 256, size=3, dtype=np.uint8)
+    base[top : top + side, left : left + side] = rng.integers(0, 256, size=3, dtype=np.uint8)
     return Image.fromarray(base, "RGB")
 
 

@@ -20,8 +20,21 @@ from .families import FAMILIES
 from .gpus import table
 
 Outcome = Literal["pass", "xfail", "skip"]
-CATEGORIES = ["kernel-launch", "out-of-memory", "dtype-unsupported", "attention-backend-unsupported", "numerical",
-              "missing-package", "driver-or-arch", "input-mismatch", "timeout", "crash", "over-budget", "wrong-answer", "other"]
+CATEGORIES = [
+    "kernel-launch",
+    "out-of-memory",
+    "dtype-unsupported",
+    "attention-backend-unsupported",
+    "numerical",
+    "missing-package",
+    "driver-or-arch",
+    "input-mismatch",
+    "timeout",
+    "crash",
+    "over-budget",
+    "wrong-answer",
+    "other",
+]
 Category = Literal[tuple(CATEGORIES)]  # type: ignore[valid-type]
 
 
@@ -38,9 +51,16 @@ def _pixels(value: Any) -> Any:
     return value
 
 
-Pixels = Annotated[int, BeforeValidator(_pixels), WithJsonSchema(
-    {"anyOf": [{"type": "integer"}, {"type": "string", "pattern": PIXELS_PATTERN}],
-     "description": "pixels (an area), e.g. 627200 or 800*28*28"})]
+Pixels = Annotated[
+    int,
+    BeforeValidator(_pixels),
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "integer"}, {"type": "string", "pattern": PIXELS_PATTERN}],
+            "description": "pixels (an area), e.g. 627200 or 800*28*28",
+        }
+    ),
+]
 Resolution = Annotated[str, Field(pattern=r"^\d+x\d+$", description="WIDTHxHEIGHT in pixels, e.g. 1024x1024")]
 
 
@@ -82,7 +102,8 @@ class Axes(Strict):
     pixel_budget: list[PixelBudget | None] = Field([None], description="null = the processor's default budget")
     backend: list[Literal["transformers"]] = ["transformers"]
     extra: dict[str, list[Union[str, int, float, bool]]] = Field(
-        {}, description="user axes: name -> values; they appear in cell ids and selectors")
+        {}, description="user axes: name -> values; they appear in cell ids and selectors"
+    )
 
 
 Budget = Annotated[str, Field(pattern=r"^\s*\d+(\.\d+)?\s*(GiB|MiB|%)\s*$", description="e.g. 14GiB, 900MiB or 90%")]
@@ -117,7 +138,8 @@ class Defaults(Strict):
     timeout_s: float = Field(300, gt=0)
     images: int = Field(2, ge=2, description="how many images the `images` input kind sends")
     drift_max_abs_diff: float = Field(
-        5.0, description="largest |logit - float32 logit| allowed at the first step for reduced dtypes")
+        5.0, description="largest |logit - float32 logit| allowed at the first step for reduced dtypes"
+    )
     drift_top1: bool = Field(True, description="reduced dtypes must agree with float32 on the first token")
     degenerate_check: bool = Field(True, description="fail when every new token is the same token")
 
@@ -153,8 +175,19 @@ class Matrix(Strict):
         return top + self.sections
 
 
-SELECTOR_AXES = {"model", "family", "device", "dtype", "attn_implementation", "resolution", "input",
-                 "min_pixels", "max_pixels", "backend", "variant"}
+SELECTOR_AXES = {
+    "model",
+    "family",
+    "device",
+    "dtype",
+    "attn_implementation",
+    "resolution",
+    "input",
+    "min_pixels",
+    "max_pixels",
+    "backend",
+    "variant",
+}
 
 
 def schema() -> dict:
@@ -166,6 +199,7 @@ def schema() -> dict:
 
 
 # --- loading, with errors that name the file, the line, the key and the fix -------------------------
+
 
 def _line_of(root: yaml.Node | None, loc: tuple) -> int | None:
     node, line = root, None
@@ -198,10 +232,15 @@ def _describe(error: dict, path: str, root) -> UserError:
         options = _field_names(parent) if parent else []
         close = difflib.get_close_matches(str(loc[-1]), options, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
-        return UserError(f"unknown key '{loc[-1]}'.", file=where, key=key,
-                         fix=f"{hint}allowed keys here: {', '.join(options)}.")
-    return UserError(f"{error['msg']} (got {error.get('input')!r}).", file=where, key=key,
-                     fix="correct the value; `qwen-compat schema` prints every key and type.")
+        return UserError(
+            f"unknown key '{loc[-1]}'.", file=where, key=key, fix=f"{hint}allowed keys here: {', '.join(options)}."
+        )
+    return UserError(
+        f"{error['msg']} (got {error.get('input')!r}).",
+        file=where,
+        key=key,
+        fix="correct the value; `qwen-compat schema` prints every key and type.",
+    )
 
 
 def _model_at(loc: tuple) -> type[BaseModel] | None:
@@ -231,8 +270,11 @@ def load(path: str | Path) -> Matrix:
     """Read and validate a matrix file; any problem is a UserError naming file, line, key and fix."""
     path = Path(path)
     if not path.exists():
-        raise UserError("matrix file not found.", file=str(path),
-                        fix="pass an existing file with --matrix, e.g. matrices/default.yaml.")
+        raise UserError(
+            "matrix file not found.",
+            file=str(path),
+            fix="pass an existing file with --matrix, e.g. matrices/default.yaml.",
+        )
     text = path.read_text()
     try:
         data = yaml.safe_load(text)
@@ -241,11 +283,15 @@ def load(path: str | Path) -> Matrix:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise UserError(f"this is not valid YAML: {problem}.", file=where,
-                        fix="check the indentation and quoting around that line.") from None
+        raise UserError(
+            f"this is not valid YAML: {problem}.", file=where, fix="check the indentation and quoting around that line."
+        ) from None
     if not isinstance(data, dict):
-        raise UserError("a matrix must be a YAML mapping with keys such as models, devices, axes.",
-                        file=str(path), fix="see matrices/default.yaml for an example.")
+        raise UserError(
+            "a matrix must be a YAML mapping with keys such as models, devices, axes.",
+            file=str(path),
+            fix="see matrices/default.yaml for an example.",
+        )
     try:
         matrix = Matrix.model_validate(data)
     except ValidationError as exc:
@@ -257,11 +303,16 @@ def load(path: str | Path) -> Matrix:
 def _check_references(matrix: Matrix, path: Path, root) -> None:
     """What the schema cannot see: device keys, selector axes, at least one model."""
     if not matrix.all_sections():
-        raise UserError("the matrix declares no models.", file=str(path), key="models",
-                        fix="add a `models:` list (or `sections:` with models), e.g. `- tiny: qwen2_vl`.")
+        raise UserError(
+            "the matrix declares no models.",
+            file=str(path),
+            key="models",
+            fix="add a `models:` list (or `sections:` with models), e.g. `- tiny: qwen2_vl`.",
+        )
     devices = set(table())
-    device_lists = [("devices", matrix.devices)] + [(f"sections.{i}.devices", s.devices)
-                                                    for i, s in enumerate(matrix.sections)]
+    device_lists = [("devices", matrix.devices)] + [
+        (f"sections.{i}.devices", s.devices) for i, s in enumerate(matrix.sections)
+    ]
     for where, listed in device_lists:
         for i, device in enumerate(listed):
             if device not in devices:
@@ -269,14 +320,25 @@ def _check_references(matrix: Matrix, path: Path, root) -> None:
                 close = difflib.get_close_matches(device.lower(), devices, n=1)
                 hint = f"did you mean '{close[0]}'? " if close else ""
                 line = _line_of(root, loc)
-                raise UserError(f"unknown device '{device}'.", file=f"{path}" + (f", line {line}" if line else ""),
-                                key=where, fix=f"{hint}devices are GPU table keys: {', '.join(sorted(devices))}; "
-                                f"a new card is one row in harness/data/gpus.yaml.")
+                raise UserError(
+                    f"unknown device '{device}'.",
+                    file=f"{path}" + (f", line {line}" if line else ""),
+                    key=where,
+                    fix=f"{hint}devices are GPU table keys: {', '.join(sorted(devices))}; "
+                    f"a new card is one row in harness/data/gpus.yaml.",
+                )
     extra_axes = set(matrix.axes.extra) | {k for s in matrix.sections for k in s.axes.extra}
     known = SELECTOR_AXES | extra_axes
-    rule_lists = [("expect", matrix.expect), ("exclude", matrix.exclude), ("faults", matrix.faults),
-                  ("claims", matrix.claims)] + \
-        [(f"sections.{i}.{kind}", getattr(s, kind)) for i, s in enumerate(matrix.sections) for kind in ("expect", "exclude")]
+    rule_lists = [
+        ("expect", matrix.expect),
+        ("exclude", matrix.exclude),
+        ("faults", matrix.faults),
+        ("claims", matrix.claims),
+    ] + [
+        (f"sections.{i}.{kind}", getattr(s, kind))
+        for i, s in enumerate(matrix.sections)
+        for kind in ("expect", "exclude")
+    ]
     for where, rules in rule_lists:
         for i, rule in enumerate(rules):
             for axis in rule.when:
@@ -285,6 +347,9 @@ def _check_references(matrix: Matrix, path: Path, root) -> None:
                     hint = f"did you mean '{close[0]}'? " if close else ""
                     loc = tuple(int(p) if p.isdigit() else p for p in where.split(".")) + (i, "when", axis)
                     line = _line_of(root, loc)
-                    raise UserError(f"the selector names no axis: '{axis}'.",
-                                    file=f"{path}" + (f", line {line}" if line else ""), key=f"{where}[{i}].when.{axis}",
-                                    fix=f"{hint}selectors may use {', '.join(sorted(known))}.")
+                    raise UserError(
+                        f"the selector names no axis: '{axis}'.",
+                        file=f"{path}" + (f", line {line}" if line else ""),
+                        key=f"{where}[{i}].when.{axis}",
+                        fix=f"{hint}selectors may use {', '.join(sorted(known))}.",
+                    )

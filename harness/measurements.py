@@ -116,15 +116,23 @@ class MemoryTracker:
             torch.cuda.synchronize()
             allocated = torch.cuda.max_memory_allocated() / MIB
             reserved = torch.cuda.max_memory_reserved() / MIB
-            self.result = {"torch_allocated_peak_mib": round(allocated, 1),
-                           "torch_reserved_peak_mib": round(reserved, 1)}
+            self.result = {
+                "torch_allocated_peak_mib": round(allocated, 1),
+                "torch_reserved_peak_mib": round(reserved, 1),
+            }
             if self._sampler:
-                self.result.update(nvml_process_peak_mib=round(self._sampler.peak, 1),
-                                   peak_memory_mib=round(self._sampler.peak, 1), peak_memory_source="nvml_process")
+                self.result.update(
+                    nvml_process_peak_mib=round(self._sampler.peak, 1),
+                    peak_memory_mib=round(self._sampler.peak, 1),
+                    peak_memory_source="nvml_process",
+                )
             else:
                 self.result.update(peak_memory_mib=round(reserved, 1), peak_memory_source="torch_reserved")
         else:
-            self.result = {"rss_peak_mib": round(self._sampler.peak, 1), "peak_memory_mib": round(self._sampler.peak, 1),
-                           "peak_memory_source": "worker_rss"}
+            self.result = {
+                "rss_peak_mib": round(self._sampler.peak, 1),
+                "peak_memory_mib": round(self._sampler.peak, 1),
+                "peak_memory_source": "worker_rss",
+            }
         self.result["settled_before_mib"] = round(self.baseline_mib, 1)
         return False

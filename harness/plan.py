@@ -30,6 +30,7 @@ TIGHT = 0.10
 
 # --- parameters, from a complete config dict (transformers' to_dict) -------------------------------
 
+
 def _text_parameters(t: dict, moe: bool) -> int:
     hidden, heads, kv = t["hidden_size"], t["num_attention_heads"], t["num_key_value_heads"]
     head_dim = t.get("head_dim") or hidden // heads
@@ -43,8 +44,12 @@ def _text_parameters(t: dict, moe: bool) -> int:
     experts = t.get("num_experts") or t.get("num_local_experts") or 0  # to_dict() writes num_local_experts
     total = 0
     for layer in range(t["num_hidden_layers"]):
-        sparse = moe and experts > 0 and layer not in (t.get("mlp_only_layers") or []) \
+        sparse = (
+            moe
+            and experts > 0
+            and layer not in (t.get("mlp_only_layers") or [])
             and (layer + 1) % t.get("decoder_sparse_step", 1) == 0
+        )
         if sparse:
             mlp = experts * 3 * hidden * t["moe_intermediate_size"] + hidden * experts
         else:
@@ -79,11 +84,15 @@ def parameter_count(config: dict) -> int:
     text = config["text_config"]
     tied = config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
     lm_head = 0 if tied else text["vocab_size"] * text["hidden_size"]
-    return _text_parameters(text, family.key == "qwen3_vl_moe") + _vision_parameters(config["vision_config"], family) \
+    return (
+        _text_parameters(text, family.key == "qwen3_vl_moe")
+        + _vision_parameters(config["vision_config"], family)
         + lm_head
+    )
 
 
 # --- the configs and inputs a cell implies ------------------------------------------------------------
+
 
 @cache
 def _full_config(source_key: tuple) -> dict:
@@ -101,8 +110,11 @@ def _full_config(source_key: tuple) -> dict:
         raw = architectures.load_config(source["arch"])
     else:
         folder = checkpoints.checkpoint_for(source)
-        raw = json.loads(open(f"{folder}/config.json").read()) if "path" in source else \
-            architectures.load_config(source["hub"])
+        raw = (
+            json.loads(open(f"{folder}/config.json").read())
+            if "path" in source
+            else architectures.load_config(source["hub"])
+        )
     return getattr(transformers, FAMILIES[raw["model_type"]].config_class).from_dict(raw).to_dict()
 
 
@@ -122,8 +134,9 @@ def _video_tokens(family_key: str, width: int, height: int, min_pixels, max_pixe
         size = dict(processor.size)
         size.update({k: v for k, v in (("shortest_edge", min_pixels), ("longest_edge", max_pixels)) if v})
         kwargs["size"] = size
-    out = processor(videos=[inputs.synthetic_video(width, height)], return_tensors="pt", do_sample_frames=False,
-                    **kwargs)
+    out = processor(
+        videos=[inputs.synthetic_video(width, height)], return_tensors="pt", do_sample_frames=False, **kwargs
+    )
     return int(out["video_grid_thw"].prod()) // family.merge_size**2
 
 
@@ -134,8 +147,13 @@ def visual_tokens_for(cell: Cell) -> tuple[int, int]:
     if cell.input == "video":
         total = _video_tokens(cell.family, cell.width, cell.height, cell.min_pixels, cell.max_pixels)
         return total, total * m2 // math.ceil(4 / family.temporal_patch_size)
-    per_image = image_tokens(cell.height, cell.width, family.factor, cell.min_pixels or family.min_pixels,
-                             cell.max_pixels or family.max_pixels)
+    per_image = image_tokens(
+        cell.height,
+        cell.width,
+        family.factor,
+        cell.min_pixels or family.min_pixels,
+        cell.max_pixels or family.max_pixels,
+    )
     count = cell.images if cell.input == "images" else 1
     return per_image * count, per_image * m2
 
@@ -157,8 +175,9 @@ class Prediction:
         return asdict(self)
 
 
-def predict(cell: Cell, *, text_tokens: int | None = None, visual_tokens: int | None = None,
-            device_kind: str | None = None) -> Prediction:
+def predict(
+    cell: Cell, *, text_tokens: int | None = None, visual_tokens: int | None = None, device_kind: str | None = None
+) -> Prediction:
     """Predicted peak memory of one cell. Measured token counts, when known, replace the estimates."""
     from .verdict import parse_budget_mib
 
@@ -184,8 +203,11 @@ def predict(cell: Cell, *, text_tokens: int | None = None, visual_tokens: int | 
             chunk = (vision["window_size"] // family.patch_size) ** 2
         vision_act += 2 * vision["num_heads"] * chunk**2 * 4
     seq = prompt + visual
-    text_inter = text["moe_intermediate_size"] * text["num_experts_per_tok"] if family.key == "qwen3_vl_moe" \
+    text_inter = (
+        text["moe_intermediate_size"] * text["num_experts_per_tok"]
+        if family.key == "qwen3_vl_moe"
         else text["intermediate_size"]
+    )
     text_act = seq * (4 * text["hidden_size"] + 3 * text_inter) * nbytes
     if cell.attn_implementation == "eager":
         text_act += 2 * text["num_attention_heads"] * seq**2 * 4
@@ -199,7 +221,11 @@ def predict(cell: Cell, *, text_tokens: int | None = None, visual_tokens: int | 
         verdict = "fits"
     else:
         verdict = "over" if peak > budget else "tight" if peak > (1 - TIGHT) * budget else "fits"
-    parts = {"weights_mib": round(weights / MIB, 1), "kv_cache_mib": round(kv / MIB, 2),
-             "vision_activations_mib": round(vision_act / MIB, 1), "text_activations_mib": round(text_act / MIB, 1),
-             "overhead_mib": round(overhead / MIB, 1)}
+    parts = {
+        "weights_mib": round(weights / MIB, 1),
+        "kv_cache_mib": round(kv / MIB, 2),
+        "vision_activations_mib": round(vision_act / MIB, 1),
+        "text_activations_mib": round(text_act / MIB, 1),
+        "overhead_mib": round(overhead / MIB, 1),
+    }
     return Prediction(cell.id, round(peak, 1), verdict, round(budget, 1) if budget else None, parts, visual, cached)

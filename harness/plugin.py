@@ -24,7 +24,7 @@ from .families import FAMILIES
 from .gpus import table
 from .progress import Progress
 from .reports import CELL_FIELDS, ResultsFile, environment, latest_records, load_results
-from .verdict import judge
+from .verdict import Verdict, judge
 from .worker import Runner, WorkerResult
 
 DEFAULT_MATRIX = "matrices/default.yaml"
@@ -68,7 +68,9 @@ class CellRun:
         if v.outcome == "skipped":
             pytest.skip(v.message)
         if v.outcome == "failed":
-            tail = f"\n--- worker stderr (tail) ---\n{self.result.stderr_tail[-1500:]}" if self.result.stderr_tail else ""
+            tail = (
+                f"\n--- worker stderr (tail) ---\n{self.result.stderr_tail[-1500:]}" if self.result.stderr_tail else ""
+            )
             raise failure_class(v.category)(f"[{v.category}] {v.message}\nremedy: {v.remedy}{tail}")
 
 
@@ -79,14 +81,26 @@ def pytest_addoption(parser):
     group.addoption("--reports", default="reports", help="reports folder; results go to <reports>/<device>/")
     group.addoption("--resume", action="store_true", help="skip cells already in <reports>/<device>/results.json")
     group.addoption("--allow-faults", action="store_true", help="honour the matrix's `faults:` section")
-    group.addoption("--emulate", default=None, metavar="KEY",
-                    help="emulate a GPU table card on this GPU: its memory size and capability rules")
-    group.addoption("--gpu-per-worker", action="store_true",
-                    help="with pytest-xdist: xdist worker N drives GPU N (CUDA_VISIBLE_DEVICES=N)")
-    group.addoption("--save-baseline", default=None, metavar="NAME",
-                    help="after the run, keep its results as baseline NAME under <reports>/baselines/")
-    group.addoption("--run-predicted-oom", action="store_true",
-                    help="run cells the memory plan predicts to exceed the card")
+    group.addoption(
+        "--emulate",
+        default=None,
+        metavar="KEY",
+        help="emulate a GPU table card on this GPU: its memory size and capability rules",
+    )
+    group.addoption(
+        "--gpu-per-worker",
+        action="store_true",
+        help="with pytest-xdist: xdist worker N drives GPU N (CUDA_VISIBLE_DEVICES=N)",
+    )
+    group.addoption(
+        "--save-baseline",
+        default=None,
+        metavar="NAME",
+        help="after the run, keep its results as baseline NAME under <reports>/baselines/",
+    )
+    group.addoption(
+        "--run-predicted-oom", action="store_true", help="run cells the memory plan predicts to exceed the card"
+    )
 
 
 def pytest_configure(config):
@@ -107,7 +121,9 @@ def pytest_configure(config):
         except UserError as err:
             raise pytest.UsageError(str(err)) from None
         xdist_controller = getattr(config.option, "dist", "no") != "no" and not session.is_xdist_worker
-        if not (config.option.collectonly or xdist_controller) and session.host.key in {c.device for c in session.prepare()}:
+        if not (config.option.collectonly or xdist_controller) and session.host.key in {
+            c.device for c in session.prepare()
+        }:
             session.start_worker()
 
 
@@ -119,7 +135,8 @@ class CompatSession:
         self.matrix_path = config.getoption("matrix") or DEFAULT_MATRIX
         suites = Path(config.rootpath, "suites").resolve()
         self.active = bool(config.getoption("matrix")) or any(
-            Path(a.split("::")[0]).resolve().is_relative_to(suites) for a in config.args)
+            Path(a.split("::")[0]).resolve().is_relative_to(suites) for a in config.args
+        )
         self.is_xdist_worker = hasattr(config, "workerinput")
         self._cells: list[Cell] | None = None
         self.host: Host | None = None
@@ -136,9 +153,12 @@ class CompatSession:
             return self._cells
         matrix = matrix_mod.load(self.matrix_path)
         if matrix.faults and not self.config.getoption("allow_faults"):
-            raise UserError("the matrix has a `faults:` section, which injects crashes and hangs on purpose.",
-                            file=self.matrix_path, key="faults",
-                            fix="pass --allow-faults to run it (harness self-tests), or remove the section.")
+            raise UserError(
+                "the matrix has a `faults:` section, which injects crashes and hangs on purpose.",
+                file=self.matrix_path,
+                key="faults",
+                fix="pass --allow-faults to run it (harness self-tests), or remove the section.",
+            )
         if self.is_xdist_worker and self.config.getoption("gpu_per_worker"):
             # Set before the host is detected; the pytest process itself never initialises CUDA.
             os.environ["CUDA_VISIBLE_DEVICES"] = self.config.workerinput["workerid"].removeprefix("gw")
@@ -152,8 +172,11 @@ class CompatSession:
         self.reports_dir = Path(self.config.getoption("reports")) / self.host.key
         self.results = ResultsFile(self.reports_dir / "results.json")
         if self.config.getoption("resume") and self.results.path.exists():
-            self.done = {k: v for k, v in latest_records(load_results(self.results.path)).items()
-                         if v["outcome"] not in ("error",)}
+            self.done = {
+                k: v
+                for k, v in latest_records(load_results(self.results.path)).items()
+                if v["outcome"] not in ("error",)
+            }
         if not self.is_xdist_worker:
             if not self.config.getoption("xmlpath", None):
                 self.reports_dir.mkdir(parents=True, exist_ok=True)
@@ -191,8 +214,11 @@ class CompatSession:
     # -- running ----------------------------------------------------------------------------------
     def _runner(self) -> Runner:
         if self.runner is None:
-            self.runner = Runner(self.reports_dir / ".reference-logits", emulate=self.config.getoption("emulate"),
-                                 run_predicted_oom=self.config.getoption("run_predicted_oom"))
+            self.runner = Runner(
+                self.reports_dir / ".reference-logits",
+                emulate=self.config.getoption("emulate"),
+                run_predicted_oom=self.config.getoption("run_predicted_oom"),
+            )
         return self.runner
 
     def start_worker(self) -> None:
@@ -215,16 +241,38 @@ class CompatSession:
         if run is None:  # skipped or errored before the worker ran it
             reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr or "")
             category = (cell.expectation.categories or [None])[0] if outcome == "skipped" else "harness"
-            record.update(outcome=outcome, category=category, message=reason.removeprefix("Skipped: ").strip(),
-                          remedy="", matched=None, duration_s=0.0, measurements={}, prediction=None,
-                          model_loaded=False, worker_started=False, exit=None, stderr_tail="", output_text=None)
+            record.update(
+                outcome=outcome,
+                category=category,
+                message=reason.removeprefix("Skipped: ").strip(),
+                remedy="",
+                matched=None,
+                duration_s=0.0,
+                measurements={},
+                prediction=None,
+                model_loaded=False,
+                worker_started=False,
+                exit=None,
+                stderr_tail="",
+                output_text=None,
+            )
         else:
             v, r = run.verdict, run.result
-            record.update(outcome=outcome, category=v.category, message=v.message, remedy=v.remedy,
-                          matched=v.matched, duration_s=round(run.duration_s, 4), measurements=r.measurements,
-                          prediction=r.prediction or None, model_loaded=r.model_loaded, worker_started=r.worker_started,
-                          exit={"returncode": r.returncode, "signal": r.signal_name} if r.died else None,
-                          stderr_tail=r.stderr_tail[-2000:] if r.died else "", output_text=r.generation.get("text"))
+            record.update(
+                outcome=outcome,
+                category=v.category,
+                message=v.message,
+                remedy=v.remedy,
+                matched=v.matched,
+                duration_s=round(run.duration_s, 4),
+                measurements=r.measurements,
+                prediction=r.prediction or None,
+                model_loaded=r.model_loaded,
+                worker_started=r.worker_started,
+                exit={"returncode": r.returncode, "signal": r.signal_name} if r.died else None,
+                stderr_tail=r.stderr_tail[-2000:] if r.died else "",
+                output_text=r.generation.get("text"),
+            )
         record["expectation"] = cell.expectation.__dict__
         return record
 
@@ -275,7 +323,9 @@ class CompatSession:
         self.stats["worker_starts"] += record["worker_started"]
         if self.progress is None:
             terminal = self.config.pluginmanager.get_plugin("terminalreporter")
-            self.progress = Progress(lambda line: _write_progress(terminal, line), color=bool(terminal and terminal.hasmarkup))
+            self.progress = Progress(
+                lambda line: _write_progress(terminal, line), color=bool(terminal and terminal.hasmarkup)
+            )
         self.progress.cell_done(record)
 
     def pytest_sessionfinish(self, session):
@@ -299,8 +349,10 @@ class CompatSession:
             return
         s = self.stats
         terminalreporter.write_sep("-", "qwen-compat")
-        terminalreporter.write_line(f"{s['cells']} cells on {self.host.key}; model loads: {s['model_loads']}; "
-                                    f"worker starts: {s['worker_starts']}")
+        terminalreporter.write_line(
+            f"{s['cells']} cells on {self.host.key}; model loads: {s['model_loads']}; "
+            f"worker starts: {s['worker_starts']}"
+        )
         terminalreporter.write_line(f"reports: {self.reports_dir}/results.json, junit.xml, summary.md, summary.html")
 
 

@@ -5,8 +5,15 @@ from __future__ import annotations
 from rich.console import Console
 from rich.markup import escape
 
-STYLES = {"passed": "green", "failed": "bold red", "error": "bold magenta", "skipped": "yellow",
-          "xfailed": "cyan", "xpassed": "bold yellow", "xpassed-strict": "bold red"}
+STYLES = {
+    "passed": "green",
+    "failed": "bold red",
+    "error": "bold magenta",
+    "skipped": "yellow",
+    "xfailed": "cyan",
+    "xpassed": "bold yellow",
+    "xpassed-strict": "bold red",
+}
 
 
 class Progress:

@@ -22,8 +22,19 @@ from .secrets import scrub
 
 SCHEMA_VERSION = 1
 CLOSING = b"\n]}\n"
-CELL_FIELDS = ["id", "model", "family", "device", "dtype", "attn_implementation", "resolution", "input",
-               "min_pixels", "max_pixels", "backend"]
+CELL_FIELDS = [
+    "id",
+    "model",
+    "family",
+    "device",
+    "dtype",
+    "attn_implementation",
+    "resolution",
+    "input",
+    "min_pixels",
+    "max_pixels",
+    "backend",
+]
 
 
 def _version(package: str) -> str:
@@ -39,14 +50,25 @@ def environment(host, matrix_file: str | None) -> dict:
     if matrix_file and Path(matrix_file).exists():
         matrix_hash = hashlib.sha256(Path(matrix_file).read_bytes()).hexdigest()
     return {
-        "device": host.key, "gpu_name": host.name, "compute_capability": host.compute_capability,
-        "gpu_memory_mib": host.memory_mib, "driver": host.driver or "absent", "cuda": host.cuda or "absent",
-        "detected_via": host.via, "emulated_on": host.emulated_on,
-        "torch": _version("torch"), "transformers": _version("transformers"),
-        "flash_attn": _version("flash-attn"), "vllm": _version("vllm"), "nvidia_ml_py": _version("nvidia-ml-py"),
-        "qwen_compat": _version("qwen-compat"), "python": platform.python_version(),
-        "platform": platform.platform(), "host": socket.gethostname(),
-        "matrix_file": matrix_file, "matrix_sha256": matrix_hash,
+        "device": host.key,
+        "gpu_name": host.name,
+        "compute_capability": host.compute_capability,
+        "gpu_memory_mib": host.memory_mib,
+        "driver": host.driver or "absent",
+        "cuda": host.cuda or "absent",
+        "detected_via": host.via,
+        "emulated_on": host.emulated_on,
+        "torch": _version("torch"),
+        "transformers": _version("transformers"),
+        "flash_attn": _version("flash-attn"),
+        "vllm": _version("vllm"),
+        "nvidia_ml_py": _version("nvidia-ml-py"),
+        "qwen_compat": _version("qwen-compat"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "host": socket.gethostname(),
+        "matrix_file": matrix_file,
+        "matrix_sha256": matrix_hash,
     }
 
 
@@ -89,9 +111,13 @@ def load_results(path: Path) -> dict:
     except json.JSONDecodeError:
         data = _salvage(text, path)
     if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
-        raise UserError(f"this is not a qwen-compat results file of schema version {SCHEMA_VERSION} "
-                        f"(found {data.get('schema_version') if isinstance(data, dict) else type(data).__name__}).",
-                        file=str(path), key="schema_version", fix="re-run the matrix with this qwen-compat version.")
+        raise UserError(
+            f"this is not a qwen-compat results file of schema version {SCHEMA_VERSION} "
+            f"(found {data.get('schema_version') if isinstance(data, dict) else type(data).__name__}).",
+            file=str(path),
+            key="schema_version",
+            fix="re-run the matrix with this qwen-compat version.",
+        )
     return data
 
 
@@ -100,8 +126,11 @@ def _salvage(text: str, path: Path) -> dict:
     try:
         head = json.loads(lines[0].rsplit(', "cells": [', 1)[0] + "}")
     except (json.JSONDecodeError, IndexError):
-        raise UserError("the results file is corrupt (its header is not JSON).", file=str(path),
-                        fix="delete it and re-run, or restore it from the run's artifacts.") from None
+        raise UserError(
+            "the results file is corrupt (its header is not JSON).",
+            file=str(path),
+            fix="delete it and re-run, or restore it from the run's artifacts.",
+        ) from None
     cells = []
     for line in lines[1:]:
         try:

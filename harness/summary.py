@@ -16,8 +16,15 @@ from pathlib import Path
 
 from .reports import latest_records, load_results
 
-COLOURS = {"passed": "#c8f7c5", "failed": "#f7c5c5", "error": "#e3b5f0", "skipped": "#eeeeee",
-           "xfailed": "#c5e3f7", "xpassed": "#fbeaa5", "xpassed-strict": "#f7c5c5"}
+COLOURS = {
+    "passed": "#c8f7c5",
+    "failed": "#f7c5c5",
+    "error": "#e3b5f0",
+    "skipped": "#eeeeee",
+    "xfailed": "#c5e3f7",
+    "xpassed": "#fbeaa5",
+    "xpassed-strict": "#f7c5c5",
+}
 
 
 def _row_key(c: dict) -> str:
@@ -57,7 +64,7 @@ def _plot(cells: list[dict], y_key: str, y_label: str, title: str) -> str | None
         return None
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
     for dtype, points in sorted(series.items()):
-        xs, ys = zip(*sorted(points))
+        xs, ys = zip(*sorted(points), strict=True)
         ax.scatter(xs, ys, label=dtype, s=18)
     ax.set_xlabel("visual tokens")
     ax.set_ylabel(y_label)
@@ -89,22 +96,30 @@ def _prediction_error(c: dict) -> str:
 def markdown(data: dict, stats: dict) -> str:
     cells = list(latest_records(data).values())
     env = data["environment"]
-    lines = [f"# qwen-compat: {env['device']} ({env['gpu_name']})", "",
-             f"torch {env['torch']}, transformers {env['transformers']}, flash-attn {env['flash_attn']}, "
-             f"vLLM {env['vllm']}, Python {env['python']}; matrix `{env['matrix_file']}`"
-             + (f"; emulated on {env['emulated_on']}" if env.get("emulated_on") else ""), "",
-             "Outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(counts(cells).items()))
-             + (f"; model loads: {stats['model_loads']}, worker starts: {stats['worker_starts']}" if stats else ""), "",
-             "| cell | outcome | category | peak MiB (source) | predicted MiB (error) | visual tokens | TTFT s | remedy |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# qwen-compat: {env['device']} ({env['gpu_name']})",
+        "",
+        f"torch {env['torch']}, transformers {env['transformers']}, flash-attn {env['flash_attn']}, "
+        f"vLLM {env['vllm']}, Python {env['python']}; matrix `{env['matrix_file']}`"
+        + (f"; emulated on {env['emulated_on']}" if env.get("emulated_on") else ""),
+        "",
+        "Outcomes: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(counts(cells).items()))
+        + (f"; model loads: {stats['model_loads']}, worker starts: {stats['worker_starts']}" if stats else ""),
+        "",
+        "| cell | outcome | category | peak MiB (source) | predicted MiB (error) | visual tokens | TTFT s | remedy |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for c in cells:
         m = c.get("measurements") or {}
         peak = f"{m['peak_memory_mib']:.0f} ({m['peak_memory_source']})" if m.get("peak_memory_mib") else ""
         predicted = (c.get("prediction") or {}).get("predicted_peak_mib")
         plan = f"{predicted:.0f} ({_prediction_error(c)})" if predicted else ""
-        lines.append(f"| {c['id']} | {c['outcome']} | {c.get('category') or ''} | {peak} | {plan} | "
-                     f"{m.get('visual_tokens', '')} | {m.get('prefill_s', '')} | "
-                     f"{(c.get('remedy') or '').replace('|', '/')} |")
+        lines.append(
+            f"| {c['id']} | {c['outcome']} | {c.get('category') or ''} | {peak} | {plan} | "
+            f"{m.get('visual_tokens', '')} | {m.get('prefill_s', '')} | "
+            f"{(c.get('remedy') or '').replace('|', '/')} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -128,29 +143,39 @@ def html_page(data: dict, stats: dict) -> str:
                 detail += f" · plan {_prediction_error(c)}"
             extra = ""
             if c["outcome"] in ("failed", "error", "xfailed", "xpassed-strict"):
-                extra = (f"<div class='cat'>{esc(c.get('category') or '')}</div>"
-                         f"<div class='remedy'>{esc(c.get('remedy') or '')}</div>")
+                extra = (
+                    f"<div class='cat'>{esc(c.get('category') or '')}</div>"
+                    f"<div class='remedy'>{esc(c.get('remedy') or '')}</div>"
+                )
             elif c["outcome"] == "skipped":
                 extra = f"<div class='remedy'>{esc(c.get('message') or '')}</div>"
-            tds.append(f"<td class='cell {c['outcome']}' id='{esc(c['id'])}' title='{esc(c['id'])}' "
-                       f"style='background:{COLOURS.get(c['outcome'], '#fff')}'>"
-                       f"<b>{c['outcome']}</b><div>{detail}</div>{extra}</td>")
+            tds.append(
+                f"<td class='cell {c['outcome']}' id='{esc(c['id'])}' title='{esc(c['id'])}' "
+                f"style='background:{COLOURS.get(c['outcome'], '#fff')}'>"
+                f"<b>{c['outcome']}</b><div>{detail}</div>{extra}</td>"
+            )
         body.append(f"<tr><th>{esc(r)}</th>{''.join(tds)}</tr>")
-    plots = [(_plot(cells, "peak_memory_mib", "peak memory (MiB)", "Peak memory vs visual tokens"), "memory"),
-             (_plot(cells, "prefill_s", "time to first token (s)", "Latency vs visual tokens"), "latency")]
-    imgs = "".join(f"<figure><img class='plot' id='plot-{name}' alt='{name} plot' src='data:image/png;base64,{png}'>"
-                   f"</figure>" for png, name in plots if png)
+    plots = [
+        (_plot(cells, "peak_memory_mib", "peak memory (MiB)", "Peak memory vs visual tokens"), "memory"),
+        (_plot(cells, "prefill_s", "time to first token (s)", "Latency vs visual tokens"), "latency"),
+    ]
+    imgs = "".join(
+        f"<figure><img class='plot' id='plot-{name}' alt='{name} plot' src='data:image/png;base64,{png}'></figure>"
+        for png, name in plots
+        if png
+    )
+    emulated = esc(" · emulated on " + env["emulated_on"]) if env.get("emulated_on") else ""
     summary = ", ".join(f"{k} {v}" for k, v in sorted(counts(cells).items()))
     loads = f"; model loads: {stats['model_loads']}, worker starts: {stats['worker_starts']}" if stats else ""
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>qwen-compat {esc(env['device'])}</title>
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>qwen-compat {esc(env["device"])}</title>
 <style>body{{font-family:sans-serif;margin:1.5em}}table{{border-collapse:collapse;font-size:12px}}
 td,th{{border:1px solid #bbb;padding:4px;vertical-align:top}}td.cell{{min-width:9em}}
 .cat{{font-weight:bold;color:#900}}.remedy{{font-size:11px;color:#333}}figure{{display:inline-block}}</style></head>
-<body><h1>qwen-compat: {esc(env['device'])} ({esc(env['gpu_name'])})</h1>
-<p>torch {esc(env['torch'])}, transformers {esc(env['transformers'])}, flash-attn {esc(env['flash_attn'])},
-vLLM {esc(env['vllm'])}; matrix {esc(str(env['matrix_file']))}{esc(' · emulated on ' + env['emulated_on']) if env.get('emulated_on') else ''}</p>
+<body><h1>qwen-compat: {esc(env["device"])} ({esc(env["gpu_name"])})</h1>
+<p>torch {esc(env["torch"])}, transformers {esc(env["transformers"])}, flash-attn {esc(env["flash_attn"])},
+vLLM {esc(env["vllm"])}; matrix {esc(str(env["matrix_file"]))}{emulated}</p>
 <p id="counts">{esc(summary)}{esc(loads)}</p>
-<table id="grid"><tr><th></th>{head}</tr>{''.join(body)}</table>
+<table id="grid"><tr><th></th>{head}</tr>{"".join(body)}</table>
 <div id="plots">{imgs}</div></body></html>"""
 
 

@@ -48,16 +48,24 @@ def is_degenerate(new_token_ids: list[int]) -> bool:
 
 
 def _numerical(message: str) -> Verdict:
-    return Verdict("failed", "numerical", message,
-                   "run this cell in float32 to confirm; on V100/T4 prefer float32 for the vision tower or "
-                   "bfloat16 on sm80+ cards; check for fp16 overflow (values beyond 65504)")
+    return Verdict(
+        "failed",
+        "numerical",
+        message,
+        "run this cell in float32 to confirm; on V100/T4 prefer float32 for the vision tower or "
+        "bfloat16 on sm80+ cards; check for fp16 overflow (values beyond 65504)",
+    )
 
 
 def judge(cell: Cell, result: WorkerResult) -> Verdict:
     """The verdict for one cell."""
     if result.skipped:
-        return Verdict("skipped", "predicted-oom", result.skipped, "run it on a larger card, lower max_pixels, or "
-                       "pass --run-predicted-oom to find out")
+        return Verdict(
+            "skipped",
+            "predicted-oom",
+            result.skipped,
+            "run it on a larger card, lower max_pixels, or pass --run-predicted-oom to find out",
+        )
     if not result.ok:
         text = "\n".join(t for t in (result.error_message, result.traceback) if t)
         if result.error_type in HARNESS_ERRORS:
@@ -71,23 +79,33 @@ def judge(cell: Cell, result: WorkerResult) -> Verdict:
     if gen["nonfinite_steps"]:
         return _numerical(f"NaN or inf in the logits at decoding steps {gen['nonfinite_steps']}")
     if cell.degenerate_check and is_degenerate(gen["new_token_ids"]):
-        return _numerical(f"degenerate output: all {len(gen['new_token_ids'])} new tokens are token "
-                          f"{gen['new_token_ids'][0]}")
+        return _numerical(
+            f"degenerate output: all {len(gen['new_token_ids'])} new tokens are token {gen['new_token_ids'][0]}"
+        )
     if m.get("drift_reference"):
         if m.get("drift_max_abs_diff") is not None and m["drift_max_abs_diff"] > cell.drift_max_abs_diff:
-            return _numerical(f"first-step logits drift from float32 by {m['drift_max_abs_diff']:.3g} "
-                              f"(bound {cell.drift_max_abs_diff:g}, reference {m['drift_reference']})")
+            return _numerical(
+                f"first-step logits drift from float32 by {m['drift_max_abs_diff']:.3g} "
+                f"(bound {cell.drift_max_abs_diff:g}, reference {m['drift_reference']})"
+            )
         if cell.drift_top1 and not m.get("drift_top1_agree", True):
             return _numerical(f"first token differs from float32 (reference {m['drift_reference']})")
     answer = cell.expectation.answer
     if answer and not re.search(answer, gen["text"], re.IGNORECASE):
-        return Verdict("failed", "wrong-answer", f"answer {gen['text']!r} does not match /{answer}/",
-                       "check the prompt and image; a real checkpoint should answer this correctly")
+        return Verdict(
+            "failed",
+            "wrong-answer",
+            f"answer {gen['text']!r} does not match /{answer}/",
+            "check the prompt and image; a real checkpoint should answer this correctly",
+        )
     if cell.budget:
         budget = parse_budget_mib(cell.budget, cell.device)
         if m["peak_memory_mib"] > budget:
-            return Verdict("failed", "over-budget",
-                           f"peak memory {m['peak_memory_mib']:.0f} MiB ({m['peak_memory_source']}) is over the "
-                           f"budget of {budget:.0f} MiB ({cell.budget})",
-                           "lower max_pixels or the resolution, use sdpa, or raise the budget in the matrix")
+            return Verdict(
+                "failed",
+                "over-budget",
+                f"peak memory {m['peak_memory_mib']:.0f} MiB ({m['peak_memory_source']}) is over the "
+                f"budget of {budget:.0f} MiB ({cell.budget})",
+                "lower max_pixels or the resolution, use sdpa, or raise the budget in the matrix",
+            )
     return Verdict("passed")

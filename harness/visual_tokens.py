@@ -15,7 +15,9 @@ MAX_ASPECT_RATIO = 200
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
     """The (height, width) the processor resizes an image to."""
     if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
-        raise ValueError(f"aspect ratio must be below {MAX_ASPECT_RATIO}, got {max(height, width) / min(height, width)}")
+        raise ValueError(
+            f"aspect ratio must be below {MAX_ASPECT_RATIO}, got {max(height, width) / min(height, width)}"
+        )
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
     if h_bar * w_bar > max_pixels:
@@ -33,4 +35,3 @@ def image_tokens(height: int, width: int, factor: int, min_pixels: int, max_pixe
     """Visual tokens one image costs after merging."""
     h, w = smart_resize(height, width, factor, min_pixels, max_pixels)
     return (h // factor) * (w // factor)
-

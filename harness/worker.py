@@ -57,8 +57,9 @@ class WorkerResult:
 class Runner:
     """Drives one worker process over a run; counts model loads and worker starts."""
 
-    def __init__(self, reference_dir: Path, env: dict | None = None, emulate: str | None = None,
-                 run_predicted_oom: bool = False):
+    def __init__(
+        self, reference_dir: Path, env: dict | None = None, emulate: str | None = None, run_predicted_oom: bool = False
+    ):
         self.reference_dir = Path(reference_dir)
         self.env = {**os.environ, **(env or {})}
         self.emulate = emulate
@@ -67,6 +68,7 @@ class Runner:
         self.starts = 0
         self._proc: subprocess.Popen | None = None
         self._ready = False
+        self.start_error: str | None = None
         self._stderr = None
 
     # -- process management -------------------------------------------------------------------
@@ -77,21 +79,30 @@ class Runner:
 
     def _spawn(self) -> None:
         self._stderr = tempfile.TemporaryFile(mode="w+b")
-        self._proc = subprocess.Popen([sys.executable, "-m", "harness.worker"], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, stderr=self._stderr, env=self.env)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "harness.worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            env=self.env,
+        )
         self.starts += 1
         self._ready = False
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._proc.stdout, selectors.EVENT_READ)
 
     def _await_ready(self) -> None:
-        if self._ready:
-            return
         ready = self._read(STARTUP_TIMEOUT_S)
         if not ready or ready.get("event") != "ready":
-            tail = self._stderr_tail()
+            from .failures import classify
+
+            tail = scrub(self._stderr_tail())
             self._kill()
-            raise RuntimeError(f"the qwen-compat worker did not start: {tail or 'no output'}")
+            found = classify(tail)
+            last = tail.strip().splitlines()[-1] if tail.strip() else "no output"
+            # Every later cell would fail the same way: say it once, quickly, for each of them.
+            self.start_error = f"the qwen-compat worker did not start ({found.category}): {last}. Fix: {found.remedy}"
+            raise RuntimeError(self.start_error)
         self._ready = True
 
     def _kill(self) -> None:
@@ -136,14 +147,23 @@ class Runner:
 
     # -- running cells --------------------------------------------------------------------------
     def run(self, cell: Cell) -> WorkerResult:
+        if self.start_error:
+            raise RuntimeError(self.start_error)
         started = loaded = False
         if self._proc is None or self._proc.poll() is not None:
             self._spawn()
         if not self._ready:
             self._await_ready()
             started = True
-        self._send({"op": "run", "cell": cell.to_dict(), "reference_dir": str(self.reference_dir),
-                    "emulate": self.emulate, "run_predicted_oom": self.run_predicted_oom})
+        self._send(
+            {
+                "op": "run",
+                "cell": cell.to_dict(),
+                "reference_dir": str(self.reference_dir),
+                "emulate": self.emulate,
+                "run_predicted_oom": self.run_predicted_oom,
+            }
+        )
         deadline_s = cell.timeout_s
         while True:
             message = self._read(deadline_s)
@@ -169,15 +189,23 @@ class Runner:
         tail = scrub(self._stderr_tail())
         self._kill()
         if alive:
-            return WorkerResult(timed_out=True, returncode=code, stderr_tail=tail,
-                                error_message=f"cell exceeded its timeout of {cell.timeout_s:g} s; the worker was killed")
+            return WorkerResult(
+                timed_out=True,
+                returncode=code,
+                stderr_tail=tail,
+                error_message=f"cell exceeded its timeout of {cell.timeout_s:g} s; the worker was killed",
+            )
         name = signal.Signals(-code).name if code < 0 else None
-        message = (f"worker was killed by signal {-code} ({name}) while running the cell" if name
-                   else f"worker exited with code {code} while running the cell")
+        message = (
+            f"worker was killed by signal {-code} ({name}) while running the cell"
+            if name
+            else f"worker exited with code {code} while running the cell"
+        )
         return WorkerResult(returncode=code, signal_name=name, stderr_tail=tail, error_message=message)
 
 
 # --- child side ------------------------------------------------------------------------------------
+
 
 def _fault_action(fault, model):
     """A callable that injects the matrix's fault inside inference, as a real failure would."""
@@ -238,8 +266,12 @@ class _Worker:
             return 0.0
         self.release()
         t0 = time.perf_counter()
-        self.processor, self.model = inference.load(checkpoint_for(cell.source), dtype=cell.dtype,
-                                                    attn_implementation=cell.attn_implementation, device=self.device())
+        self.processor, self.model = inference.load(
+            checkpoint_for(cell.source),
+            dtype=cell.dtype,
+            attn_implementation=cell.attn_implementation,
+            device=self.device(),
+        )
         self.group = cell.group
         self.emit({"event": "loaded", "group": cell.group})
         return time.perf_counter() - t0
@@ -266,29 +298,58 @@ class _Worker:
 
             apply_memory_cap(emulate)
         kind = self.device()
+        if cell.device != "cpu" and kind == "cpu":
+            from .errors import UserError
+
+            raise UserError(
+                f"cell targets {cell.device}, but torch sees no CUDA GPU on this host.",
+                key="--device",
+                fix="run with --device auto, or on the card the cell targets.",
+            )
         before = plan.predict(cell, device_kind=kind)
         card = self.card_mib(emulate)
         if card and before.predicted_peak_mib > card and not run_predicted_oom:
             p = before.parts
-            return {"ok": False, "prediction": before.to_dict(), "skipped":
-                    f"predicted peak {before.predicted_peak_mib:.0f} MiB exceeds the card's {card:.0f} MiB (weights "
-                    f"{p['weights_mib']:.0f}, KV cache {p['kv_cache_mib']:.0f}, vision activations "
-                    f"{p['vision_activations_mib']:.0f}, overhead {p['overhead_mib']:.0f} MiB); "
-                    f"--run-predicted-oom runs it anyway"}
+            return {
+                "ok": False,
+                "prediction": before.to_dict(),
+                "skipped": f"predicted peak {before.predicted_peak_mib:.0f} MiB exceeds the card's {card:.0f} MiB "
+                f"(weights {p['weights_mib']:.0f}, KV cache {p['kv_cache_mib']:.0f}, vision activations "
+                f"{p['vision_activations_mib']:.0f}, overhead {p['overhead_mib']:.0f} MiB); "
+                f"--run-predicted-oom runs it anyway",
+            }
         load_s = self.ensure_loaded(cell)
-        spec = inference.CellInput(kind=cell.input, width=cell.width, height=cell.height, count=cell.images,
-                                   min_pixels=cell.min_pixels, max_pixels=cell.max_pixels, prompt=cell.prompt)
+        spec = inference.CellInput(
+            kind=cell.input,
+            width=cell.width,
+            height=cell.height,
+            count=cell.images,
+            min_pixels=cell.min_pixels,
+            max_pixels=cell.max_pixels,
+            prompt=cell.prompt,
+        )
         with MemoryTracker(self.device()) as tracker:
-            gen = inference.run(self.processor, self.model, spec, max_new_tokens=cell.max_new_tokens,
-                                fault=_fault_action(cell.fault, self.model))
-        measurements = {**tracker.result, "visual_tokens": gen.visual_tokens, "input_tokens": gen.input_tokens,
-                        "load_s": round(load_s, 4), "preprocess_s": round(gen.preprocess_s, 4),
-                        "prefill_s": round(gen.prefill_s, 4),
-                        "decode_tokens_per_s": round(gen.decode_tokens_per_s, 2) if gen.decode_tokens_per_s else None,
-                        **drift(cell, gen.first_logits, reference_dir)}
+            gen = inference.run(
+                self.processor,
+                self.model,
+                spec,
+                max_new_tokens=cell.max_new_tokens,
+                fault=_fault_action(cell.fault, self.model),
+            )
+        measurements = {
+            **tracker.result,
+            "visual_tokens": gen.visual_tokens,
+            "input_tokens": gen.input_tokens,
+            "load_s": round(load_s, 4),
+            "preprocess_s": round(gen.preprocess_s, 4),
+            "prefill_s": round(gen.prefill_s, 4),
+            "decode_tokens_per_s": round(gen.decode_tokens_per_s, 2) if gen.decode_tokens_per_s else None,
+            **drift(cell, gen.first_logits, reference_dir),
+        }
         generation = {"new_token_ids": gen.new_token_ids, "text": gen.text, "nonfinite_steps": gen.nonfinite_steps}
-        after = plan.predict(cell, text_tokens=gen.input_tokens - gen.visual_tokens, visual_tokens=gen.visual_tokens,
-                             device_kind=kind)
+        after = plan.predict(
+            cell, text_tokens=gen.input_tokens - gen.visual_tokens, visual_tokens=gen.visual_tokens, device_kind=kind
+        )
         return {"ok": True, "generation": generation, "measurements": measurements, "prediction": after.to_dict()}
 
 
@@ -328,11 +389,16 @@ def main() -> None:
             break
         cell = Cell.from_dict(request["cell"])
         try:
-            reply = worker.run(cell, Path(request["reference_dir"]), request.get("emulate"),
-                               request.get("run_predicted_oom", False))
+            reply = worker.run(
+                cell, Path(request["reference_dir"]), request.get("emulate"), request.get("run_predicted_oom", False)
+            )
         except BaseException as exc:  # every failure of a cell is data for the verdict
-            reply = {"ok": False, "error_type": type(exc).__name__, "error_message": str(exc),
-                     "traceback": traceback.format_exc()[-STDERR_TAIL_CHARS:]}
+            reply = {
+                "ok": False,
+                "error_type": type(exc).__name__,
+                "error_message": str(exc),
+                "traceback": traceback.format_exc()[-STDERR_TAIL_CHARS:],
+            }
         worker.emit(reply)
 
 

@@ -44,7 +44,8 @@ def test_true_size_loads_through_from_pretrained_without_allocating_weights():
     _, model = inference.load(str(folder), dtype="bfloat16", attn_implementation="sdpa", device="meta")
     assert {p.device.type for p in model.parameters()} == {"meta"}
     assert sum(p.numel() for p in model.parameters()) == architectures.count_parameters(
-        architectures.load_config("Qwen2-VL-2B-Instruct"))
+        architectures.load_config("Qwen2-VL-2B-Instruct")
+    )
 
 
 def test_architecture_checkpoint_is_loadable_config_without_weights():

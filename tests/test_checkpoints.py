@@ -20,8 +20,9 @@ def loaded():
     def get(family, dtype, attn):
         key = (family, dtype, attn)
         if key not in cache:
-            cache[key] = inference.load(str(checkpoints.tiny_checkpoint(family)), dtype=dtype,
-                                        attn_implementation=attn, device="cpu")
+            cache[key] = inference.load(
+                str(checkpoints.tiny_checkpoint(family)), dtype=dtype, attn_implementation=attn, device="cpu"
+            )
         return cache[key]
 
     return get
@@ -49,8 +50,12 @@ def test_special_tokens_agree_with_config(family):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder)
-    for token, key in [("<|image_pad|>", "image_token_id"), ("<|video_pad|>", "video_token_id"),
-                       ("<|vision_start|>", "vision_start_token_id"), ("<|vision_end|>", "vision_end_token_id")]:
+    for token, key in [
+        ("<|image_pad|>", "image_token_id"),
+        ("<|video_pad|>", "video_token_id"),
+        ("<|vision_start|>", "vision_start_token_id"),
+        ("<|vision_end|>", "vision_end_token_id"),
+    ]:
         assert tok.convert_tokens_to_ids(token) == config[key]
     for token in ("<|im_start|>", "<|im_end|>"):
         assert len(tok.encode(token, add_special_tokens=False)) == 1
@@ -116,8 +121,12 @@ def test_two_processes_building_at_once_agree(tmp_path):
 
 def test_flash_attention_without_the_package_is_one_clear_paragraph():
     with pytest.raises(UserError) as err:
-        inference.load(str(checkpoints.tiny_checkpoint("qwen2_vl")), dtype="float32",
-                       attn_implementation="flash_attention_2", device="cpu")
+        inference.load(
+            str(checkpoints.tiny_checkpoint("qwen2_vl")),
+            dtype="float32",
+            attn_implementation="flash_attention_2",
+            device="cpu",
+        )
     text = str(err.value)
     assert "flash-attn" in text and "sdpa" in text and "eager" in text
     assert "\n" not in text

@@ -30,9 +30,28 @@ def real_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("run")
     (folder / "matrix.yaml").write_text(THREE_CELLS)
     shutil.copy(REPO / "suites" / "test_inference.py", folder / "test_suite.py")
-    done = subprocess.run([sys.executable, "-m", "pytest", "test_suite.py", "-p", "no:cacheprovider", "--rootdir", ".",
-                           "--matrix", "matrix.yaml", "--reports", "reports", "--save-baseline", "first"],
-                          cwd=folder, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "test_suite.py",
+            "-p",
+            "no:cacheprovider",
+            "--rootdir",
+            ".",
+            "--matrix",
+            "matrix.yaml",
+            "--reports",
+            "reports",
+            "--save-baseline",
+            "first",
+        ],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-2000:]
     assert (folder / "reports" / "baselines" / "first" / "cpu" / "results.json").exists()
     return folder / "reports"
@@ -82,7 +101,9 @@ def test_a_pass_turned_fail_is_a_regression(runs, capsys):
 
 def test_memory_up_20_percent_is_a_regression(runs, capsys):
     base, cur, edit = runs
-    edit(lambda cells: cells[0]["measurements"].update(peak_memory_mib=cells[0]["measurements"]["peak_memory_mib"] * 1.2))
+    edit(
+        lambda cells: cells[0]["measurements"].update(peak_memory_mib=cells[0]["measurements"]["peak_memory_mib"] * 1.2)
+    )
     code, out = gate(base, cur, capsys)
     assert code == 1 and "peak memory up beyond 5%" in out and "+20.0%" in out
     code, _ = gate(base, cur, capsys, "--memory-tolerance", "25%")
@@ -160,23 +181,40 @@ def test_fleet_view_merges_runners(runs, tmp_path, capsys):
 def test_workflow_is_a_valid_github_workflow(tmp_path):
     checker = Path(sys.executable).parent / "check-jsonschema"
     workflow = REPO / ".github" / "workflows" / "nightly.yml"
-    ok = subprocess.run([checker, "--builtin-schema", "vendor.github-workflows", workflow], capture_output=True, text=True)
+    ok = subprocess.run(
+        [checker, "--builtin-schema", "vendor.github-workflows", workflow], capture_output=True, text=True
+    )
     assert ok.returncode == 0, ok.stdout + ok.stderr
     broken = tmp_path / "broken.yml"
     broken.write_text(workflow.read_text().replace("runs-on: ubuntu-latest", "runs_on: ubuntu-latest"))
-    bad = subprocess.run([checker, "--builtin-schema", "vendor.github-workflows", broken], capture_output=True, text=True)
+    bad = subprocess.run(
+        [checker, "--builtin-schema", "vendor.github-workflows", broken], capture_output=True, text=True
+    )
     assert bad.returncode != 0  # the check is real: a misspelt key fails it
 
 
 def test_xdist_gives_the_same_results_as_a_serial_run(tmp_path):
     """`pytest -n 2` on (a slice of) the default matrix: same cells, same outcomes, same token counts."""
     shutil.copy(REPO / "suites" / "test_inference.py", tmp_path / "test_suite.py")
-    common = [sys.executable, "-m", "pytest", "test_suite.py", "-p", "no:cacheprovider", "--rootdir", ".",
-              "--matrix", str(REPO / "matrices" / "default.yaml"), "-k", "qwen3-vl-moe and 448x448"]
+    common = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "test_suite.py",
+        "-p",
+        "no:cacheprovider",
+        "--rootdir",
+        ".",
+        "--matrix",
+        str(REPO / "matrices" / "default.yaml"),
+        "-k",
+        "qwen3-vl-moe and 448x448",
+    ]
     results = {}
     for name, extra in (("serial", []), ("xdist", ["-n", "2", "--dist", "loadgroup"])):
-        done = subprocess.run([*common, "--reports", name, *extra], cwd=tmp_path, capture_output=True, text=True,
-                              timeout=600)
+        done = subprocess.run(
+            [*common, "--reports", name, *extra], cwd=tmp_path, capture_output=True, text=True, timeout=600
+        )
         assert done.returncode == 0, done.stdout[-2000:]
         cells = load_results(tmp_path / name / "cpu" / "results.json")["cells"]
         results[name] = {(c["id"], c["outcome"], c["measurements"]["visual_tokens"]) for c in cells}

@@ -47,3 +47,23 @@ def test_faults_are_refused_without_the_flag(suite, matrix_file):
     result = suite.runpytest("--matrix", str(matrix_file(FIVE_CELLS)), "--collect-only")
     assert result.ret != 0
     assert "--allow-faults" in result.stdout.str() + result.stderr.str()
+
+
+def test_a_worker_that_cannot_import_torch_says_what_to_install(tmp_path):
+    import pytest
+
+    from harness.cells import expand
+    from harness.matrix import Matrix
+    from harness.worker import Runner
+
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "torch.py").write_text("raise ModuleNotFoundError(\"No module named 'torch'\")\n")
+    cell = expand(Matrix.model_validate({"models": [{"tiny": "qwen2_vl"}]}), "m.yaml")[0]
+    runner = Runner(tmp_path / "refs", env={"PYTHONPATH": str(shadow)})
+    for _ in range(2):  # the second cell gets the same answer at once, without another start
+        with pytest.raises(RuntimeError) as err:
+            runner.run(cell)
+        assert "missing-package" in str(err.value) and "pip install -e '.[torch]'" in str(err.value)
+    assert runner.starts == 1
+    runner.close()

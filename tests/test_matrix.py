@@ -53,7 +53,9 @@ def test_pixel_budget_accepts_qwen_style_products():
 
 
 def test_exclude_and_expect_rules_apply():
-    text = GOOD + """
+    text = (
+        GOOD
+        + """
 exclude:
   - when: {dtype: bfloat16}
 expect:
@@ -62,6 +64,7 @@ expect:
     category: numerical
     reason: known
 """
+    )
     m = matrix.Matrix.model_validate(yaml.safe_load(text))
     out = cells.expand(m, "m.yaml")
     assert [c.dtype for c in out] == ["float32"]
@@ -72,7 +75,7 @@ def test_run_order_groups_cells_that_share_a_model():
     m = matrix.load(REPO / "matrices" / "default.yaml")
     ordered = cells.run_order([c for c in cells.expand(m, "d") if c.device == "cpu"])
     groups = [c.group for c in ordered]
-    changes = sum(1 for a, b in zip(groups, groups[1:]) if a != b)
+    changes = sum(1 for a, b in zip(groups, groups[1:], strict=False) if a != b)
     assert changes == len(set(groups)) - 1  # each group is contiguous: one load per group
     assert ordered[0].dtype == "float32"
 
@@ -86,10 +89,14 @@ BAD = {
     "wrong-type": (GOOD + "defaults:\n  max_new_tokens: many\n", ["defaults.max_new_tokens", "line 9", "'many'"]),
     "unknown-device": (GOOD.replace("[cpu]", "[V100]"), ["unknown device 'V100'", "did you mean 'v100'", "line 4"]),
     "unknown-family": (GOOD.replace("qwen2_vl", "qwen9_vl"), ["unknown tiny family 'qwen9_vl'", "line 3"]),
-    "unknown-model": (GOOD.replace("tiny: qwen2_vl", "arch: Qwen2-VL-7B-Instruk"),
-                      ["unknown architecture 'Qwen2-VL-7B-Instruk'", "did you mean 'Qwen2-VL-7B-Instruct'"]),
-    "selector-no-axis": (GOOD + "expect:\n  - when: {dtpye: float32}\n    outcome: skip\n",
-                         ["names no axis: 'dtpye'", "did you mean 'dtype'", "line 9"]),
+    "unknown-model": (
+        GOOD.replace("tiny: qwen2_vl", "arch: Qwen2-VL-7B-Instruk"),
+        ["unknown architecture 'Qwen2-VL-7B-Instruk'", "did you mean 'Qwen2-VL-7B-Instruct'"],
+    ),
+    "selector-no-axis": (
+        GOOD + "expect:\n  - when: {dtpye: float32}\n    outcome: skip\n",
+        ["names no axis: 'dtpye'", "did you mean 'dtype'", "line 9"],
+    ),
     "zero-cells": (GOOD + "exclude:\n  - when: {model: tiny-qwen2-vl}\n", ["zero cells", "key 'exclude'"]),
     "faults-without-flag": (GOOD + "faults:\n  - when: {dtype: float32}\n    inject: hang\n", ["--allow-faults"]),
 }
@@ -143,10 +150,20 @@ def test_hub_model_without_a_recognisable_family_asks_for_one(tmp_path):
 
 # --- markers and devices -----------------------------------------------------------------------
 
+
 def test_dash_m_v100_collects_only_v100_cells(pytester):
     pytester.makepyfile(test_s="def test_cell(cell):\n    pass\n")
-    result = pytester.runpytest("--matrix", str(REPO / "matrices" / "nightly.yaml"), "--device", "v100",
-                                "-m", "v100", "--collect-only", "-q", "--strict-markers")
+    result = pytester.runpytest(
+        "--matrix",
+        str(REPO / "matrices" / "nightly.yaml"),
+        "--device",
+        "v100",
+        "-m",
+        "v100",
+        "--collect-only",
+        "-q",
+        "--strict-markers",
+    )
     ids = [line for line in result.stdout.lines if "::test_cell[" in line]
     assert ids and all("-v100-" in line for line in ids)
     assert not any("-v100-16gb-" in line or "-t4-" in line for line in ids)
@@ -154,8 +171,19 @@ def test_dash_m_v100_collects_only_v100_cells(pytester):
 
 def test_cells_for_another_device_are_skipped_with_the_host(pytester):
     pytester.makepyfile(test_s="def test_cell(cell):\n    pass\n")
-    result = pytester.runpytest("--matrix", str(REPO / "matrices" / "nightly.yaml"), "--device", "cpu",
-                                "-m", "v100 and float16", "-k", "sdpa", "-rs", "--reports", str(pytester.path / "r"))
+    result = pytester.runpytest(
+        "--matrix",
+        str(REPO / "matrices" / "nightly.yaml"),
+        "--device",
+        "cpu",
+        "-m",
+        "v100 and float16",
+        "-k",
+        "sdpa",
+        "-rs",
+        "--reports",
+        str(pytester.path / "r"),
+    )
     outcomes = result.parseoutcomes()
     assert outcomes["skipped"] > 0 and "passed" not in outcomes and "failed" not in outcomes
     assert "this host is cpu; cell targets v100" in result.stdout.str()
@@ -163,7 +191,16 @@ def test_cells_for_another_device_are_skipped_with_the_host(pytester):
 
 def test_all_markers_are_registered(pytester):
     pytester.makepyfile(test_s="def test_cell(cell):\n    pass\n")
-    result = pytester.runpytest("--matrix", str(REPO / "matrices" / "default.yaml"), "--device", "cpu",
-                                "--collect-only", "-q", "--strict-markers", "-m", "qwen3_vl_moe and bfloat16 and cpu")
+    result = pytester.runpytest(
+        "--matrix",
+        str(REPO / "matrices" / "default.yaml"),
+        "--device",
+        "cpu",
+        "--collect-only",
+        "-q",
+        "--strict-markers",
+        "-m",
+        "qwen3_vl_moe and bfloat16 and cpu",
+    )
     assert result.ret == 0
     assert all("tiny-qwen3-vl-moe-cpu-bfloat16" in line for line in result.stdout.lines if "::" in line)

@@ -17,11 +17,29 @@ MIB = 2**20
 
 
 def make_cell(family: str, **axes) -> Cell:
-    values = dict(id=f"tiny-{family}", model=f"tiny-{family}", family=family, source={"tiny": family, "variant": "default"},
-                  device="cpu", dtype="float32", attn_implementation="sdpa", resolution="448x448", input="image",
-                  min_pixels=None, max_pixels=None, backend="transformers", extra={}, budget=None,
-                  prompt="Describe this image.", max_new_tokens=4, timeout_s=60, images=2, drift_max_abs_diff=5.0,
-                  drift_top1=True, degenerate_check=True)
+    values = dict(
+        id=f"tiny-{family}",
+        model=f"tiny-{family}",
+        family=family,
+        source={"tiny": family, "variant": "default"},
+        device="cpu",
+        dtype="float32",
+        attn_implementation="sdpa",
+        resolution="448x448",
+        input="image",
+        min_pixels=None,
+        max_pixels=None,
+        backend="transformers",
+        extra={},
+        budget=None,
+        prompt="Describe this image.",
+        max_new_tokens=4,
+        timeout_s=60,
+        images=2,
+        drift_max_abs_diff=5.0,
+        drift_top1=True,
+        degenerate_check=True,
+    )
     return Cell(**{**values, **axes})
 
 
@@ -38,8 +56,9 @@ def test_parameter_arithmetic_equals_the_instantiated_model(name):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_planned_weights_and_kv_equal_what_the_tiny_model_allocates(family, dtype):
     cell = make_cell(family, dtype=dtype)
-    processor, model = inference.load(str(checkpoints.tiny_checkpoint(family)), dtype=dtype,
-                                      attn_implementation="sdpa", device="cpu")
+    processor, model = inference.load(
+        str(checkpoints.tiny_checkpoint(family)), dtype=dtype, attn_implementation="sdpa", device="cpu"
+    )
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     spec = inference.CellInput(kind="image", width=448, height=448, prompt=cell.prompt)
     gen = inference.run(processor, model, spec, max_new_tokens=cell.max_new_tokens)
@@ -47,8 +66,13 @@ def test_planned_weights_and_kv_equal_what_the_tiny_model_allocates(family, dtyp
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     batch = processor(text=[text], images=[inputs.synthetic_image(448, 448)], return_tensors="pt")
     with torch.inference_mode():
-        out = model.generate(**batch, max_new_tokens=cell.max_new_tokens, min_new_tokens=cell.max_new_tokens,
-                             do_sample=False, return_dict_in_generate=True)
+        out = model.generate(
+            **batch,
+            max_new_tokens=cell.max_new_tokens,
+            min_new_tokens=cell.max_new_tokens,
+            do_sample=False,
+            return_dict_in_generate=True,
+        )
     cache = out.past_key_values
     kv_bytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     predicted = plan.predict(cell, text_tokens=gen.input_tokens - gen.visual_tokens, visual_tokens=gen.visual_tokens)
@@ -67,8 +91,13 @@ def test_eager_attention_costs_more_than_sdpa_and_grows_quadratically():
 
 
 def test_plan_nightly_on_v100_json():
-    done = subprocess.run([sys.executable, "-m", "harness.cli", "plan", "matrices/nightly.yaml", "--device", "v100",
-                           "--json"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "harness.cli", "plan", "matrices/nightly.yaml", "--device", "v100", "--json"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     rows = {r["id"]: r for r in json.loads(done.stdout)}
     assert rows and all(r["id"].split("-")[3] == "v100" or "-v100-" in r["id"] for r in rows.values())
@@ -82,8 +111,13 @@ def test_plan_nightly_on_v100_json():
 
 
 def test_seed_article_prints_claims_beside_predictions():
-    done = subprocess.run([sys.executable, "-m", "harness.cli", "plan", "matrices/seed-article.yaml", "--device",
-                           "a100", "--json"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "harness.cli", "plan", "matrices/seed-article.yaml", "--device", "a100", "--json"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     rows = json.loads(done.stdout)
     claims = {r["id"]: r["claim"]["peak_gb"] for r in rows if "claim" in r}
     assert sorted(claims.values()) == [18.3, 19.5, 28.7, 31.2]
@@ -92,8 +126,13 @@ def test_seed_article_prints_claims_beside_predictions():
 
 
 def test_doctor_runs_on_a_host_without_gpu():
-    done = subprocess.run([sys.executable, "-m", "harness.cli", "doctor", "matrices/default.yaml"], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "harness.cli", "doctor", "matrices/default.yaml"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0 and "Traceback" not in done.stderr
     for needle in ("native bf16", "transformers", "flash-attn", "vLLM", "cells here:"):
         assert needle in done.stdout
@@ -101,9 +140,22 @@ def test_doctor_runs_on_a_host_without_gpu():
 
 def test_emulation_applies_the_card_and_says_where(pytester):
     pytester.makepyfile(test_s="def test_cell(cell):\n    pass\n")
-    result = pytester.runpytest("--matrix", str(REPO / "matrices" / "nightly.yaml"), "--device", "h100",
-                                "--emulate", "rtx4090", "-m", "rtx4090", "-k", "448x448-video", "--collect-only",
-                                "-q", "--reports", "r")
+    result = pytester.runpytest(
+        "--matrix",
+        str(REPO / "matrices" / "nightly.yaml"),
+        "--device",
+        "h100",
+        "--emulate",
+        "rtx4090",
+        "-m",
+        "rtx4090",
+        "-k",
+        "448x448-video",
+        "--collect-only",
+        "-q",
+        "--reports",
+        "r",
+    )
     assert result.ret == 0
     env = json.loads((pytester.path / "r" / "rtx4090" / "results.json").read_text())["environment"]
     assert env["device"] == "rtx4090" and env["emulated_on"] == "NVIDIA H100 80GB"

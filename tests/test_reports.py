@@ -1,7 +1,6 @@
 """Reports: JUnit + results.json per device, written per finished cell, resumable, free of secrets."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -21,8 +20,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_default_matrix_cells_report_memory_and_visual_tokens(suite):
     """README command (1), narrowed to one family and one dtype/attention group to keep it quick."""
-    result = suite.runpytest("--matrix", str(REPO / "matrices" / "default.yaml"), "--reports", "reports",
-                             "-k", "tiny-qwen2-vl-cpu-float32-sdpa")
+    result = suite.runpytest(
+        "--matrix",
+        str(REPO / "matrices" / "default.yaml"),
+        "--reports",
+        "reports",
+        "-k",
+        "tiny-qwen2-vl-cpu-float32-sdpa",
+    )
     result.assert_outcomes(passed=8)
     reports = suite.path / "reports" / "cpu"
     cells = load_results(reports / "results.json")["cells"]
@@ -37,10 +42,14 @@ def test_default_matrix_cells_report_memory_and_visual_tokens(suite):
         if cell["input"] == "image":
             w, h = map(int, cell["resolution"].split("x"))
             assert m["visual_tokens"] == visual_tokens.image_tokens(
-                h, w, fam.factor, cell["min_pixels"] or fam.min_pixels, cell["max_pixels"] or fam.max_pixels)
+                h, w, fam.factor, cell["min_pixels"] or fam.min_pixels, cell["max_pixels"] or fam.max_pixels
+            )
     for kind in ("image", "video"):
-        by_res = {c["resolution"]: c["measurements"]["visual_tokens"] for c in cells
-                  if c["input"] == kind and c["max_pixels"] is None}
+        by_res = {
+            c["resolution"]: c["measurements"]["visual_tokens"]
+            for c in cells
+            if c["input"] == kind and c["max_pixels"] is None
+        }
         assert by_res["1024x1024"] > by_res["448x448"], kind
     for name in ("summary.md", "summary.html", "run.json"):
         assert (reports / name).exists()
@@ -60,15 +69,30 @@ defaults:
 
 
 def _pytest_cmd(folder: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "pytest", str(folder / "test_suite.py"), "-p", "no:cacheprovider",
-            "--rootdir", str(folder), "--reports", str(folder / "reports"), *args]
+    return [
+        sys.executable,
+        "-m",
+        "pytest",
+        str(folder / "test_suite.py"),
+        "-p",
+        "no:cacheprovider",
+        "--rootdir",
+        str(folder),
+        "--reports",
+        str(folder / "reports"),
+        *args,
+    ]
 
 
 def test_sigkill_keeps_finished_cells_and_resume_finishes(suite, matrix_file):
     path = matrix_file(SIX_CELLS + "faults:\n  - when: {n: 4}\n    inject: hang\n")
     results = suite.path / "reports" / "cpu" / "results.json"
-    proc = subprocess.Popen(_pytest_cmd(suite.path, "--matrix", str(path), "--allow-faults"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=suite.path)
+    proc = subprocess.Popen(
+        _pytest_cmd(suite.path, "--matrix", str(path), "--allow-faults"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=suite.path,
+    )
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:  # cell 4 hangs, so the run is surely mid-way once 3 are written
         if results.exists() and len(load_results(results)["cells"]) >= 3:
@@ -81,8 +105,13 @@ def test_sigkill_keeps_finished_cells_and_resume_finishes(suite, matrix_file):
     assert all(c["outcome"] == "passed" for c in kept)
 
     path.write_text(SIX_CELLS)  # the hang is gone; the rest of the run can finish
-    done = subprocess.run(_pytest_cmd(suite.path, "--matrix", str(path), "--resume"), cwd=suite.path,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        _pytest_cmd(suite.path, "--matrix", str(path), "--resume"),
+        cwd=suite.path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-3000:]
     cells = load_results(results)["cells"]
     assert [c["id"].rsplit("=", 1)[1] for c in cells] == ["1", "2", "3", "4", "5", "6"]
@@ -93,8 +122,10 @@ def test_sigkill_keeps_finished_cells_and_resume_finishes(suite, matrix_file):
 def test_no_secret_reaches_the_reports(suite, matrix_file, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "secret123")
     monkeypatch.setenv("MY_API_KEY", "secret123")
-    path = matrix_file(SIX_CELLS.replace("[1, 2, 3, 4, 5, 6]", "[1, 2]")
-                       + "faults:\n  - when: {n: 2}\n    inject: {raise: 'auth failed for token secret123'}\n")
+    path = matrix_file(
+        SIX_CELLS.replace("[1, 2, 3, 4, 5, 6]", "[1, 2]")
+        + "faults:\n  - when: {n: 2}\n    inject: {raise: 'auth failed for token secret123'}\n"
+    )
     result = suite.runpytest("--matrix", str(path), "--allow-faults", "--reports", "reports")
     result.assert_outcomes(passed=1, failed=1)
     written = [p for p in (suite.path / "reports").rglob("*") if p.is_file()]
@@ -137,27 +168,78 @@ def test_summary_html_renders_grid_and_plots_in_chromium(tmp_path):
     reports.mkdir()
     records = []
     for i, (outcome, tokens) in enumerate([("passed", 256), ("passed", 1369), ("failed", 2809)]):
-        records.append({"id": f"tiny-qwen2-vl-cpu-float32-sdpa-{i}", "model": "tiny-qwen2-vl", "family": "qwen2_vl",
-                        "device": "cpu", "dtype": "float32", "attn_implementation": "sdpa",
-                        "resolution": f"{448 + i}x448", "input": "image", "min_pixels": None, "max_pixels": None,
-                        "outcome": outcome, "category": "out-of-memory" if outcome == "failed" else None,
-                        "remedy": "lower max_pixels" if outcome == "failed" else "",
-                        "measurements": {"peak_memory_mib": 800.0 + tokens, "peak_memory_source": "worker_rss",
-                                         "visual_tokens": tokens, "prefill_s": tokens / 1e4}})
-    env = {"device": "cpu", "gpu_name": "cpu", "torch": "x", "transformers": "y", "flash_attn": "absent",
-           "vllm": "absent", "python": "3.11", "matrix_file": "m.yaml"}
+        records.append(
+            {
+                "id": f"tiny-qwen2-vl-cpu-float32-sdpa-{i}",
+                "model": "tiny-qwen2-vl",
+                "family": "qwen2_vl",
+                "device": "cpu",
+                "dtype": "float32",
+                "attn_implementation": "sdpa",
+                "resolution": f"{448 + i}x448",
+                "input": "image",
+                "min_pixels": None,
+                "max_pixels": None,
+                "outcome": outcome,
+                "category": "out-of-memory" if outcome == "failed" else None,
+                "remedy": "lower max_pixels" if outcome == "failed" else "",
+                "measurements": {
+                    "peak_memory_mib": 800.0 + tokens,
+                    "peak_memory_source": "worker_rss",
+                    "visual_tokens": tokens,
+                    "prefill_s": tokens / 1e4,
+                },
+            }
+        )
+    env = {
+        "device": "cpu",
+        "gpu_name": "cpu",
+        "torch": "x",
+        "transformers": "y",
+        "flash_attn": "absent",
+        "vllm": "absent",
+        "python": "3.11",
+        "matrix_file": "m.yaml",
+    }
     (reports / "results.json").write_text(json.dumps({"schema_version": 1, "environment": env, "cells": records}))
     write_summaries(reports)
-    dom = subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                          "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                          "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=3000",
-                          "--dump-dom", (reports / "summary.html").as_uri()],
-                         capture_output=True, text=True, timeout=120).stdout
-    assert dom.count("class=\"cell passed\"") == 2 and dom.count("class=\"cell failed\"") == 1
+    dom = subprocess.run(
+        [
+            _chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--virtual-time-budget=3000",
+            "--dump-dom",
+            (reports / "summary.html").as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    assert dom.count('class="cell passed"') == 2 and dom.count('class="cell failed"') == 1
     assert "out-of-memory" in dom and "lower max_pixels" in dom
     assert 'id="plot-memory"' in dom and 'id="plot-latency"' in dom
     shot = tmp_path / "shot.png"
-    subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                    f"--user-data-dir={tmp_path / 'profile2'}", f"--screenshot={shot}", "--window-size=1200,900",
-                    (reports / "summary.html").as_uri()], capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            _chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            f"--user-data-dir={tmp_path / 'profile2'}",
+            f"--screenshot={shot}",
+            "--window-size=1200,900",
+            (reports / "summary.html").as_uri(),
+        ],
+        capture_output=True,
+        timeout=120,
+    )
     assert shot.exists() and shot.stat().st_size > 10_000  # a rendered page with images, not a blank one

@@ -11,17 +11,37 @@ from harness.worker import WorkerResult
 
 
 def cell(**over) -> Cell:
-    base = dict(id="c", model="m", family="qwen2_vl", source={"tiny": "qwen2_vl"}, device="cpu", dtype="float16",
-                attn_implementation="sdpa", resolution="448x448", input="image", min_pixels=None, max_pixels=None,
-                backend="transformers", extra={}, budget=None, prompt="p", max_new_tokens=4, timeout_s=10, images=2,
-                drift_max_abs_diff=5.0, drift_top1=True, degenerate_check=True)
+    base = dict(
+        id="c",
+        model="m",
+        family="qwen2_vl",
+        source={"tiny": "qwen2_vl"},
+        device="cpu",
+        dtype="float16",
+        attn_implementation="sdpa",
+        resolution="448x448",
+        input="image",
+        min_pixels=None,
+        max_pixels=None,
+        backend="transformers",
+        extra={},
+        budget=None,
+        prompt="p",
+        max_new_tokens=4,
+        timeout_s=10,
+        images=2,
+        drift_max_abs_diff=5.0,
+        drift_top1=True,
+        degenerate_check=True,
+    )
     return Cell(**{**base, **over})
 
 
 def healthy(**measurements) -> WorkerResult:
     m = {"peak_memory_mib": 800.0, "peak_memory_source": "worker_rss", "visual_tokens": 256, **measurements}
-    return WorkerResult(ok=True, generation={"new_token_ids": [5, 6, 7, 8], "text": "abcd", "nonfinite_steps": []},
-                        measurements=m)
+    return WorkerResult(
+        ok=True, generation={"new_token_ids": [5, 6, 7, 8], "text": "abcd", "nonfinite_steps": []}, measurements=m
+    )
 
 
 def test_degenerate_means_every_new_token_is_the_same_token():
@@ -55,15 +75,23 @@ def test_nonfinite_logits_and_drift_are_numerical():
     assert judge(cell(), drifted).category == "numerical" and "drift" in judge(cell(), drifted).message
     flipped = healthy(drift_reference="c32", drift_max_abs_diff=0.1, drift_top1_agree=False)
     assert judge(cell(), flipped).category == "numerical"
-    assert judge(cell(), healthy(drift_reference="c32", drift_max_abs_diff=0.1, drift_top1_agree=True)).outcome == "passed"
+    assert (
+        judge(cell(), healthy(drift_reference="c32", drift_max_abs_diff=0.1, drift_top1_agree=True)).outcome == "passed"
+    )
 
 
 def test_a_dead_worker_is_classified_from_its_signal():
-    died = WorkerResult(returncode=-11, signal_name="SIGSEGV",
-                        error_message="worker was killed by signal 11 (SIGSEGV) while running the cell")
+    died = WorkerResult(
+        returncode=-11,
+        signal_name="SIGSEGV",
+        error_message="worker was killed by signal 11 (SIGSEGV) while running the cell",
+    )
     assert judge(cell(), died).category == "crash"
-    killed = WorkerResult(returncode=-9, signal_name="SIGKILL",
-                          error_message="worker was killed by signal 9 (SIGKILL) while running the cell")
+    killed = WorkerResult(
+        returncode=-9,
+        signal_name="SIGKILL",
+        error_message="worker was killed by signal 9 (SIGKILL) while running the cell",
+    )
     assert judge(cell(), killed).category == "out-of-memory"
 
 
