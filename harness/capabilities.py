@@ -17,8 +17,27 @@ def flash_attn_installed() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
+def vllm_installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
 def capability_expectation(cell: Cell, gpu: Gpu, *, flash_attn: bool | None = None) -> Expectation | None:
     """The expectation the card's facts imply for this cell, or None when nothing stands out."""
+    if cell.backend == "vllm":
+        if not vllm_installed():
+            return Expectation(
+                "skip",
+                ["missing-package"],
+                "backend vllm: the vllm package is not installed "
+                "(pip install 'qwen-compat[vllm]' on a CUDA runner); use backend transformers",
+                source="capability",
+            )
+        return Expectation(
+            "skip",
+            ["other"],
+            "backend vllm: qwen-compat has no vLLM runner yet (README, 'Not done yet'); use backend transformers",
+            source="capability",
+        )
     if cell.attn_implementation == "flash_attention_2":
         if not gpu.is_gpu:
             return Expectation(

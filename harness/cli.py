@@ -69,6 +69,13 @@ def _report(args) -> int:
     return 0
 
 
+def _quiet_transformers() -> None:
+    """Library warnings (processor deprecations) would bury the table the user asked for."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+
+
 def _plan(args) -> int:
     from . import cells, matrix
     from .cells import selector_matches
@@ -76,6 +83,7 @@ def _plan(args) -> int:
     from .plan import predict
 
     resolve(args.device)  # a clear error for an unknown device key
+    _quiet_transformers()
     m = matrix.load(args.matrix)
     chosen = [c for c in cells.expand(m, args.matrix) if c.device == args.device]
     if not chosen:
@@ -137,6 +145,7 @@ def _doctor(args) -> int:
     from .device import detect_host
 
     host = detect_host()
+    _quiet_transformers()
     rows = doctor.plan_cells(args.matrix, host) if args.matrix else None
     doctor.render(host, rows)
     return 0

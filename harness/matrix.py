@@ -100,7 +100,7 @@ class Axes(Strict):
     resolution: list[Resolution] = ["448x448"]
     input: list[Literal["image", "images", "video"]] = ["image"]
     pixel_budget: list[PixelBudget | None] = Field([None], description="null = the processor's default budget")
-    backend: list[Literal["transformers"]] = ["transformers"]
+    backend: list[Literal["transformers", "vllm"]] = ["transformers"]
     extra: dict[str, list[Union[str, int, float, bool]]] = Field(
         {}, description="user axes: name -> values; they appear in cell ids and selectors"
     )

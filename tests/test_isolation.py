@@ -67,3 +67,33 @@ def test_a_worker_that_cannot_import_torch_says_what_to_install(tmp_path):
         assert "missing-package" in str(err.value) and "pip install -e '.[torch]'" in str(err.value)
     assert runner.starts == 1
     runner.close()
+
+
+ABORT_AND_OOM = """
+models:
+  - tiny: qwen3_vl
+devices: [cpu]
+axes:
+  resolution: [224x224]
+  extra:
+    case: [abort, oom, after]
+defaults:
+  max_new_tokens: 2
+faults:
+  - when: {case: abort}
+    inject: abort
+  - when: {case: oom}
+    inject: oom
+"""
+
+
+def test_abort_is_a_crash_and_an_allocation_failure_is_out_of_memory(suite, matrix_file):
+    result = suite.runpytest("--matrix", str(matrix_file(ABORT_AND_OOM)), "--allow-faults", "--reports", "reports")
+    result.assert_outcomes(passed=1, failed=2)
+    cells = {
+        c["id"].rsplit("=", 1)[1]: c
+        for c in json.loads((suite.path / "reports" / "cpu" / "results.json").read_text())["cells"]
+    }
+    assert cells["abort"]["category"] == "crash" and cells["abort"]["exit"]["signal"] == "SIGABRT"
+    assert cells["oom"]["category"] == "out-of-memory" and "lower max_pixels" in cells["oom"]["remedy"].lower()
+    assert cells["after"]["outcome"] == "passed"
