@@ -166,6 +166,13 @@ class CompatSession:
         self.host = resolve(self.config.getoption("device"))
         if emulate:
             real = self.host
+            if real.key == "cpu":
+                raise UserError(
+                    f"--emulate {emulate} caps a GPU's memory, and this host has no GPU.",
+                    key="--emulate",
+                    fix="run it on a GPU runner, or use --device KEY to plan and collect "
+                    "that card's cells here (`qwen-compat plan` predicts their memory).",
+                )
             self.host = resolve(emulate)
             self.host.emulated_on = real.name
         self._cells = cells_mod.expand(matrix, self.matrix_path)
@@ -368,13 +375,17 @@ def _outcome(report) -> str:
 
 
 def _write_progress(terminal, line: str) -> None:
-    """A line of its own, without making pytest repeat the file name before the next result."""
+    """A line of its own after pytest's: with -v below pytest's line for the cell; without -v in place of
+    the dot, leaving pytest's notion of the current file alone so that it does not print it again."""
     if terminal is None:
         print(line)
-        return
-    current = terminal.currentfspath
-    terminal.write_line(line)
-    terminal.currentfspath = current
+    elif terminal.verbosity > 0:
+        terminal.write("\n" + line)  # pytest starts its next line itself
+    else:
+        if terminal.currentfspath is not None and not getattr(terminal, "_qwen_compat_line", False):
+            terminal.write("\n")  # end the "suites/test_inference.py " prefix once
+        terminal.write(line + "\n")
+        terminal._qwen_compat_line = True
 
 
 def _cell_of(item):

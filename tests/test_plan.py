@@ -159,3 +159,12 @@ def test_emulation_applies_the_card_and_says_where(pytester):
     assert result.ret == 0
     env = json.loads((pytester.path / "r" / "rtx4090" / "results.json").read_text())["environment"]
     assert env["device"] == "rtx4090" and env["emulated_on"] == "NVIDIA H100 80GB"
+
+
+def test_emulation_needs_a_gpu_host(pytester):
+    pytester.makepyfile(test_s="def test_cell(cell):\n    pass\n")
+    result = pytester.runpytest(
+        "--matrix", str(REPO / "matrices" / "nightly.yaml"), "--device", "cpu", "--emulate", "t4", "--collect-only"
+    )
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "--emulate t4 caps a GPU's memory" in result.stderr.str() and "Fix:" in result.stderr.str()
