@@ -243,3 +243,16 @@ def test_summary_html_renders_grid_and_plots_in_chromium(tmp_path):
         timeout=120,
     )
     assert shot.exists() and shot.stat().st_size > 10_000  # a rendered page with images, not a blank one
+
+
+def test_a_results_file_cut_mid_line_keeps_its_whole_lines(tmp_path):
+    from harness.reports import ResultsFile
+
+    results = ResultsFile(tmp_path / "results.json")
+    results.start({"device": "cpu"}, resume=False)
+    for i in range(3):
+        results.append({"id": f"c{i}", "outcome": "passed"})
+    assert [c["id"] for c in load_results(results.path)["cells"]] == ["c0", "c1", "c2"]
+    text = results.path.read_text()
+    results.path.write_text(text[: text.index('"c2"') + 6])  # killed while writing the third line
+    assert [c["id"] for c in load_results(results.path)["cells"]] == ["c0", "c1"]
