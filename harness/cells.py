@@ -51,6 +51,7 @@ class Cell:
     max_new_tokens: int
     timeout_s: float
     images: int
+    image: str | None
     drift_max_abs_diff: float
     drift_top1: bool
     degenerate_check: bool
@@ -236,6 +237,7 @@ def _section_cells(matrix: Matrix, section: Section, defaults: Defaults, matrix_
                 max_new_tokens=defaults.max_new_tokens,
                 timeout_s=defaults.timeout_s,
                 images=defaults.images,
+                image=defaults.image,
                 drift_max_abs_diff=defaults.drift_max_abs_diff,
                 drift_top1=defaults.drift_top1,
                 degenerate_check=defaults.degenerate_check,

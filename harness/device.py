@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
@@ -28,7 +28,6 @@ class Host:
     cuda: str | None = None
     via: str = "none"
     emulated_on: str | None = None  # set when --emulate applies another card's rules here
-    facts: dict = field(default_factory=dict)
 
     @property
     def gpu(self) -> Gpu | None:

@@ -34,10 +34,6 @@ class Family:
         """Pixels per merged visual token along one side (28 for Qwen2/2.5-VL, 32 for Qwen3-VL)."""
         return self.patch_size * self.merge_size
 
-    @property
-    def marker(self) -> str:
-        return self.key
-
 
 FAMILIES: dict[str, Family] = {
     f.key: f

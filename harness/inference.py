@@ -71,6 +71,15 @@ class Generation:
     first_logits: torch.Tensor | None = None
 
 
+def image_source(spec: str | None) -> dict:
+    """CellInput fields for a matrix's `image:`: a solid colour `rgb(R,G,B)` or a file path."""
+    if not spec:
+        return {}
+    if spec.startswith("rgb("):
+        return {"color": tuple(int(v) for v in spec[4:-1].split(","))}
+    return {"image_path": spec}
+
+
 class _StepClock(LogitsProcessor):
     """Records when each decoding step's logits arrive: the first is time to first token."""
 

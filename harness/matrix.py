@@ -137,6 +137,12 @@ class Defaults(Strict):
     max_new_tokens: int = Field(8, ge=1)
     timeout_s: float = Field(300, gt=0)
     images: int = Field(2, ge=2, description="how many images the `images` input kind sends")
+    image: str | None = Field(
+        None,
+        pattern=r"^(rgb\(\d{1,3},\d{1,3},\d{1,3}\)|[^()]+)$",
+        description="instead of the synthetic image: a file path, or rgb(R,G,B) for a solid colour at the cell's "
+        "resolution (for `answer:` checks on real checkpoints, e.g. rgb(255,0,0) and answer: red)",
+    )
     drift_max_abs_diff: float = Field(
         5.0, description="largest |logit - float32 logit| allowed at the first step for reduced dtypes"
     )

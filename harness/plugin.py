@@ -58,10 +58,6 @@ class CellRun:
     def __init__(self, cell: Cell, result: WorkerResult, verdict: Verdict, duration_s: float):
         self.cell, self.result, self.verdict, self.duration_s = cell, result, verdict, duration_s
 
-    @property
-    def measurements(self) -> dict:
-        return self.result.measurements
-
     def check(self) -> None:
         """Turn the verdict into the test's outcome."""
         v = self.verdict

@@ -327,6 +327,7 @@ class _Worker:
             min_pixels=cell.min_pixels,
             max_pixels=cell.max_pixels,
             prompt=cell.prompt,
+            **inference.image_source(cell.image),
         )
         with MemoryTracker(self.device()) as tracker:
             gen = inference.run(

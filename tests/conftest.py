@@ -1,5 +1,6 @@
 """Shared fixtures for the harness's own tests."""
 
+import dataclasses
 import os
 import textwrap
 from pathlib import Path
@@ -25,6 +26,19 @@ def checkpoint_cache(tmp_path_factory):
         os.environ.pop("QWEN_COMPAT_CACHE", None)
     else:
         os.environ["QWEN_COMPAT_CACHE"] = old
+
+
+@pytest.fixture
+def tiny_cell():
+    """A cell of a one-model matrix, expanded the real way, with some fields replaced."""
+    from harness.cells import expand
+    from harness.matrix import Matrix
+
+    def make(family: str = "qwen2_vl", **fields):
+        matrix = Matrix.model_validate({"models": [{"tiny": family}], "defaults": {"max_new_tokens": 4}})
+        return dataclasses.replace(expand(matrix, "m.yaml")[0], **fields)
+
+    return make
 
 
 @pytest.fixture

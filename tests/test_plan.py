@@ -9,38 +9,10 @@ import pytest
 import torch
 
 from harness import architectures, checkpoints, inference, inputs, plan
-from harness.cells import Cell
 from harness.families import FAMILIES
 
 REPO = Path(__file__).resolve().parents[1]
 MIB = 2**20
-
-
-def make_cell(family: str, **axes) -> Cell:
-    values = dict(
-        id=f"tiny-{family}",
-        model=f"tiny-{family}",
-        family=family,
-        source={"tiny": family, "variant": "default"},
-        device="cpu",
-        dtype="float32",
-        attn_implementation="sdpa",
-        resolution="448x448",
-        input="image",
-        min_pixels=None,
-        max_pixels=None,
-        backend="transformers",
-        extra={},
-        budget=None,
-        prompt="Describe this image.",
-        max_new_tokens=4,
-        timeout_s=60,
-        images=2,
-        drift_max_abs_diff=5.0,
-        drift_top1=True,
-        degenerate_check=True,
-    )
-    return Cell(**{**values, **axes})
 
 
 @pytest.mark.parametrize("name", list(architectures.shipped()))
@@ -54,8 +26,8 @@ def test_parameter_arithmetic_equals_the_instantiated_model(name):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_planned_weights_and_kv_equal_what_the_tiny_model_allocates(family, dtype):
-    cell = make_cell(family, dtype=dtype)
+def test_planned_weights_and_kv_equal_what_the_tiny_model_allocates(family, dtype, tiny_cell):
+    cell = tiny_cell(family, dtype=dtype)
     processor, model = inference.load(
         str(checkpoints.tiny_checkpoint(family)), dtype=dtype, attn_implementation="sdpa", device="cpu"
     )
@@ -82,10 +54,10 @@ def test_planned_weights_and_kv_equal_what_the_tiny_model_allocates(family, dtyp
     assert predicted.visual_tokens == plan.visual_tokens_for(cell)[0] == gen.visual_tokens
 
 
-def test_eager_attention_costs_more_than_sdpa_and_grows_quadratically():
-    sdpa = plan.predict(make_cell("qwen2_vl", resolution="1024x1024"))
-    eager = plan.predict(make_cell("qwen2_vl", resolution="1024x1024", attn_implementation="eager"))
-    small = plan.predict(make_cell("qwen2_vl", resolution="512x512", attn_implementation="eager"))
+def test_eager_attention_costs_more_than_sdpa_and_grows_quadratically(tiny_cell):
+    sdpa = plan.predict(tiny_cell("qwen2_vl", resolution="1024x1024"))
+    eager = plan.predict(tiny_cell("qwen2_vl", resolution="1024x1024", attn_implementation="eager"))
+    small = plan.predict(tiny_cell("qwen2_vl", resolution="512x512", attn_implementation="eager"))
     assert eager.parts["vision_activations_mib"] > sdpa.parts["vision_activations_mib"]
     assert eager.parts["vision_activations_mib"] > 10 * small.parts["vision_activations_mib"]
 

@@ -5,36 +5,8 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from harness.cells import Cell
 from harness.verdict import is_degenerate, judge, parse_budget_mib
 from harness.worker import WorkerResult
-
-
-def cell(**over) -> Cell:
-    base = dict(
-        id="c",
-        model="m",
-        family="qwen2_vl",
-        source={"tiny": "qwen2_vl"},
-        device="cpu",
-        dtype="float16",
-        attn_implementation="sdpa",
-        resolution="448x448",
-        input="image",
-        min_pixels=None,
-        max_pixels=None,
-        backend="transformers",
-        extra={},
-        budget=None,
-        prompt="p",
-        max_new_tokens=4,
-        timeout_s=10,
-        images=2,
-        drift_max_abs_diff=5.0,
-        drift_top1=True,
-        degenerate_check=True,
-    )
-    return Cell(**{**base, **over})
 
 
 def healthy(**measurements) -> WorkerResult:
@@ -61,38 +33,39 @@ def test_budgets_in_gib_mib_or_a_fraction_of_the_card():
     assert parse_budget_mib("50%", "v100") == 16 * 1024
 
 
-def test_over_budget_names_measured_budget_and_source():
-    v = judge(cell(budget="512MiB"), healthy())
+def test_over_budget_names_measured_budget_and_source(tiny_cell):
+    v = judge(tiny_cell(budget="512MiB"), healthy())
     assert v.outcome == "failed" and v.category == "over-budget"
     assert "800 MiB" in v.message and "512 MiB" in v.message and "worker_rss" in v.message
 
 
-def test_nonfinite_logits_and_drift_are_numerical():
+def test_nonfinite_logits_and_drift_are_numerical(tiny_cell):
     bad = healthy()
     bad.generation["nonfinite_steps"] = [0, 1]
-    assert judge(cell(), bad).category == "numerical"
+    assert judge(tiny_cell(), bad).category == "numerical"
     drifted = healthy(drift_reference="c32", drift_max_abs_diff=9.0, drift_top1_agree=True)
-    assert judge(cell(), drifted).category == "numerical" and "drift" in judge(cell(), drifted).message
+    assert judge(tiny_cell(), drifted).category == "numerical" and "drift" in judge(tiny_cell(), drifted).message
     flipped = healthy(drift_reference="c32", drift_max_abs_diff=0.1, drift_top1_agree=False)
-    assert judge(cell(), flipped).category == "numerical"
+    assert judge(tiny_cell(), flipped).category == "numerical"
     assert (
-        judge(cell(), healthy(drift_reference="c32", drift_max_abs_diff=0.1, drift_top1_agree=True)).outcome == "passed"
+        judge(tiny_cell(), healthy(drift_reference="c32", drift_max_abs_diff=0.1, drift_top1_agree=True)).outcome
+        == "passed"
     )
 
 
-def test_a_dead_worker_is_classified_from_its_signal():
+def test_a_dead_worker_is_classified_from_its_signal(tiny_cell):
     died = WorkerResult(
         returncode=-11,
         signal_name="SIGSEGV",
         error_message="worker was killed by signal 11 (SIGSEGV) while running the cell",
     )
-    assert judge(cell(), died).category == "crash"
+    assert judge(tiny_cell(), died).category == "crash"
     killed = WorkerResult(
         returncode=-9,
         signal_name="SIGKILL",
         error_message="worker was killed by signal 9 (SIGKILL) while running the cell",
     )
-    assert judge(cell(), killed).category == "out-of-memory"
+    assert judge(tiny_cell(), killed).category == "out-of-memory"
 
 
 EXPECTATIONS = """
@@ -129,3 +102,21 @@ def test_xpass_fails_the_run_unless_non_strict_and_over_budget_fails(suite, matr
     assert cells["tiny-qwen3-vl-cpu-float32-sdpa-224x224-case=lenient"]["outcome"] == "xpassed"
     small = cells["tiny-small-budget-cpu-float32-sdpa-224x224"]
     assert small["outcome"] == "failed" and small["category"] == "over-budget"
+
+
+def test_an_expected_answer_is_a_regex_on_the_generated_text(tiny_cell):
+    from harness.cells import Expectation
+
+    cell = tiny_cell(expectation=Expectation(answer=r"\bred\b"))
+    assert judge(cell, healthy()).category == "wrong-answer"
+    right = healthy()
+    right.generation["text"] = "It is Red."
+    assert judge(cell, right).outcome == "passed"
+
+
+def test_matrix_image_option_picks_a_colour_or_a_file():
+    from harness.inference import image_source
+
+    assert image_source("rgb(255,0,0)") == {"color": (255, 0, 0)}
+    assert image_source("/data/cat.png") == {"image_path": "/data/cat.png"}
+    assert image_source(None) == {}
