@@ -16,7 +16,7 @@ from typing import Any
 
 from .errors import UserError
 from .families import FAMILIES
-from .matrix import Defaults, ExpectRule, Matrix, ModelEntry, Rule, Section
+from .matrix import AXIS_FIELDS, Defaults, ExpectRule, Matrix, ModelEntry, Rule, Section
 
 DTYPE_ORDER = {"float32": 0, "bfloat16": 1, "float16": 2}  # float32 first: reduced dtypes compare against it
 
@@ -80,16 +80,7 @@ class Cell:
     def axis_values(self) -> dict[str, Any]:
         """What selectors (`when:`) match against."""
         return {
-            "model": self.model,
-            "family": self.family,
-            "device": self.device,
-            "dtype": self.dtype,
-            "attn_implementation": self.attn_implementation,
-            "resolution": self.resolution,
-            "input": self.input,
-            "min_pixels": self.min_pixels,
-            "max_pixels": self.max_pixels,
-            "backend": self.backend,
+            **{f: getattr(self, f) for f in AXIS_FIELDS},
             "variant": self.source.get("variant", "default"),
             **self.extra,
         }

@@ -58,23 +58,16 @@ TINY_TEXT = dict(
 
 # Per family: text and vision sub-configs small enough for CPU, with every feature still present:
 # M-RoPE sections, Qwen2.5-VL window + full-attention blocks, Qwen3-VL DeepStack, MoE top-2 of 4.
+_SMALL_TOWER = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
+_MROPE_2 = {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}}
 TINY_RECIPES: dict[str, dict] = {
     "qwen2_vl": dict(
-        text={"rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}},
+        text=_MROPE_2,
         vision=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14),
     ),
     "qwen2_5_vl": dict(
-        text={"rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}},
-        vision=dict(
-            depth=2,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=2,
-            out_hidden_size=64,
-            patch_size=14,
-            window_size=112,
-            fullatt_block_indexes=[1],
-        ),
+        text=_MROPE_2,
+        vision=dict(**_SMALL_TOWER, patch_size=14, window_size=112, fullatt_block_indexes=[1]),
     ),
     "qwen3_vl": dict(
         text={
@@ -86,16 +79,7 @@ TINY_RECIPES: dict[str, dict] = {
                 "mrope_interleaved": True,
             },
         },
-        vision=dict(
-            depth=2,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=2,
-            out_hidden_size=64,
-            patch_size=16,
-            num_position_embeddings=256,
-            deepstack_visual_indexes=[0],
-        ),
+        vision=dict(**_SMALL_TOWER, patch_size=16, num_position_embeddings=256, deepstack_visual_indexes=[0]),
     ),
 }
 TINY_RECIPES["qwen3_vl_moe"] = dict(

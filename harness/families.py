@@ -5,7 +5,7 @@ Kept free of torch/transformers imports so the pytest process can read it at col
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .errors import UserError
 
@@ -35,48 +35,45 @@ class Family:
         return self.patch_size * self.merge_size
 
 
+_QWEN2_VL = Family(
+    "qwen2_vl",
+    "Qwen2VLConfig",
+    "Qwen2VLForConditionalGeneration",
+    "Qwen2VLProcessor",
+    "Qwen2VLVideoProcessor",
+    patch_size=14,
+)
+# Qwen3-VL: patch 16, mean/std 0.5 and the pixel budget its published preprocessor configs ship.
+_QWEN3_VL = Family(
+    "qwen3_vl",
+    "Qwen3VLConfig",
+    "Qwen3VLForConditionalGeneration",
+    "Qwen3VLProcessor",
+    "Qwen3VLVideoProcessor",
+    patch_size=16,
+    min_pixels=65536,
+    max_pixels=16777216,
+    image_mean=[0.5] * 3,
+    image_std=[0.5] * 3,
+)
+
 FAMILIES: dict[str, Family] = {
     f.key: f
     for f in (
-        Family(
-            "qwen2_vl",
-            "Qwen2VLConfig",
-            "Qwen2VLForConditionalGeneration",
-            "Qwen2VLProcessor",
-            "Qwen2VLVideoProcessor",
-            patch_size=14,
+        _QWEN2_VL,
+        replace(
+            _QWEN2_VL,
+            key="qwen2_5_vl",
+            config_class="Qwen2_5_VLConfig",
+            model_class="Qwen2_5_VLForConditionalGeneration",
+            processor_class="Qwen2_5_VLProcessor",
         ),
-        Family(
-            "qwen2_5_vl",
-            "Qwen2_5_VLConfig",
-            "Qwen2_5_VLForConditionalGeneration",
-            "Qwen2_5_VLProcessor",
-            "Qwen2VLVideoProcessor",
-            patch_size=14,
-        ),
-        Family(
-            "qwen3_vl",
-            "Qwen3VLConfig",
-            "Qwen3VLForConditionalGeneration",
-            "Qwen3VLProcessor",
-            "Qwen3VLVideoProcessor",
-            patch_size=16,
-            min_pixels=65536,
-            max_pixels=16777216,
-            image_mean=[0.5] * 3,
-            image_std=[0.5] * 3,
-        ),
-        Family(
-            "qwen3_vl_moe",
-            "Qwen3VLMoeConfig",
-            "Qwen3VLMoeForConditionalGeneration",
-            "Qwen3VLProcessor",
-            "Qwen3VLVideoProcessor",
-            patch_size=16,
-            min_pixels=65536,
-            max_pixels=16777216,
-            image_mean=[0.5] * 3,
-            image_std=[0.5] * 3,
+        _QWEN3_VL,
+        replace(
+            _QWEN3_VL,
+            key="qwen3_vl_moe",
+            config_class="Qwen3VLMoeConfig",
+            model_class="Qwen3VLMoeForConditionalGeneration",
         ),
     )
 }

@@ -181,7 +181,8 @@ class Matrix(Strict):
         return top + self.sections
 
 
-SELECTOR_AXES = {
+# The fields of a cell that selectors (`when:`) and reports name; user axes come on top.
+AXIS_FIELDS = (
     "model",
     "family",
     "device",
@@ -192,8 +193,8 @@ SELECTOR_AXES = {
     "min_pixels",
     "max_pixels",
     "backend",
-    "variant",
-}
+)
+SELECTOR_AXES = {*AXIS_FIELDS, "variant"}
 
 
 def schema() -> dict:

@@ -18,23 +18,12 @@ from pathlib import Path
 from filelock import FileLock
 
 from .errors import UserError
+from .matrix import AXIS_FIELDS
 from .secrets import scrub
 
 SCHEMA_VERSION = 1
 CLOSING = b"\n]}\n"
-CELL_FIELDS = [
-    "id",
-    "model",
-    "family",
-    "device",
-    "dtype",
-    "attn_implementation",
-    "resolution",
-    "input",
-    "min_pixels",
-    "max_pixels",
-    "backend",
-]
+CELL_FIELDS = ("id", *AXIS_FIELDS)
 
 
 def _version(package: str) -> str:

@@ -2,6 +2,8 @@
 
 import dataclasses
 import os
+import shutil
+import sys
 import textwrap
 from pathlib import Path
 
@@ -26,6 +28,27 @@ def checkpoint_cache(tmp_path_factory):
         os.environ.pop("QWEN_COMPAT_CACHE", None)
     else:
         os.environ["QWEN_COMPAT_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def suite_cmd():
+    """The command that runs the default suite from `folder` in a fresh pytest process, plus `args`."""
+
+    def command(folder: Path, *args: str) -> list[str]:
+        shutil.copy(REPO / "suites" / "test_inference.py", folder / "test_suite.py")
+        return [
+            sys.executable,
+            "-m",
+            "pytest",
+            str(folder / "test_suite.py"),
+            "-p",
+            "no:cacheprovider",
+            "--rootdir",
+            str(folder),
+            *args,
+        ]
+
+    return command
 
 
 @pytest.fixture

@@ -25,33 +25,12 @@ defaults:
 
 
 @pytest.fixture(scope="module")
-def real_run(tmp_path_factory):
+def real_run(tmp_path_factory, suite_cmd):
     """One real CPU run of three cells, saved once as a named baseline too."""
     folder = tmp_path_factory.mktemp("run")
     (folder / "matrix.yaml").write_text(THREE_CELLS)
-    shutil.copy(REPO / "suites" / "test_inference.py", folder / "test_suite.py")
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "test_suite.py",
-            "-p",
-            "no:cacheprovider",
-            "--rootdir",
-            ".",
-            "--matrix",
-            "matrix.yaml",
-            "--reports",
-            "reports",
-            "--save-baseline",
-            "first",
-        ],
-        cwd=folder,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    args = ["--matrix", "matrix.yaml", "--reports", "reports", "--save-baseline", "first"]
+    done = subprocess.run(suite_cmd(folder, *args), cwd=folder, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:]
     assert (folder / "reports" / "baselines" / "first" / "cpu" / "results.json").exists()
     return folder / "reports"
@@ -193,28 +172,13 @@ def test_workflow_is_a_valid_github_workflow(tmp_path):
     assert bad.returncode != 0  # the check is real: a misspelt key fails it
 
 
-def test_xdist_gives_the_same_results_as_a_serial_run(tmp_path):
+def test_xdist_gives_the_same_results_as_a_serial_run(tmp_path, suite_cmd):
     """`pytest -n 2` on (a slice of) the default matrix: same cells, same outcomes, same token counts."""
-    shutil.copy(REPO / "suites" / "test_inference.py", tmp_path / "test_suite.py")
-    common = [
-        sys.executable,
-        "-m",
-        "pytest",
-        "test_suite.py",
-        "-p",
-        "no:cacheprovider",
-        "--rootdir",
-        ".",
-        "--matrix",
-        str(REPO / "matrices" / "default.yaml"),
-        "-k",
-        "qwen3-vl-moe and 448x448",
-    ]
+    select = ["--matrix", str(REPO / "matrices" / "default.yaml"), "-k", "qwen3-vl-moe and 448x448"]
     results = {}
     for name, extra in (("serial", []), ("xdist", ["-n", "2", "--dist", "loadgroup"])):
-        done = subprocess.run(
-            [*common, "--reports", name, *extra], cwd=tmp_path, capture_output=True, text=True, timeout=600
-        )
+        command = suite_cmd(tmp_path, *select, "--reports", name, *extra)
+        done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stdout[-2000:]
         cells = load_results(tmp_path / name / "cpu" / "results.json")["cells"]
         results[name] = {(c["id"], c["outcome"], c["measurements"]["visual_tokens"]) for c in cells}

@@ -4,7 +4,6 @@ import json
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -68,27 +67,11 @@ defaults:
 """
 
 
-def _pytest_cmd(folder: Path, *args: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "pytest",
-        str(folder / "test_suite.py"),
-        "-p",
-        "no:cacheprovider",
-        "--rootdir",
-        str(folder),
-        "--reports",
-        str(folder / "reports"),
-        *args,
-    ]
-
-
-def test_sigkill_keeps_finished_cells_and_resume_finishes(suite, matrix_file):
+def test_sigkill_keeps_finished_cells_and_resume_finishes(suite, matrix_file, suite_cmd):
     path = matrix_file(SIX_CELLS + "faults:\n  - when: {n: 4}\n    inject: hang\n")
     results = suite.path / "reports" / "cpu" / "results.json"
     proc = subprocess.Popen(
-        _pytest_cmd(suite.path, "--matrix", str(path), "--allow-faults"),
+        suite_cmd(suite.path, "--reports", "reports", "--matrix", str(path), "--allow-faults"),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         cwd=suite.path,
@@ -106,7 +89,7 @@ def test_sigkill_keeps_finished_cells_and_resume_finishes(suite, matrix_file):
 
     path.write_text(SIX_CELLS)  # the hang is gone; the rest of the run can finish
     done = subprocess.run(
-        _pytest_cmd(suite.path, "--matrix", str(path), "--resume"),
+        suite_cmd(suite.path, "--reports", "reports", "--matrix", str(path), "--resume"),
         cwd=suite.path,
         capture_output=True,
         text=True,
