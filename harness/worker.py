@@ -289,7 +289,7 @@ class _Worker:
         return None
 
     def run(self, cell: Cell, reference_dir: Path, emulate: str | None, run_predicted_oom: bool) -> dict:
-        from . import inference, plan
+        from . import inference
         from .health import drift
         from .measurements import MemoryTracker
 
@@ -306,9 +306,9 @@ class _Worker:
                 key="--device",
                 fix="run with --device auto, or on the card the cell targets.",
             )
-        before = plan.predict(cell, device_kind=kind)
+        before = _predict(cell, device_kind=kind)
         card = self.card_mib(emulate)
-        if card and before.predicted_peak_mib > card and not run_predicted_oom:
+        if before and card and before.predicted_peak_mib > card and not run_predicted_oom:
             p = before.parts
             return {
                 "ok": False,
@@ -348,10 +348,23 @@ class _Worker:
             **drift(cell, gen.first_logits, reference_dir),
         }
         generation = {"new_token_ids": gen.new_token_ids, "text": gen.text, "nonfinite_steps": gen.nonfinite_steps}
-        after = plan.predict(
+        after = _predict(
             cell, text_tokens=gen.input_tokens - gen.visual_tokens, visual_tokens=gen.visual_tokens, device_kind=kind
         )
-        return {"ok": True, "generation": generation, "measurements": measurements, "prediction": after.to_dict()}
+        prediction = after.to_dict() if after else {}
+        return {"ok": True, "generation": generation, "measurements": measurements, "prediction": prediction}
+
+
+def _predict(cell: Cell, **kwargs):
+    """The memory plan of a cell, or None when its config defeats the planner: a plan is advice, and
+    a model the planner does not understand must still run."""
+    from . import plan
+
+    try:
+        return plan.predict(cell, **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        print(f"qwen-compat: no memory plan for {cell.id}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return None
 
 
 def _exit_with_parent() -> None:

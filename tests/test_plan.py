@@ -140,3 +140,14 @@ def test_emulation_needs_a_gpu_host(pytester):
     )
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert "--emulate t4 caps a GPU's memory" in result.stderr.str() and "Fix:" in result.stderr.str()
+
+
+def test_a_model_the_planner_cannot_read_still_runs(monkeypatch, tiny_cell):
+    """The plan is advice: when it fails for a config, the cell runs and reports no prediction."""
+    from harness import worker
+
+    def broken(cell, **kwargs):
+        raise KeyError("num_experts")
+
+    monkeypatch.setattr(plan, "predict", broken)
+    assert worker._predict(tiny_cell()) is None
