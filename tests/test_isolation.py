@@ -97,3 +97,16 @@ def test_abort_is_a_crash_and_an_allocation_failure_is_out_of_memory(suite, matr
     assert cells["abort"]["category"] == "crash" and cells["abort"]["exit"]["signal"] == "SIGABRT"
     assert cells["oom"]["category"] == "out-of-memory" and "lower max_pixels" in cells["oom"]["remedy"].lower()
     assert cells["after"]["outcome"] == "passed"
+
+
+def test_the_pytest_process_never_imports_torch(suite, matrix_file):
+    """Cells run in the worker; collection, verdicts and reports stay torch-free (no CUDA context)."""
+    suite.makeconftest(
+        "import sys\n"
+        "def pytest_sessionfinish(session):\n"
+        "    open('torch-imported.txt', 'w').write(str('torch' in sys.modules))\n"
+    )
+    path = matrix_file("models: [{tiny: qwen2_vl}]\naxes: {resolution: [224x224]}\ndefaults: {max_new_tokens: 2}\n")
+    result = suite.runpytest_subprocess("--matrix", str(path), "--reports", "reports")
+    result.assert_outcomes(passed=1)
+    assert (suite.path / "torch-imported.txt").read_text() == "False"
