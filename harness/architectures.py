@@ -22,6 +22,18 @@ def shipped() -> dict[str, dict]:
     return index()["shipped"]
 
 
+def _shipped_key(name: str) -> str | None:
+    """The shipped entry a name or hub id refers to, or None."""
+    key = {entry["hub_id"]: key for key, entry in shipped().items()}.get(name, name)
+    return key if key in shipped() else None
+
+
+def shipped_family(name: str) -> str | None:
+    """The model_type of a shipped architecture (by name or hub id), or None when it is not shipped."""
+    key = _shipped_key(name)
+    return load_config(key)["model_type"] if key else None
+
+
 def _merge(base: dict, extra: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in extra.items():
@@ -31,9 +43,8 @@ def _merge(base: dict, extra: dict) -> dict:
 
 def load_config(name: str) -> dict:
     """The config dict of a shipped architecture (by name or hub id) or, failing that, from the hub."""
-    by_hub = {entry["hub_id"]: key for key, entry in shipped().items()}
-    key = by_hub.get(name, name)
-    if key in shipped():
+    key = _shipped_key(name)
+    if key:
         raw = json.loads(resources.files("harness.data.architectures").joinpath(f"{key}.json").read_text())
         config = {k: v for k, v in raw.items() if not k.startswith("_")}
         return _merge(config, shipped()[key].get("completed", {}))

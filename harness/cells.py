@@ -10,10 +10,10 @@ import itertools
 import json
 import re
 from dataclasses import asdict, dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .architectures import shipped, shipped_family
 from .errors import UserError
 from .families import FAMILIES
 from .matrix import AXIS_FIELDS, Defaults, ExpectRule, Matrix, ModelEntry, Rule, Section
@@ -105,14 +105,6 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def _arch_family(name: str) -> str | None:
-    try:
-        text = resources.files("harness.data.architectures").joinpath(f"{name}.json").read_text()
-    except FileNotFoundError:
-        return None
-    return json.loads(text).get("model_type")
-
-
 _FAMILY_FROM_NAME = [
     (r"qwen3[-_]?vl.*-a\d+b", "qwen3_vl_moe"),
     (r"qwen3[-_]?vl", "qwen3_vl"),
@@ -130,10 +122,8 @@ def model_identity(entry: ModelEntry, matrix_file: str) -> tuple[str, str, dict]
     kind = "arch" if entry.arch else "hub" if entry.hub else "path"
     family = entry.family
     if family is None and kind == "arch":
-        family = _arch_family(name.split("/")[-1])
+        family = shipped_family(name)
         if family is None and "/" not in name:
-            from .architectures import shipped
-
             close = difflib.get_close_matches(name, shipped(), n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""
             raise UserError(
