@@ -85,12 +85,28 @@ def counts(cells: list[dict]) -> dict[str, int]:
     return dict(out)
 
 
-def _prediction_error(c: dict) -> str:
+def _relative_error(c: dict) -> float | None:
+    """(predicted - measured) / measured peak memory of a cell, when both are known."""
     m = c.get("measurements") or {}
     predicted = (c.get("prediction") or {}).get("predicted_peak_mib")
     if predicted and m.get("peak_memory_mib"):
-        return f"{(predicted - m['peak_memory_mib']) / m['peak_memory_mib']:+.0%}"
-    return ""
+        return (predicted - m["peak_memory_mib"]) / m["peak_memory_mib"]
+    return None
+
+
+def _prediction_error(c: dict) -> str:
+    error = _relative_error(c)
+    return "" if error is None else f"{error:+.0%}"
+
+
+def plan_accuracy(cells: list[dict]) -> str:
+    """One line on how well the memory plan predicted this run's peaks."""
+    errors = [e for e in map(_relative_error, cells) if e is not None]
+    if not errors:
+        return ""
+    mean_abs = sum(abs(e) for e in errors) / len(errors)
+    worst = max(errors, key=abs)
+    return f"memory plan vs measured: mean |error| {mean_abs:.1%}, worst {worst:+.1%} over {len(errors)} cells"
 
 
 def markdown(data: dict, stats: dict) -> str:
@@ -106,6 +122,8 @@ def markdown(data: dict, stats: dict) -> str:
         "Outcomes: "
         + ", ".join(f"{k} {v}" for k, v in sorted(counts(cells).items()))
         + (f"; model loads: {stats['model_loads']}, worker starts: {stats['worker_starts']}" if stats else ""),
+        "",
+        plan_accuracy(cells),
         "",
         "| cell | outcome | category | peak MiB (source) | predicted MiB (error) | visual tokens | TTFT s | remedy |",
         "|---|---|---|---|---|---|---|---|",
@@ -174,7 +192,7 @@ td,th{{border:1px solid #bbb;padding:4px;vertical-align:top}}td.cell{{min-width:
 <body><h1>qwen-compat: {esc(env["device"])} ({esc(env["gpu_name"])})</h1>
 <p>torch {esc(env["torch"])}, transformers {esc(env["transformers"])}, flash-attn {esc(env["flash_attn"])},
 vLLM {esc(env["vllm"])}; matrix {esc(str(env["matrix_file"]))}{emulated}</p>
-<p id="counts">{esc(summary)}{esc(loads)}</p>
+<p id="counts">{esc(summary)}{esc(loads)}</p><p id="plan">{esc(plan_accuracy(cells))}</p>
 <table id="grid"><tr><th></th>{head}</tr>{"".join(body)}</table>
 <div id="plots">{imgs}</div></body></html>"""
 

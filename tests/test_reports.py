@@ -239,3 +239,14 @@ def test_a_results_file_cut_mid_line_keeps_its_whole_lines(tmp_path):
     text = results.path.read_text()
     results.path.write_text(text[: text.index('"c2"') + 6])  # killed while writing the third line
     assert [c["id"] for c in load_results(results.path)["cells"]] == ["c0", "c1"]
+
+
+def test_summary_states_how_well_the_plan_predicted():
+    from harness.summary import plan_accuracy
+
+    cells = [
+        {"measurements": {"peak_memory_mib": 1000.0}, "prediction": {"predicted_peak_mib": 1100.0}},
+        {"measurements": {"peak_memory_mib": 1000.0}, "prediction": {"predicted_peak_mib": 950.0}},
+        {"measurements": {}, "prediction": None},
+    ]
+    assert plan_accuracy(cells) == "memory plan vs measured: mean |error| 7.5%, worst +10.0% over 2 cells"
