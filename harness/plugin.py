@@ -72,7 +72,7 @@ class CellRun:
 
 def pytest_addoption(parser):
     group = parser.getgroup("qwen-compat", "qwen-compat hardware-compatibility matrix")
-    group.addoption("--matrix", default=None, help=f"matrix YAML file (default: {DEFAULT_MATRIX})")
+    group.addoption("--matrix", default=None, help=f"matrix YAML file (default: <rootdir>/{DEFAULT_MATRIX})")
     group.addoption("--device", default="auto", help="auto (NVML, then torch, else cpu) or a GPU table key")
     group.addoption("--reports", default="reports", help="reports folder; results go to <reports>/<device>/")
     group.addoption("--resume", action="store_true", help="skip cells already in <reports>/<device>/results.json")
@@ -128,7 +128,8 @@ class CompatSession:
 
     def __init__(self, config):
         self.config = config
-        self.matrix_path = config.getoption("matrix") or DEFAULT_MATRIX
+        # The default matrix belongs to the project (rootdir), wherever pytest is started from.
+        self.matrix_path = config.getoption("matrix") or os.path.relpath(config.rootpath / DEFAULT_MATRIX)
         suites = Path(config.rootpath, "suites").resolve()
         self.active = bool(config.getoption("matrix")) or any(
             Path(a.split("::")[0]).resolve().is_relative_to(suites) for a in config.args
@@ -180,7 +181,7 @@ class CompatSession:
                 for k, v in latest_records(load_results(self.results.path)).items()
                 if v["outcome"] not in ("error",)
             }
-        if not self.is_xdist_worker:
+        if not (self.is_xdist_worker or self.config.option.collectonly):  # --collect-only keeps earlier reports
             if not self.config.getoption("xmlpath", None):
                 self.reports_dir.mkdir(parents=True, exist_ok=True)
                 self.config.option.xmlpath = str(self.reports_dir / "junit.xml")

@@ -110,9 +110,9 @@ def test_doctor_runs_on_a_host_without_gpu():
         assert needle in done.stdout
 
 
-def test_emulation_applies_the_card_and_says_where(pytester):
-    pytester.makepyfile(test_s="def test_cell(cell):\n    pass\n")
-    result = pytester.runpytest(
+def test_emulation_applies_the_card_and_says_where(suite):
+    """--emulate rtx4090 on a (declared) H100: the 4090's cells are this host's, and reports say so."""
+    result = suite.runpytest(
         "--matrix",
         str(REPO / "matrices" / "nightly.yaml"),
         "--device",
@@ -122,15 +122,16 @@ def test_emulation_applies_the_card_and_says_where(pytester):
         "-m",
         "rtx4090",
         "-k",
-        "448x448-video",
-        "--collect-only",
-        "-q",
+        "qwen2-vl-7b and 448x448-video and sdpa and bfloat16 and not max",
         "--reports",
         "r",
     )
-    assert result.ret == 0
-    env = json.loads((pytester.path / "r" / "rtx4090" / "results.json").read_text())["environment"]
-    assert env["device"] == "rtx4090" and env["emulated_on"] == "NVIDIA H100 80GB"
+    env = json.loads((suite.path / "r" / "rtx4090" / "results.json").read_text())
+    assert env["environment"]["device"] == "rtx4090" and env["environment"]["emulated_on"] == "NVIDIA H100 80GB"
+    (cell,) = env["cells"]
+    # This machine has no GPU, so the worker refuses to run a GPU cell on the CPU, and says why.
+    assert cell["outcome"] == "error" and "torch sees no CUDA GPU" in cell["message"]
+    assert result.ret == 1
 
 
 def test_emulation_needs_a_gpu_host(pytester):

@@ -250,3 +250,12 @@ def test_summary_states_how_well_the_plan_predicted():
         {"measurements": {}, "prediction": None},
     ]
     assert plan_accuracy(cells) == "memory plan vs measured: mean |error| 7.5%, worst +10.0% over 2 cells"
+
+
+def test_collect_only_keeps_the_reports_of_an_earlier_run(suite, matrix_file):
+    earlier = suite.path / "reports" / "cpu" / "results.json"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_text('{"schema_version": 1, "environment": {}, "cells": [\n{"id": "kept"}\n]}\n')
+    result = suite.runpytest("--matrix", str(matrix_file(SIX_CELLS)), "--reports", "reports", "--collect-only")
+    assert result.ret == 0
+    assert load_results(earlier)["cells"] == [{"id": "kept"}]
