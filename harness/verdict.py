@@ -7,7 +7,7 @@ checks (new tokens, finite scores, degeneracy, drift, answer) and its memory bud
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import psutil
 
@@ -26,9 +26,6 @@ class Verdict:
     message: str = ""
     remedy: str = ""
     matched: str | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def parse_budget_mib(budget: str, device: str) -> float:

@@ -55,7 +55,8 @@ class WorkerResult:
 
 
 class Runner:
-    """Drives one worker process over a run; counts model loads and worker starts."""
+    """Drives one worker process over a run; each result says whether its cell started a worker or
+    loaded a model, and `starts` counts worker processes."""
 
     def __init__(
         self, reference_dir: Path, env: dict | None = None, emulate: str | None = None, run_predicted_oom: bool = False
@@ -64,7 +65,6 @@ class Runner:
         self.env = {**os.environ, **(env or {})}
         self.emulate = emulate
         self.run_predicted_oom = run_predicted_oom
-        self.loads = 0
         self.starts = 0
         self._proc: subprocess.Popen | None = None
         self._ready = False
@@ -171,7 +171,6 @@ class Runner:
                 result = self._dead_worker(cell)
                 break
             if message.get("event") == "loaded":
-                self.loads += 1
                 loaded = True
                 continue  # the cell's timeout covers inference; loading a large model may take long
             result = WorkerResult(**scrub({k: v for k, v in message.items() if k in WorkerResult.__dataclass_fields__}))
