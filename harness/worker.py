@@ -58,6 +58,8 @@ class Runner:
     """Drives one worker process over a run; each result says whether its cell started a worker or
     loaded a model, and `starts` counts worker processes."""
 
+    command = [sys.executable, "-m", "harness.worker"]
+
     def __init__(
         self, reference_dir: Path, env: dict | None = None, emulate: str | None = None, run_predicted_oom: bool = False
     ):
@@ -68,6 +70,7 @@ class Runner:
         self.starts = 0
         self._proc: subprocess.Popen | None = None
         self._ready = False
+        self._buffer = b""
         self.start_error: str | None = None
         self._stderr = None
 
@@ -80,7 +83,7 @@ class Runner:
     def _spawn(self) -> None:
         self._stderr = tempfile.TemporaryFile(mode="w+b")
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "harness.worker"],
+            self.command,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._stderr,
@@ -88,6 +91,7 @@ class Runner:
         )
         self.starts += 1
         self._ready = False
+        self._buffer = b""
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._proc.stdout, selectors.EVENT_READ)
 
@@ -127,16 +131,22 @@ class Runner:
         self._proc.stdin.flush()
 
     def _read(self, timeout: float) -> dict | None:
-        """One protocol line, or None on timeout or end of stream."""
+        """One protocol line, or None on timeout or end of stream.
+
+        Reads the pipe unbuffered into our own buffer: two lines that arrive together (the "loaded"
+        event and a fast cell's reply) must not leave the second where select() cannot see it.
+        """
         deadline = time.monotonic() + timeout
-        while True:
+        while b"\n" not in self._buffer:
             left = deadline - time.monotonic()
             if left <= 0 or not self._selector.select(timeout=left):
                 return None
-            line = self._proc.stdout.readline()
-            if not line:
+            chunk = os.read(self._proc.stdout.fileno(), 1 << 16)
+            if not chunk:
                 return None
-            return json.loads(line)
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return json.loads(line)
 
     def _stderr_tail(self) -> str:
         self._stderr.flush()

@@ -110,3 +110,29 @@ def test_the_pytest_process_never_imports_torch(suite, matrix_file):
     result = suite.runpytest_subprocess("--matrix", str(path), "--reports", "reports")
     result.assert_outcomes(passed=1)
     assert (suite.path / "torch-imported.txt").read_text() == "False"
+
+
+def test_two_replies_arriving_together_are_both_read(tmp_path, tiny_cell):
+    """A fast cell's reply can arrive in the same read as the "loaded" event; it must not wait out
+    the cell's timeout in a buffer that select() cannot see."""
+    import sys
+    import time
+
+    from harness.worker import Runner
+
+    fake_worker = (
+        "import json, sys\n"
+        "print(json.dumps({'event': 'ready'}), flush=True)\n"
+        "sys.stdin.readline()\n"
+        "reply = {'ok': True, 'generation': {'new_token_ids': [1, 2]}, 'measurements': {}}\n"
+        "sys.stdout.write(json.dumps({'event': 'loaded'}) + '\\n' + json.dumps(reply) + '\\n')\n"
+        "sys.stdout.flush()\n"
+        "sys.stdin.readline()\n"
+    )
+    runner = Runner(tmp_path)
+    runner.command = [sys.executable, "-c", fake_worker]
+    start = time.monotonic()
+    result = runner.run(tiny_cell(timeout_s=20))
+    assert result.ok and result.model_loaded and not result.timed_out
+    assert time.monotonic() - start < 10
+    runner.close()
