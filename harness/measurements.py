@@ -2,7 +2,8 @@
 
 GPU: torch's allocator peaks (allocated, reserved; reset per cell) and NVML's view of this process
 (which includes the CUDA context), sampled by a side thread every 5 ms so a short peak is not
-missed. CPU: the worker's resident memory, sampled the same way. One metric is named as the one
+missed. CPU: the worker's peak resident memory as the kernel keeps it (VmHWM, reset per cell), or
+sampled the same way where the kernel cannot reset it. One metric is named as the one
 budgets are checked against (`peak_memory_source`); the others are reported beside it.
 """
 
@@ -85,6 +86,26 @@ def settle(device: str, timeout_s: float = 5.0) -> float:
     return psutil.Process().memory_info().rss / MIB
 
 
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's own peak-RSS counter (VmHWM) for this process; False where unsupported.
+
+    Linux keeps the high-water mark exactly, with no sampling and no thread competing with the
+    cell for the GIL; writing 5 to /proc/self/clear_refs restarts it at the current RSS.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024  # kB
+
+
 class MemoryTracker:
     """Context manager measuring one cell's peak memory on `device` ("cpu" or "cuda[:N]")."""
 
@@ -100,6 +121,8 @@ class MemoryTracker:
             torch.cuda.reset_peak_memory_stats()
             reader = _nvml_process_reader(torch.cuda.current_device())
             self._sampler = _Sampler(reader) if reader else None
+        elif _reset_peak_rss():
+            self._sampler = None  # the kernel keeps the peak: see _reset_peak_rss
         else:
             process = psutil.Process()
             self._sampler = _Sampler(lambda: process.memory_info().rss / MIB)
@@ -129,9 +152,10 @@ class MemoryTracker:
             else:
                 self.result.update(peak_memory_mib=round(reserved, 1), peak_memory_source="torch_reserved")
         else:
+            peak = self._sampler.peak if self._sampler else _peak_rss_mib()
             self.result = {
-                "rss_peak_mib": round(self._sampler.peak, 1),
-                "peak_memory_mib": round(self._sampler.peak, 1),
+                "rss_peak_mib": round(peak, 1),
+                "peak_memory_mib": round(peak, 1),
                 "peak_memory_source": "worker_rss",
             }
         self.result["settled_before_mib"] = round(self.baseline_mib, 1)

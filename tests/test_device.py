@@ -77,3 +77,16 @@ def test_unknown_device_option_suggests_the_key():
     with pytest.raises(UserError) as err:
         device.resolve("h10")
     assert "did you mean 'h100'" in str(err.value)
+
+
+def test_cpu_peak_memory_is_reset_for_each_cell():
+    import numpy as np
+
+    with measurements.MemoryTracker("cpu") as big:
+        block = np.ones(200 * 2**20 // 8)
+        del block
+    with measurements.MemoryTracker("cpu") as small:
+        pass
+    assert big.result["peak_memory_mib"] - big.result["settled_before_mib"] > 150
+    assert small.result["peak_memory_mib"] - small.result["settled_before_mib"] < 50
+    assert small.result["peak_memory_source"] == "worker_rss"
