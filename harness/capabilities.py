@@ -7,24 +7,23 @@ the CPU or without the package cannot run and is skipped. A matrix's own `expect
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 from .cells import Cell, Expectation
 from .gpus import Gpu, table
 
 
-def flash_attn_installed() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
-
-
-def vllm_installed() -> bool:
-    return importlib.util.find_spec("vllm") is not None
+@functools.cache
+def installed(package: str) -> bool:
+    """Whether an optional package can be imported here, looked up once per run, not once per cell."""
+    return importlib.util.find_spec(package) is not None
 
 
 def capability_expectation(cell: Cell, gpu: Gpu, *, flash_attn: bool | None = None) -> Expectation | None:
     """The expectation the card's facts imply for this cell, or None when nothing stands out."""
     if cell.backend == "vllm":
-        if not vllm_installed():
+        if not installed("vllm"):
             return Expectation(
                 "skip",
                 ["missing-package"],
@@ -54,7 +53,7 @@ def capability_expectation(cell: Cell, gpu: Gpu, *, flash_attn: bool | None = No
                 f"{gpu.compute_capability}: use sdpa",
                 source="capability",
             )
-        if not (flash_attn_installed() if flash_attn is None else flash_attn):
+        if not (installed("flash_attn") if flash_attn is None else flash_attn):
             return Expectation(
                 "skip",
                 ["missing-package"],
