@@ -71,6 +71,7 @@ class Runner:
         self._proc: subprocess.Popen | None = None
         self._ready = False
         self._buffer = b""
+        self._eof = False
         self.start_error: str | None = None
         self._stderr = None
 
@@ -92,6 +93,7 @@ class Runner:
         self.starts += 1
         self._ready = False
         self._buffer = b""
+        self._eof = False
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._proc.stdout, selectors.EVENT_READ)
 
@@ -143,6 +145,7 @@ class Runner:
                 return None
             chunk = os.read(self._proc.stdout.fileno(), 1 << 16)
             if not chunk:
+                self._eof = True
                 return None
             self._buffer += chunk
         line, self._buffer = self._buffer.split(b"\n", 1)
@@ -191,6 +194,12 @@ class Runner:
         return result
 
     def _dead_worker(self, cell: Cell) -> WorkerResult:
+        # End of stream means the worker is dying (it may not be reapable yet); silence means a hang.
+        if self._eof:
+            try:
+                self._proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
         alive = self._proc.poll() is None
         if alive:
             self._proc.kill()
