@@ -16,7 +16,7 @@ from typing import Any
 from .architectures import shipped, shipped_family
 from .errors import UserError
 from .families import FAMILIES
-from .matrix import AXIS_FIELDS, Defaults, ExpectRule, Matrix, ModelEntry, Rule, Section
+from .matrix import AXIS_FIELDS, ExpectRule, Matrix, ModelEntry, Rule, Section
 
 DTYPE_ORDER = {"float32": 0, "bfloat16": 1, "float16": 2}  # float32 first: reduced dtypes compare against it
 
@@ -50,10 +50,13 @@ class Cell:
     prompt: str
     max_new_tokens: int
     timeout_s: float
+    load_timeout_s: float
+    repeats: int
     images: int
     image: str | None
     drift_max_abs_diff: float
     drift_top1: bool
+    drift_top_k: int
     degenerate_check: bool
     expectation: Expectation = field(default_factory=Expectation)
     fault: Any = None
@@ -117,7 +120,8 @@ def model_identity(entry: ModelEntry, matrix_file: str) -> tuple[str, str, dict]
     """(id, family, source) of a model entry."""
     if entry.tiny:
         default_id = "tiny-" + _slug(entry.tiny) + ("" if entry.variant == "default" else "-" + _slug(entry.variant))
-        return entry.id or default_id, entry.tiny, {"tiny": entry.tiny, "variant": entry.variant}
+        source = {"tiny": entry.tiny, "variant": entry.variant, **({"seed": entry.seed} if entry.seed else {})}
+        return entry.id or default_id, entry.tiny, source
     name = entry.arch or entry.hub or entry.path
     kind = "arch" if entry.arch else "hub" if entry.hub else "path"
     family = entry.family
@@ -145,7 +149,7 @@ def model_identity(entry: ModelEntry, matrix_file: str) -> tuple[str, str, dict]
             fix=f"add `family:` to this model, one of {', '.join(FAMILIES)}.",
         )
     short = re.sub(r"-instruct$", "", _slug(Path(name).name if kind == "path" else name.split("/")[-1]))
-    return entry.id or short, family, {kind: name}
+    return entry.id or short, family, {kind: name, **({"seed": entry.seed} if kind == "arch" or entry.seed else {})}
 
 
 def _cell_id(
@@ -179,7 +183,10 @@ def _expectation(rule: ExpectRule) -> Expectation:
     )
 
 
-def _section_cells(matrix: Matrix, section: Section, defaults: Defaults, matrix_file: str) -> list[Cell]:
+def _section_cells(matrix: Matrix, section: Section, matrix_file: str) -> list[Cell]:
+    defaults = matrix.defaults
+    if section.defaults is not None:
+        defaults = defaults.model_copy(update=section.defaults.model_dump(exclude_unset=True))
     axes = section.axes
     budgets = {**matrix.budgets, **section.budgets}
     expect = section.expect + matrix.expect
@@ -217,10 +224,13 @@ def _section_cells(matrix: Matrix, section: Section, defaults: Defaults, matrix_
                 prompt=defaults.prompt,
                 max_new_tokens=defaults.max_new_tokens,
                 timeout_s=defaults.timeout_s,
+                load_timeout_s=defaults.load_timeout_s,
+                repeats=defaults.repeats,
                 images=defaults.images,
                 image=defaults.image,
                 drift_max_abs_diff=defaults.drift_max_abs_diff,
                 drift_top1=defaults.drift_top1,
+                drift_top_k=defaults.drift_top_k,
                 degenerate_check=defaults.degenerate_check,
                 matrix_file=matrix_file,
             )
@@ -240,7 +250,7 @@ def expand(matrix: Matrix, matrix_file: str) -> list[Cell]:
     """All cells of a matrix, deduplicated by id, in matrix order; fails on a matrix with none."""
     seen: dict[str, Cell] = {}
     for section in matrix.all_sections():
-        for cell in _section_cells(matrix, section, matrix.defaults, matrix_file):
+        for cell in _section_cells(matrix, section, matrix_file):
             seen.setdefault(cell.id, cell)
     if not seen:
         raise UserError(

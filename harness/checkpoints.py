@@ -249,13 +249,13 @@ def tiny_checkpoint(family_key: str, variant: str = "default", seed: int = 0) ->
     return _cached_build(f"tiny-{family.key}-{variant}", recipe, build)
 
 
-def architecture_checkpoint(name: str) -> Path:
-    """Folder holding a true-size architecture's config, tokenizer and processor, and no weights.
+def empty_weights_checkpoint(name: str, config_dict: dict) -> Path:
+    """Folder holding a config, tokenizer and processor, and a weights file with no tensors.
 
-    `name` is a shipped architecture (see `harness.architectures`) or a hub id whose config.json
-    can be fetched. Loading it initialises random weights of true size on the target device.
+    `from_pretrained` finds a checkpoint whose every key is "missing" and initialises it on the
+    requested device and dtype (no float32 copy of a large model on the host); `seed_weights` then
+    makes those weights a function of (architecture, seed).
     """
-    config_dict = architectures.load_config(name)
     family = get_family(config_dict["model_type"])
     recipe = {"kind": "architecture", "name": name, "config": config_dict}
 
@@ -263,18 +263,48 @@ def architecture_checkpoint(name: str) -> Path:
         from safetensors.torch import save_file
 
         (out / "config.json").write_text(json.dumps(config_dict, indent=2))
-        # An empty weights file: from_pretrained finds a checkpoint, every key is "missing" and is
-        # initialised randomly on the requested device and dtype (no fp32 CPU copy of the model).
         save_file({}, str(out / "model.safetensors"), metadata={"format": "pt"})
-        build_processor(family, REAL_SPECIAL_BASE).save_pretrained(out)
+        vocab = config_dict.get("text_config", config_dict).get("vocab_size", 0)
+        build_processor(family, REAL_SPECIAL_BASE if vocab > REAL_SPECIAL_BASE else TINY_SPECIAL_BASE).save_pretrained(
+            out
+        )
 
     return _cached_build(f"arch-{name.replace('/', '--')}", recipe, build)
+
+
+def architecture_checkpoint(name: str) -> Path:
+    """A true-size architecture's empty-weights folder. `name` is a shipped architecture (see
+    `harness.architectures`) or a hub id whose config.json can be fetched."""
+    return empty_weights_checkpoint(name, architectures.load_config(name))
 
 
 def checkpoint_for(source: dict) -> str:
     """What `from_pretrained` is given for a cell's model: a built folder, a hub id or a local path."""
     if "tiny" in source:
-        return str(tiny_checkpoint(source["tiny"], source.get("variant", "default")))
+        return str(tiny_checkpoint(source["tiny"], source.get("variant", "default"), source.get("seed", 0)))
     if "arch" in source:
         return str(architecture_checkpoint(source["arch"]))
     return source.get("hub") or source["path"]
+
+
+def weights_seed(source: dict, folder: str) -> str | None:
+    """For an empty-weights folder (an `arch:` model, or a `path:` to such a folder), the identity its
+    random weights are drawn from: the recipe it was built from and the model's seed. None for
+    checkpoints that hold their weights."""
+    recipe = Path(folder) / "qwen_compat_recipe.json"
+    if not recipe.is_file() or json.loads(recipe.read_text()).get("kind") != "architecture":
+        return None
+    return f"{hashlib.sha256(recipe.read_bytes()).hexdigest()[:16]}/seed={source.get('seed', 0)}"
+
+
+def model_identity(source: dict, folder: str) -> dict:
+    """What makes two loads the same model: the source, the recipe a built folder was made from,
+    and, for a local folder, its files' sizes and times."""
+    identity = {"source": source}
+    if "tiny" in source or "arch" in source:
+        identity["recipe"] = Path(folder).name
+    elif "path" in source and Path(folder).is_dir():
+        identity["files"] = sorted(
+            (f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in Path(folder).iterdir() if f.is_file()
+        )
+    return identity

@@ -14,6 +14,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import nvml as nvml_mod
 from .errors import UserError
 from .gpus import Gpu, match_nvml_name, table
 
@@ -35,22 +36,26 @@ class Host:
 
 
 def _nvml_host() -> Host | None:
-    try:
-        import pynvml
-    except ImportError:
+    """The first GPU CUDA will see, found through NVML the way CUDA reads CUDA_VISIBLE_DEVICES
+    (indices, GPU-/MIG- UUIDs); the CPU when that variable names no GPU of this host."""
+    pynvml = nvml_mod.load()
+    if pynvml is None:
         return None
     try:
-        pynvml.nvmlInit()
-    except Exception:
-        return None
-    try:
-        first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(int(first) if first.isdigit() else 0)
-        name = pynvml.nvmlDeviceGetName(handle)
-        name = name.decode() if isinstance(name, bytes) else name
+        visible = nvml_mod.visible_handles(pynvml)
+        if not visible:
+            spec = os.environ.get("CUDA_VISIBLE_DEVICES")
+            warnings.warn(
+                f"qwen-compat: CUDA_VISIBLE_DEVICES={spec!r} names no GPU of this host (NVML sees "
+                f"{pynvml.nvmlDeviceGetCount()}); CUDA will see none, so this host runs as the CPU.",
+                stacklevel=2,
+            )
+            return Host(key="cpu", name="cpu", via=f"CUDA_VISIBLE_DEVICES={spec!r} names no GPU")
+        handle = visible[0]
+        name = nvml_mod.text(pynvml.nvmlDeviceGetName(handle))
         major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
         memory = pynvml.nvmlDeviceGetMemoryInfo(handle).total / 2**20
-        driver = pynvml.nvmlSystemGetDriverVersion()
+        driver = nvml_mod.text(pynvml.nvmlSystemGetDriverVersion())
         cuda = pynvml.nvmlSystemGetCudaDriverVersion_v2()
         return _host_from(name, f"{major}.{minor}", memory, driver, f"{cuda // 1000}.{cuda % 1000 // 10}", "nvml")
     finally:
@@ -87,6 +92,7 @@ def _host_from(name, cc, memory_mib, driver, cuda, via) -> Host:
             f"{memory_mib:.0f} MiB. Cells for known cards are skipped here. To add it, add one row to "
             f"harness/data/gpus.yaml:\n<key>:\n  name: {name}\n  nvml_names: ['{name}']\n"
             f'  compute_capability: "{cc}"\n  memory_gb: {round(memory_mib / 1024)}\n'
+            f"  physical_mib: {memory_mib:.0f}\n  physical_mib_source: <an nvidia-smi printout>\n"
             f"  native_bf16: {str(float(cc) >= 8.0).lower()}\n  flash_attn_2: {str(float(cc) >= 8.0).lower()}\n"
             f"  source: <datasheet url>",
             stacklevel=2,

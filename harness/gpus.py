@@ -9,8 +9,6 @@ from importlib import resources
 
 import yaml
 
-MIB_PER_GB = 1024  # nominal "GB as sold" taken as GiB; NVML reports slightly less usable memory
-
 
 @dataclass(frozen=True)
 class Gpu:
@@ -18,7 +16,9 @@ class Gpu:
     name: str
     nvml_names: tuple[str, ...]
     compute_capability: str | None
-    memory_gb: float | None
+    memory_gb: float | None  # as sold
+    physical_mib: float | None  # what NVML reports on the host
+    physical_mib_source: str | None
     native_bf16: bool
     flash_attn_2: bool
     source: str
@@ -29,7 +29,8 @@ class Gpu:
 
     @property
     def memory_mib(self) -> float | None:
-        return self.memory_gb * MIB_PER_GB if self.memory_gb else None
+        """The card's physical memory (MiB), what budgets, plans and emulation are taken of."""
+        return self.physical_mib
 
     @property
     def sm(self) -> int | None:

@@ -6,16 +6,22 @@ worker process only: this module imports torch.
 
 from __future__ import annotations
 
+import hashlib
+import math
+import statistics
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor, LogitsProcessor, LogitsProcessorList
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from . import inputs
 from .errors import UserError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SEED_CHUNK = 1 << 22  # elements drawn per generator seed: the values do not depend on how a tensor is split
+LATENCY_METRICS = ("prefill_s", "decode_tokens_per_s")
 
 
 def _check_attention(attn_implementation: str) -> None:
@@ -33,14 +39,78 @@ def _check_attention(attn_implementation: str) -> None:
             )
 
 
-def load(source: str, *, dtype: str, attn_implementation: str, device: str):
-    """Processor and model through the same `from_pretrained` path a downloaded model takes."""
+def _check_source(source: dict, folder: str) -> None:
+    """A `path:` that is not a model folder is the matrix's mistake, said before transformers fails on it."""
+    if "path" in source and not (Path(folder) / "config.json").is_file():
+        raise UserError(
+            f"'{folder}' is not a model folder (no config.json in it).",
+            key="models.path",
+            fix="point `path:` at a folder written by save_pretrained (config.json, weights, processor files).",
+        )
+
+
+def load(
+    folder: str, *, dtype: str, attn_implementation: str, device: str, source: dict | None = None, weights_seed=None
+):
+    """Processor and model through the same `from_pretrained` path a downloaded model takes.
+
+    `weights_seed` (an identity string) makes an empty-weights folder's random weights a function of
+    that identity: see `seed_weights`.
+    """
+    source = source or {"path": folder}
     _check_attention(attn_implementation)
-    processor = AutoProcessor.from_pretrained(source)
-    model = AutoModelForImageTextToText.from_pretrained(
-        source, dtype=DTYPES[dtype], attn_implementation=attn_implementation, device_map=device
-    )
+    _check_source(source, folder)
+    try:
+        processor = AutoProcessor.from_pretrained(folder)
+        model = AutoModelForImageTextToText.from_pretrained(
+            folder, dtype=DTYPES[dtype], attn_implementation=attn_implementation, device_map=device
+        )
+    except OSError as exc:
+        if "hub" not in source:
+            raise
+        raise UserError(
+            f"the hub model '{source['hub']}' cannot be loaded: {str(exc).splitlines()[0]}",
+            key="models.hub",
+            fix="check the id and this runner's network and HF_TOKEN, or download the model and use `path:`.",
+        ) from None
+    if weights_seed is not None and model.device.type != "meta":
+        seed_weights(model, weights_seed)
     return processor, model.eval()
+
+
+def _chunk_seed(identity: str, name: str, chunk: int) -> int:
+    digest = hashlib.sha256(f"{identity}\0{name}\0{chunk}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+@torch.no_grad()
+def seed_weights(model, identity: str) -> None:
+    """Give every parameter values that depend on (identity, parameter name) only.
+
+    Drawn in float32 on the CPU a chunk at a time (the same numbers on every machine, never a float32
+    copy of the whole model), cast to the parameter's dtype and copied to its device: a bfloat16 load
+    equals the float32 load cast to bfloat16. Norm weights are ones and biases zeros, as transformers
+    initialises them; other weights are uniform with the config's `initializer_range` as std.
+    """
+    std = getattr(model.config, "initializer_range", None) or getattr(
+        model.config.get_text_config(), "initializer_range", 0.02
+    )
+    half_width = std * math.sqrt(3)
+    for module_name, module in model.named_modules():
+        is_norm = "norm" in type(module).__name__.lower()
+        for param_name, param in module.named_parameters(recurse=False):
+            name = f"{module_name}.{param_name}" if module_name else param_name
+            if param_name == "bias":
+                param.zero_()
+            elif is_norm:
+                param.fill_(1.0)
+            else:
+                flat = param.view(-1)
+                for chunk, start in enumerate(range(0, flat.numel(), SEED_CHUNK)):
+                    end = min(start + SEED_CHUNK, flat.numel())
+                    generator = torch.Generator().manual_seed(_chunk_seed(identity, name, chunk))
+                    values = torch.rand(end - start, generator=generator).mul_(2 * half_width).sub_(half_width)
+                    flat[start:end].copy_(values.to(param.dtype))
 
 
 @dataclass
@@ -59,6 +129,16 @@ class CellInput:
 
 
 @dataclass
+class Prepared:
+    """A cell's model inputs, built (and on the model's device) before anything is measured."""
+
+    batch: dict
+    input_tokens: int
+    visual_tokens: int
+    preprocess_s: float
+
+
+@dataclass
 class Generation:
     new_token_ids: list[int]
     text: str
@@ -69,6 +149,7 @@ class Generation:
     decode_tokens_per_s: float | None
     nonfinite_steps: list[int] = field(default_factory=list)
     first_logits: torch.Tensor | None = None
+    latency: dict = field(default_factory=dict)  # metric -> {median, min, max, spread, n} over the timed repeats
 
 
 def image_source(spec: str | None) -> dict:
@@ -80,26 +161,20 @@ def image_source(spec: str | None) -> dict:
     return {"image_path": spec}
 
 
-class _StepClock(LogitsProcessor):
-    """Records when each decoding step's logits arrive: the first is time to first token."""
-
-    def __init__(self):
-        self.times: list[float] = []
-
-    def __call__(self, input_ids, scores):
-        self.times.append(time.perf_counter())
-        return scores
-
-
 def _visual(cell: CellInput):
     if cell.kind == "video":
         return {"videos": [inputs.synthetic_video(cell.width, cell.height)]}, [{"type": "video"}]
+    n = cell.count if cell.kind == "images" else 1
     if cell.image_path:
-        images = [inputs.load_image(cell.image_path)]
+        try:
+            images = [inputs.load_image(cell.image_path)] * n
+        except OSError as exc:  # missing file, not an image
+            raise UserError(
+                f"the matrix's image cannot be read: {exc}", key="defaults.image", fix="point it at a PNG or JPEG file."
+            ) from None
     elif cell.color:
-        images = [inputs.solid_image(cell.width, cell.height, cell.color)]
+        images = [inputs.solid_image(cell.width, cell.height, cell.color)] * n
     else:
-        n = cell.count if cell.kind == "images" else 1
         images = [inputs.synthetic_image(cell.width, cell.height, seed=i) for i in range(n)]
     return {"images": images}, [{"type": "image"}] * len(images)
 
@@ -115,8 +190,9 @@ def _budget_kwargs(processor, cell: CellInput) -> dict:
     return {"images_kwargs": {"size": size}, "videos_kwargs": {"size": size}}
 
 
-def run(processor, model, cell: CellInput, *, max_new_tokens: int, fault=None) -> Generation:
-    """chat template -> processor -> greedy generate; returns ids, text, visual tokens and timings."""
+def prepare(processor, model, cell: CellInput) -> Prepared:
+    """chat template -> processor -> tensors on the model's device; a size the processor rejects is the
+    matrix's input, said as such (never a model failure)."""
     visual, parts = _visual(cell)
     messages = [{"role": "user", "content": [*parts, {"type": "text", "text": cell.prompt}]}]
     t0 = time.perf_counter()
@@ -133,41 +209,129 @@ def run(processor, model, cell: CellInput, *, max_new_tokens: int, fault=None) -
                 }
             ],
         )
-    batch = processor(text=[text], return_tensors="pt", **visual, **kwargs).to(model.device)
+    try:
+        batch = processor(text=[text], return_tensors="pt", **visual, **kwargs)
+    except ValueError as exc:
+        what = f"the image {cell.image_path}" if cell.image_path else f"{cell.width}x{cell.height} {cell.kind}"
+        raise UserError(
+            f"the model's processor rejects this cell's input ({what}): {exc}",
+            key="defaults.image" if cell.image_path else "axes.resolution",
+            fix="use an input whose size the processor accepts (aspect ratio at most 200), or a pixel budget "
+            "that keeps it in range.",
+        ) from None
+    batch = batch.to(model.device)
     preprocess_s = time.perf_counter() - t0
-
     tokenizer = processor.tokenizer
     pad_ids = {tokenizer.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>")}
     input_ids = batch["input_ids"][0]
     visual_tokens = int(sum((input_ids == i).sum().item() for i in pad_ids))
+    return Prepared(batch, int(input_ids.shape[0]), visual_tokens, preprocess_s)
 
+
+class StepTimer:
+    """Timestamps of a generation's start, of each step's logits and of its end.
+
+    On a GPU these are CUDA events, read after one synchronisation at the end: a host clock taken
+    while kernels are still queued would time their launch, not their completion. On the CPU,
+    `perf_counter`.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def seconds(self) -> list[float]:
+        """Every mark after the first, in seconds since the first."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [self.marks[0].elapsed_time(m) / 1000 for m in self.marks[1:]]
+        return [m - self.marks[0] for m in self.marks[1:]]
+
+
+class _LogitsWatch:
+    """A forward hook on the output layer: per step a finiteness flag (kept on the device, read once at
+    the end) and a timer mark; the first step's logits are kept for drift. Raw logits, before any
+    logits processor sets tokens to -inf."""
+
+    def __init__(self, timer: StepTimer):
+        self.timer, self.finite, self.first = timer, [], None
+
+    def __call__(self, module, args, output):
+        last = output[0, -1]
+        self.timer.mark()
+        self.finite.append(torch.isfinite(last).all())
+        if self.first is None:
+            self.first = last.detach().clone()
+
+
+def _generate_once(model, prepared: Prepared, max_new_tokens: int):
+    timer = StepTimer(model.device)
+    watch = _LogitsWatch(timer)
+    hook = model.get_output_embeddings().register_forward_hook(watch)
+    try:
+        timer.mark()
+        with torch.inference_mode():
+            sequences = model.generate(
+                **prepared.batch, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False
+            )
+        timer.mark()
+    finally:
+        hook.remove()
+    *steps, end = timer.seconds()
+    steps = steps or [end]
+    decode_rate = (len(steps) - 1) / (end - steps[0]) if len(steps) > 1 and end > steps[0] else None
+    return sequences, watch, steps[0], decode_rate
+
+
+def _spread(values: list[float]) -> dict:
+    return {
+        "median": round(statistics.median(values), 5),
+        "min": round(min(values), 5),
+        "max": round(max(values), 5),
+        "spread": round(max(values) - min(values), 5),
+        "n": len(values),
+    }
+
+
+def run(processor, model, prepared: Prepared, *, max_new_tokens: int, repeats: int = 1, fault=None) -> Generation:
+    """Greedy generation on prepared inputs: with `repeats` > 1, one warm-up and `repeats` timed runs.
+
+    The first timed run's tokens, logits and finiteness are the cell's output; latency is the median
+    over the timed runs, with min, max and spread beside it.
+    """
     if fault is not None:
         fault()
-    clock = _StepClock()
-    t1 = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(
-            **batch,
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=max_new_tokens,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-            logits_processor=LogitsProcessorList([clock]),
-        )
-    end = time.perf_counter()
-    new_ids = out.sequences[0, input_ids.shape[0] :].tolist()
-    steps = clock.times or [end]
-    decode_rate = (len(steps) - 1) / (end - steps[0]) if len(steps) > 1 and end > steps[0] else None
-    logits = out.logits or ()
+    if repeats > 1:
+        _generate_once(model, prepared, max_new_tokens)
+    timings = {metric: [] for metric in LATENCY_METRICS}
+    for i in range(repeats):
+        sequences, watch, prefill_s, decode_rate = _generate_once(model, prepared, max_new_tokens)
+        timings["prefill_s"].append(prefill_s)
+        if decode_rate is not None:
+            timings["decode_tokens_per_s"].append(decode_rate)
+        if i == 0:
+            first = (sequences, watch)
+    sequences, watch = first
+    new_ids = sequences[0, prepared.input_tokens :].tolist()
+    finite = torch.stack(watch.finite).tolist() if watch.finite else []
+    latency = {metric: _spread(values) for metric, values in timings.items() if values}
     return Generation(
         new_token_ids=new_ids,
-        text=tokenizer.decode(new_ids, skip_special_tokens=True),
-        visual_tokens=visual_tokens,
-        input_tokens=int(input_ids.shape[0]),
-        preprocess_s=preprocess_s,
-        prefill_s=steps[0] - t1,
-        decode_tokens_per_s=decode_rate,
-        nonfinite_steps=[i for i, step in enumerate(logits) if not torch.isfinite(step).all()],
-        first_logits=logits[0][0].float().cpu() if logits else None,
+        text=processor.tokenizer.decode(new_ids, skip_special_tokens=True),
+        visual_tokens=prepared.visual_tokens,
+        input_tokens=prepared.input_tokens,
+        preprocess_s=prepared.preprocess_s,
+        prefill_s=latency["prefill_s"]["median"],
+        decode_tokens_per_s=latency["decode_tokens_per_s"]["median"] if "decode_tokens_per_s" in latency else None,
+        nonfinite_steps=[i for i, ok in enumerate(finite) if not ok],
+        first_logits=watch.first.float().cpu() if watch.first is not None else None,
+        latency=latency if repeats > 1 else {},
     )

@@ -13,7 +13,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    model_validator,
+)
 
 from .errors import UserError
 from .families import FAMILIES
@@ -61,7 +70,33 @@ Pixels = Annotated[
         }
     ),
 ]
-Resolution = Annotated[str, Field(pattern=r"^\d+x\d+$", description="WIDTHxHEIGHT in pixels, e.g. 1024x1024")]
+MAX_ASPECT_RATIO = 200  # Qwen's smart_resize rejects a longer side over 200 times the shorter
+
+
+def _resolution(value: Any) -> Any:
+    """WIDTHxHEIGHT with both sides at least 1 and an aspect ratio Qwen's processors accept.
+
+    YAML reads an unquoted `0x0` (or `0x1F`) as a hexadecimal number: that is a resolution too.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        raise ValueError(
+            f"a resolution is WIDTHxHEIGHT, e.g. 448x448 (YAML read this one as the number {value}: an "
+            "unquoted 0x.. is hexadecimal); both sides must be at least 1 pixel"
+        )
+    if isinstance(value, str) and re.fullmatch(r"\d+x\d+", value):
+        width, height = (int(side) for side in value.split("x"))
+        if width < 1 or height < 1:
+            raise ValueError(f"resolution {value}: both sides must be at least 1 pixel, e.g. 448x448")
+        if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
+            raise ValueError(f"resolution {value}: Qwen-VL processors reject an aspect ratio over {MAX_ASPECT_RATIO}")
+    return value
+
+
+Resolution = Annotated[
+    str,
+    BeforeValidator(_resolution),
+    Field(pattern=r"^\d+x\d+$", description="WIDTHxHEIGHT in pixels, e.g. 1024x1024"),
+]
 
 
 class Strict(BaseModel):
@@ -78,6 +113,7 @@ class ModelEntry(Strict):
     hub: str | None = Field(None, description="Hugging Face hub id of a real checkpoint")
     path: str | None = Field(None, description="local folder of a checkpoint")
     family: str | None = Field(None, description="model family when it cannot be read from the source")
+    seed: int = Field(0, ge=0, description="arch: models: the random weights are a function of (architecture, seed)")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -109,8 +145,23 @@ class Axes(Strict):
 Budget = Annotated[str, Field(pattern=r"^\s*\d+(\.\d+)?\s*(GiB|MiB|%)\s*$", description="e.g. 14GiB, 900MiB or 90%")]
 
 
+PIXEL_AXES = ("min_pixels", "max_pixels")
+
+
+def normalise_selector(when: dict[str, Any]) -> dict[str, Any]:
+    """Selector values written as the axes are (`max_pixels: 800*28*28`) compare equal to the cells' values."""
+    out = {}
+    for axis, wanted in when.items():
+        if axis in PIXEL_AXES:
+            wanted = [_pixels(v) for v in wanted] if isinstance(wanted, list) else _pixels(wanted)
+        out[axis] = wanted
+    return out
+
+
 class Rule(Strict):
-    when: dict[str, Any] = Field(..., description="axis -> value or list of values; all must match")
+    when: Annotated[dict[str, Any], AfterValidator(normalise_selector)] = Field(
+        ..., description="axis -> value or list of values; all must match"
+    )
 
 
 class ExpectRule(Rule):
@@ -135,7 +186,13 @@ class Claim(Rule):
 class Defaults(Strict):
     prompt: str = "Describe this image."
     max_new_tokens: int = Field(8, ge=1)
-    timeout_s: float = Field(300, gt=0)
+    timeout_s: float = Field(300, gt=0, description="seconds of inference a cell may take (loading not included)")
+    load_timeout_s: float = Field(1800, gt=0, description="seconds a model load may take, reported apart")
+    repeats: int = Field(
+        1,
+        ge=1,
+        description="timed generations per cell; above 1, one warm-up first and latency kept as median/min/spread",
+    )
     images: int = Field(2, ge=2, description="how many images the `images` input kind sends")
     image: str | None = Field(
         None,
@@ -144,14 +201,24 @@ class Defaults(Strict):
         "resolution (for `answer:` checks on real checkpoints, e.g. rgb(255,0,0) and answer: red)",
     )
     drift_max_abs_diff: float = Field(
-        5.0, description="largest |logit - float32 logit| allowed at the first step for reduced dtypes"
+        0.25,
+        description="largest first-step |logit - float32 logit| allowed for reduced dtypes, relative to the "
+        "float32 logits' largest magnitude",
     )
-    drift_top1: bool = Field(True, description="reduced dtypes must agree with float32 on the first token")
+    drift_top1: bool = Field(
+        True, description="reduced dtypes must agree with float32 on the first token (within each other's top-k)"
+    )
+    drift_top_k: int = Field(5, ge=1, description="a differing first token is accepted when in the other's top-k")
     degenerate_check: bool = Field(True, description="fail when every new token is the same token")
+
+
+class SectionDefaults(Defaults):
+    """A section's own defaults: the keys given override the matrix's `defaults`."""
 
 
 class Section(Strict):
     name: str | None = None
+    defaults: SectionDefaults | None = Field(None, description="per-section overrides of the matrix defaults")
     models: list[ModelEntry]
     devices: list[str] = ["cpu"]
     axes: Axes = Axes()

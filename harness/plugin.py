@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from .verdict import Verdict, judge
 from .worker import Runner, WorkerResult
 
 DEFAULT_MATRIX = "matrices/default.yaml"
+REFERENCE_DIR = ".reference-logits"
 RUN_KEY = pytest.StashKey["CellRun"]()
 DTYPE_MARKERS = ["float32", "float16", "bfloat16"]
 
@@ -170,6 +172,9 @@ class CompatSession:
                     fix="run it on a GPU runner, or use --device KEY to plan and collect "
                     "that card's cells here (`qwen-compat plan` predicts their memory).",
                 )
+            from .emulation import check_fits
+
+            check_fits(emulate, real.name, real.memory_mib)
             self.host = resolve(emulate)
             self.host.emulated_on = real.name
         self._cells = cells_mod.expand(matrix, self.matrix_path)
@@ -186,6 +191,8 @@ class CompatSession:
                 self.reports_dir.mkdir(parents=True, exist_ok=True)
                 self.config.option.xmlpath = str(self.reports_dir / "junit.xml")
             self.results.start(environment(self.host, self.matrix_path), resume=self.config.getoption("resume"))
+            if not self.config.getoption("resume"):  # float32 references belong to the run that made them
+                shutil.rmtree(self.reports_dir / REFERENCE_DIR, ignore_errors=True)
         return self._cells
 
     @staticmethod
@@ -219,7 +226,7 @@ class CompatSession:
     def _runner(self) -> Runner:
         if self.runner is None:
             self.runner = Runner(
-                self.reports_dir / ".reference-logits",
+                self.reports_dir / REFERENCE_DIR,
                 emulate=self.config.getoption("emulate"),
                 run_predicted_oom=self.config.getoption("run_predicted_oom"),
             )
@@ -273,7 +280,11 @@ class CompatSession:
                 prediction=r.prediction or None,
                 model_loaded=r.model_loaded,
                 worker_started=r.worker_started,
-                exit={"returncode": r.returncode, "signal": r.signal_name} if r.died else None,
+                exit=(
+                    {"returncode": r.returncode, "signal": r.signal_name, "load_timed_out": r.load_timed_out}
+                    if r.died
+                    else None
+                ),
                 stderr_tail=r.stderr_tail[-2000:] if r.died else "",
                 output_text=r.generation.get("text"),
             )

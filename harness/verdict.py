@@ -29,7 +29,7 @@ class Verdict:
 
 
 def parse_budget_mib(budget: str, device: str) -> float:
-    """'14GiB' / '900MiB' / '90%' (of the card, or of host RAM for cpu) -> MiB."""
+    """'14GiB' / '900MiB' / '90%' (of the card's physical memory, or of host RAM for cpu) -> MiB."""
     text = budget.replace(" ", "")
     if text.endswith("GiB"):
         return float(text[:-3]) * 1024
@@ -67,6 +67,15 @@ def judge(cell: Cell, result: WorkerResult) -> Verdict:
         text = "\n".join(t for t in (result.error_message, result.traceback) if t)
         if result.error_type in HARNESS_ERRORS:
             return Verdict("error", "harness", result.error_message, "fix the input named in the message")
+        if result.load_timed_out:
+            return Verdict(
+                "failed",
+                "timeout",
+                result.error_message,
+                "the model did not finish loading: raise `defaults.load_timeout_s` for large models or slow "
+                "storage, or check the stderr tail for a stalled download",
+                "load-timeout",
+            )
         found = classify(result.error_message if result.died else text)
         prefix = f"{result.error_type}: " if result.error_type else ""
         return Verdict("failed", found.category, f"{prefix}{result.error_message}".strip(), found.remedy, found.matched)
@@ -79,14 +88,19 @@ def judge(cell: Cell, result: WorkerResult) -> Verdict:
         return _numerical(
             f"degenerate output: all {len(gen['new_token_ids'])} new tokens are token {gen['new_token_ids'][0]}"
         )
-    if m.get("drift_reference"):
-        if m.get("drift_max_abs_diff") is not None and m["drift_max_abs_diff"] > cell.drift_max_abs_diff:
+    if m.get("drift") == "measured":
+        relative = m.get("drift_relative_diff")
+        if relative is None or relative > cell.drift_max_abs_diff:
+            size = "non-finite" if relative is None else f"{relative:.3g} of the float32 logits' largest magnitude"
             return _numerical(
-                f"first-step logits drift from float32 by {m['drift_max_abs_diff']:.3g} "
+                f"first-step logits drift from float32 by {size} "
                 f"(bound {cell.drift_max_abs_diff:g}, reference {m['drift_reference']})"
             )
-        if cell.drift_top1 and not m.get("drift_top1_agree", True):
-            return _numerical(f"first token differs from float32 (reference {m['drift_reference']})")
+        if cell.drift_top1 and not m.get("drift_topk_agree"):
+            return _numerical(
+                f"first token differs from float32 and neither is in the other's top-{cell.drift_top_k} "
+                f"(reference {m['drift_reference']})"
+            )
     answer = cell.expectation.answer
     if answer and not re.search(answer, gen["text"], re.IGNORECASE):
         return Verdict(
@@ -97,6 +111,14 @@ def judge(cell: Cell, result: WorkerResult) -> Verdict:
         )
     if cell.budget:
         budget = parse_budget_mib(cell.budget, cell.device)
+        if m.get("peak_memory_mib") is None:
+            reason = m.get("peak_memory_unmeasured") or "no peak memory was recorded"
+            return Verdict(
+                "error",
+                "harness",
+                f"the memory budget {cell.budget} cannot be checked: peak memory was not measured ({reason})",
+                "install nvidia-ml-py (qwen-compat[nvml]) on the runner, or run the worker alone on its GPU",
+            )
         if m["peak_memory_mib"] > budget:
             return Verdict(
                 "failed",

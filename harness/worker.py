@@ -43,6 +43,7 @@ class WorkerResult:
     returncode: int | None = None
     signal_name: str | None = None
     timed_out: bool = False
+    load_timed_out: bool = False  # the limit hit was load_timeout_s (loading), not timeout_s (inference)
     stderr_tail: str = ""
     skipped: str | None = None  # the plan predicted the cell cannot fit the card (and was not told to run it)
     prediction: dict = field(default_factory=dict)
@@ -177,15 +178,18 @@ class Runner:
                 "run_predicted_oom": self.run_predicted_oom,
             }
         )
-        deadline_s = cell.timeout_s
+        deadline_s, loading = cell.timeout_s, False
         while True:
             message = self._read(deadline_s)
             if message is None:
-                result = self._dead_worker(cell)
+                result = self._dead_worker(cell, loading)
                 break
-            if message.get("event") == "loaded":
-                loaded = True
-                continue  # the cell's timeout covers inference; loading a large model may take long
+            if message.get("event") == "loading":  # loading has its own, longer, limit
+                deadline_s, loading = cell.load_timeout_s, True
+                continue
+            if message.get("event") == "loaded":  # the cell's own timeout covers inference only
+                deadline_s, loading, loaded = cell.timeout_s, False, True
+                continue
             result = WorkerResult(**scrub({k: v for k, v in message.items() if k in WorkerResult.__dataclass_fields__}))
             if not result.ok and is_sticky(f"{result.error_message}\n{result.traceback}"):
                 self._kill()  # the CUDA context is poisoned: the next cell gets a fresh worker
@@ -193,7 +197,7 @@ class Runner:
         result.worker_started, result.model_loaded = started, loaded
         return result
 
-    def _dead_worker(self, cell: Cell) -> WorkerResult:
+    def _dead_worker(self, cell: Cell, loading: bool = False) -> WorkerResult:
         # End of stream means the worker is dying (it may not be reapable yet); silence means a hang.
         if self._eof:
             try:
@@ -207,11 +211,13 @@ class Runner:
         tail = scrub(self._stderr_tail())
         self._kill()
         if alive:
+            message = (
+                f"model load exceeded its load_timeout_s of {cell.load_timeout_s:g} s; the worker was killed"
+                if loading
+                else f"cell exceeded its timeout of {cell.timeout_s:g} s; the worker was killed"
+            )
             return WorkerResult(
-                timed_out=True,
-                returncode=code,
-                stderr_tail=tail,
-                error_message=f"cell exceeded its timeout of {cell.timeout_s:g} s; the worker was killed",
+                timed_out=True, load_timed_out=loading, returncode=code, stderr_tail=tail, error_message=message
             )
         name = signal.Signals(-code).name if code < 0 else None
         message = (
@@ -252,9 +258,14 @@ def _fault_action(fault, model):
 
 class _Worker:
     def __init__(self, out):
+        from .measurements import GpuMemory
+
         self.out = out
         self.group = None
         self.processor = self.model = None
+        self.identity: dict = {}
+        self.gpu = GpuMemory()  # before any CUDA context: what the device used without this worker
+        self.cuda = None
 
     def emit(self, message: dict) -> None:
         self.out.write(json.dumps(message) + "\n")
@@ -263,66 +274,72 @@ class _Worker:
     def release(self) -> None:
         import gc
 
-        import torch
-
         self.processor = self.model = None
         self.group = None
-        if torch.cuda.is_available():  # on the CPU, reference counting already returned the memory
+        if self.cuda:  # on the CPU, reference counting already returned the memory
             gc.collect()
-            torch.cuda.empty_cache()
+            self.cuda.empty_cache()
 
     def device(self) -> str:
         import torch
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        if torch.cuda.is_available() and self.cuda is None:
+            from .measurements import TorchCuda
+
+            self.cuda = TorchCuda()
+            self.gpu.attach(self.cuda)  # creates the CUDA context and measures it
+        return "cuda" if self.cuda else "cpu"
 
     def ensure_loaded(self, cell: Cell) -> float:
         from . import inference
-        from .checkpoints import checkpoint_for
+        from .checkpoints import checkpoint_for, model_identity, weights_seed
 
         if self.group == cell.group:
             return 0.0
         self.release()
+        self.emit({"event": "loading", "group": cell.group})
         t0 = time.perf_counter()
+        folder = checkpoint_for(cell.source)
         self.processor, self.model = inference.load(
-            checkpoint_for(cell.source),
+            folder,
+            source=cell.source,
             dtype=cell.dtype,
             attn_implementation=cell.attn_implementation,
             device=self.device(),
+            weights_seed=weights_seed(cell.source, folder),
         )
+        self.identity = model_identity(cell.source, folder)
         self.group = cell.group
         self.emit({"event": "loaded", "group": cell.group})
         return time.perf_counter() - t0
 
     def card_mib(self, emulate: str | None) -> float | None:
-        """Memory of the card cells run on: the emulated card's, or this GPU's; None on the CPU."""
-        import torch
-
+        """Physical memory of the card cells run on: the emulated card's, or this GPU's; None on the CPU."""
         from .gpus import table
 
         if emulate:
             return table()[emulate].memory_mib
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_properties(0).total_memory / 2**20
+        if self.cuda:
+            return self.cuda.cuda.get_device_properties(0).total_memory / 2**20
         return None
 
     def run(self, cell: Cell, reference_dir: Path, emulate: str | None, run_predicted_oom: bool) -> dict:
         from . import inference
-        from .health import drift
+        from .health import drift, reference_key
         from .measurements import MemoryTracker
 
+        kind = self.device()
         if emulate:
             from .emulation import apply_memory_cap
 
-            apply_memory_cap(emulate)
-        kind = self.device()
+            apply_memory_cap(emulate, self.gpu.context_mib)
         if cell.device != "cpu" and kind == "cpu":
             from .errors import UserError
 
             raise UserError(
                 f"cell targets {cell.device}, but torch sees no CUDA GPU on this host.",
                 key="--device",
-                fix="run with --device auto, or on the card the cell targets.",
+                fix="run with --device auto, or on the card the cell targets (check CUDA_VISIBLE_DEVICES).",
             )
         before = _predict(cell, device_kind=kind)
         card = self.card_mib(emulate)
@@ -347,12 +364,14 @@ class _Worker:
             prompt=cell.prompt,
             **inference.image_source(cell.image),
         )
-        with MemoryTracker(self.device()) as tracker:
+        prepared = inference.prepare(self.processor, self.model, spec)  # inputs are not the cell's memory
+        with MemoryTracker(kind, self.gpu, self.cuda) as tracker:
             gen = inference.run(
                 self.processor,
                 self.model,
-                spec,
+                prepared,
                 max_new_tokens=cell.max_new_tokens,
+                repeats=cell.repeats,
                 fault=_fault_action(cell.fault, self.model),
             )
         measurements = {
@@ -363,7 +382,8 @@ class _Worker:
             "preprocess_s": round(gen.preprocess_s, 4),
             "prefill_s": round(gen.prefill_s, 4),
             "decode_tokens_per_s": round(gen.decode_tokens_per_s, 2) if gen.decode_tokens_per_s else None,
-            **drift(cell, gen.first_logits, reference_dir),
+            **({"latency": gen.latency} if gen.latency else {}),
+            **drift(cell, gen.first_logits, reference_dir, reference_key(cell, self.identity)),
         }
         generation = {"new_token_ids": gen.new_token_ids, "text": gen.text, "nonfinite_steps": gen.nonfinite_steps}
         after = _predict(

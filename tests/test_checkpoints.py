@@ -37,7 +37,12 @@ def test_tiny_family_generates(loaded, family, dtype, attn, kind):
     assert type(model).__name__ == FAMILIES[family].model_class
     assert str(model.dtype) == f"torch.{dtype}"
     assert model.config._attn_implementation == attn
-    gen = inference.run(processor, model, inference.CellInput(kind=kind, width=224, height=224), max_new_tokens=4)
+    gen = inference.run(
+        processor,
+        model,
+        inference.prepare(processor, model, inference.CellInput(kind=kind, width=224, height=224)),
+        max_new_tokens=4,
+    )
     assert len(gen.new_token_ids) == 4
     assert gen.visual_tokens > 0
     assert gen.nonfinite_steps == []
@@ -137,6 +142,6 @@ def test_fp16_overflow_variant_is_numerical_in_float16_only():
     folder = str(checkpoints.tiny_checkpoint("qwen2_vl", "fp16-overflow"))
     spec = inference.CellInput(kind="image", width=224, height=224)
     proc, model = inference.load(folder, dtype="float32", attn_implementation="sdpa", device="cpu")
-    assert inference.run(proc, model, spec, max_new_tokens=2).nonfinite_steps == []
+    assert inference.run(proc, model, inference.prepare(proc, model, spec), max_new_tokens=2).nonfinite_steps == []
     proc, model = inference.load(folder, dtype="float16", attn_implementation="sdpa", device="cpu")
-    assert inference.run(proc, model, spec, max_new_tokens=2).nonfinite_steps != []
+    assert inference.run(proc, model, inference.prepare(proc, model, spec), max_new_tokens=2).nonfinite_steps != []

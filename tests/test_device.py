@@ -1,65 +1,83 @@
 """Host detection and per-process GPU memory through NVML, checked against a stand-in NVML module."""
 
-import os
 import sys
-import types
-from types import SimpleNamespace
 
 import pytest
+from fake_nvml import Device, FakeNvml, h100
 
 from harness import device, measurements
 
 
 @pytest.fixture
 def fake_nvml(monkeypatch):
-    """A pynvml stand-in: one H100 running this process (700 MiB) and another one (5 GiB)."""
-    mod = types.ModuleType("pynvml")
-    procs = [SimpleNamespace(pid=os.getpid(), usedGpuMemory=700 * 2**20), SimpleNamespace(pid=1, usedGpuMemory=5 << 30)]
-    mod.nvmlInit = lambda: None
-    mod.nvmlShutdown = lambda: None
-    mod.nvmlDeviceGetHandleByIndex = lambda index: f"gpu{index}"
-    mod.nvmlDeviceGetName = lambda handle: b"NVIDIA H100 80GB HBM3"
-    mod.nvmlDeviceGetCudaComputeCapability = lambda handle: (9, 0)
-    mod.nvmlDeviceGetMemoryInfo = lambda handle: SimpleNamespace(total=81559 * 2**20)
-    mod.nvmlSystemGetDriverVersion = lambda: "580.65"
-    mod.nvmlSystemGetCudaDriverVersion_v2 = lambda: 13000
-    mod.nvmlDeviceGetComputeRunningProcesses = lambda handle: procs
-    monkeypatch.setitem(sys.modules, "pynvml", mod)
-    return mod
-
-
-def test_auto_detects_the_card_through_nvml(fake_nvml, monkeypatch):
+    """A host with four H100s, as NVML sees it."""
+    host = FakeNvml([h100(n) for n in range(4)])
+    monkeypatch.setitem(sys.modules, "pynvml", host.module())
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    return host
+
+
+def test_auto_detects_the_card_through_nvml(fake_nvml):
     host = device.detect_host()
     assert (host.key, host.compute_capability, host.driver, host.cuda, host.via) == (
         "h100",
         "9.0",
-        "580.65",
+        "580.65.06",
         "13.0",
         "nvml",
     )
     assert round(host.memory_mib) == 81559
 
 
-def test_cuda_visible_devices_picks_the_nvml_index(fake_nvml, monkeypatch):
-    seen = []
-    fake_nvml.nvmlDeviceGetHandleByIndex = lambda index: seen.append(index) or f"gpu{index}"
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1")
-    device.detect_host()
-    assert seen == [3]
+@pytest.mark.parametrize(
+    "visible, expected",
+    [
+        ("3,1", [3, 1]),  # physical indices, in CUDA's order
+        ("GPU-00000002-1111", [2]),  # a unique UUID prefix is enough for CUDA
+        ("GPU-00000001-1111-2222-3333-444455550001,7,2", [1]),  # CUDA stops at the first invalid entry
+        ("5", []),  # an index past the count: CUDA sees no GPU at all
+        ("", []),
+    ],
+)
+def test_cuda_visible_devices_is_read_as_cuda_reads_it(fake_nvml, visible, expected):
+    from harness import nvml
+
+    handles = nvml.visible_handles(fake_nvml.module(), visible)
+    assert [fake_nvml.devices.index(h) for h in handles] == expected
+
+
+def test_a_visible_device_list_naming_no_gpu_makes_the_host_a_cpu(fake_nvml, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")
+    with pytest.warns(UserWarning, match="names no GPU"):
+        assert device.detect_host().key == "cpu"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert device.detect_host().key == "cpu"
+
+
+def test_a_mig_instance_is_found_by_its_uuid(monkeypatch):
+    from harness import nvml
+
+    parent = h100(0)
+    parent.name = "NVIDIA A100-SXM4-80GB"
+    mig = Device(
+        uuid="MIG-5e0d2f3c-aaaa-bbbb-cccc-0123456789ab",
+        name="NVIDIA A100-SXM4-80GB MIG 1g.10gb",
+        total_mib=9856,
+        bus_id=parent.bus_id,
+    )
+    parent.migs = [mig]
+    host = FakeNvml([parent, h100(1)])
+    module = host.module()
+    assert nvml.visible_handles(module, "MIG-5e0d2f3c") == [mig]
+    monkeypatch.setitem(sys.modules, "pynvml", module)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", mig.uuid)
+    assert device.detect_host().name == "NVIDIA A100-SXM4-80GB MIG 1g.10gb"
 
 
 def test_without_nvml_or_driver_the_host_is_the_cpu(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", None)  # import fails
     monkeypatch.setattr(device, "_has_nvidia_driver", lambda: False)
     assert device.detect_host().key == "cpu"
-
-
-def test_nvml_process_memory_counts_only_this_process(fake_nvml):
-    read = measurements._nvml_process_reader(0)
-    assert read() == 700.0
 
 
 def test_sampler_keeps_the_peak_between_reads():

@@ -115,6 +115,56 @@ def test_a_changed_failure_category_is_a_regression_and_a_fix_an_improvement(run
     assert "improvement" in out and "failed -> passed" in out
 
 
+def test_a_pass_turned_skip_is_a_regression_unless_the_baseline_skipped_too(runs, capsys):
+    base, cur, edit = runs
+    edit(lambda cells: cells[0].update(outcome="skipped", message="flash-attn is not installed on this runner"))
+    code, out = gate(base, cur, capsys)
+    assert code == 1 and "passed -> skipped" in out and "flash-attn is not installed" in out
+    data = load_results(base / "cpu" / "results.json")
+    data["cells"][0].update(outcome="skipped")
+    (base / "cpu" / "results.json").write_text(json.dumps(data))
+    assert gate(base, cur, capsys)[0] == 0
+
+
+def test_an_unknown_outcome_is_bad_input(runs, capsys):
+    base, cur, edit = runs
+    edit(lambda cells: cells[1].update(outcome="passed-ish"))
+    code = main(["gate", "--baseline", str(base), "--current", str(cur)])
+    err = capsys.readouterr().err
+    assert code == 2 and "'passed-ish'" in err and "Fix:" in err and len(err.strip().splitlines()) == 1
+
+
+def _latency(median: float, low: float, high: float) -> dict:
+    spread = {"median": median, "min": low, "max": high, "spread": high - low, "n": 5}
+    return {"prefill_s": median, "latency": {"prefill_s": spread}}
+
+
+@pytest.mark.parametrize(
+    "current, regression",
+    [
+        ((1.20, 1.18, 1.25), False),  # +20 %, beyond the 15 % tolerance, but inside the baseline's spread
+        ((1.40, 1.38, 1.45), True),  # +40 % and above the slowest baseline repeat
+        ((1.10, 1.00, 1.20), False),  # +10 %: inside the tolerance
+    ],
+)
+def test_latency_regresses_beyond_tolerance_and_outside_the_baseline_spread(runs, capsys, current, regression):
+    base, cur, edit = runs
+    data = load_results(base / "cpu" / "results.json")
+    data["cells"][0]["measurements"].update(_latency(1.0, 0.8, 1.3))
+    (base / "cpu" / "results.json").write_text(json.dumps(data))
+    edit(lambda cells: cells[0]["measurements"].update(_latency(*current)))
+    code, out = gate(base, cur, capsys)
+    assert (code == 1) == regression
+    assert ("latency up beyond 15% and the spread" in out) == regression
+
+
+def test_one_sample_latency_uses_the_tolerance_alone(runs, capsys):
+    base, cur, edit = runs
+    edit(lambda cells: cells[2]["measurements"].update(prefill_s=cells[2]["measurements"]["prefill_s"] * 1.5))
+    code, out = gate(base, cur, capsys)
+    assert code == 1 and "latency up" in out
+
+
 def test_new_cells_are_listed_and_never_fail(runs, capsys):
     base, cur, edit = runs
     edit(lambda cells: cells.append({**cells[0], "id": cells[0]["id"] + "-new"}))

@@ -136,3 +136,43 @@ def test_two_replies_arriving_together_are_both_read(tmp_path, tiny_cell):
     assert result.ok and result.model_loaded and not result.timed_out
     assert time.monotonic() - start < 10
     runner.close()
+
+
+SLOW_LOADER = """
+import json, sys, time
+out = sys.stdout
+def emit(m):
+    out.write(json.dumps(m) + "\\n"); out.flush()
+emit({"event": "ready", "pid": 0})
+for line in sys.stdin:
+    request = json.loads(line)
+    if request["op"] == "exit":
+        break
+    emit({"event": "loading"})
+    time.sleep(1.5)  # a model load longer than the cell's inference timeout
+    emit({"event": "loaded"})
+    emit({"ok": True, "generation": {"new_token_ids": [1, 2], "text": "ab", "nonfinite_steps": []},
+          "measurements": {"peak_memory_mib": 10.0, "peak_memory_source": "worker_rss"}})
+"""
+
+
+def test_loading_has_its_own_limit_and_the_cell_timeout_covers_inference_only(tmp_path, tiny_cell):
+    import sys
+
+    from harness.verdict import judge
+    from harness.worker import Runner
+
+    script = tmp_path / "slow_loader.py"
+    script.write_text(SLOW_LOADER)
+    runner = Runner(tmp_path / "refs")
+    runner.command = [sys.executable, str(script)]
+    try:
+        loaded = runner.run(tiny_cell(timeout_s=1.0, load_timeout_s=30))
+        assert loaded.ok and loaded.model_loaded  # 1.5 s of loading is not charged to the 1 s timeout
+        timed_out = runner.run(tiny_cell(timeout_s=30, load_timeout_s=0.5))
+    finally:
+        runner.close()
+    assert timed_out.timed_out and timed_out.load_timed_out
+    assert "load_timeout_s of 0.5 s" in timed_out.error_message
+    verdict = judge(tiny_cell(), timed_out)
+    assert verdict.category == "timeout" and verdict.matched == "load-timeout" and "load_timeout_s" in verdict.remedy

@@ -52,6 +52,27 @@ def test_pixel_budget_accepts_qwen_style_products():
     assert m.axes.pixel_budget[0].max_pixels == 800 * 28 * 28
 
 
+def test_selectors_written_as_the_axes_are_match_the_cells():
+    text = GOOD + "  pixel_budget: [null, {max_pixels: 800*28*28}]\n"
+    text += "expect:\n  - when: {max_pixels: 800*28*28}\n    outcome: skip\n    reason: budgeted\n"
+    text += 'exclude:\n  - when: {max_pixels: ["256 * 28 * 28"]}\n'
+    m = matrix.Matrix.model_validate(yaml.safe_load(text))
+    expanded = cells.expand(m, "m.yaml")
+    budgeted = [c for c in expanded if c.max_pixels == 800 * 28 * 28]
+    assert budgeted and all(c.expectation.outcome == "skip" for c in budgeted)
+    assert all(c.expectation.outcome == "pass" for c in expanded if c.max_pixels is None)
+
+
+def test_a_section_overrides_the_defaults_it_names():
+    text = GOOD + "defaults: {max_new_tokens: 4, repeats: 3}\n"
+    text += "sections:\n  - models: [{tiny: qwen3_vl}]\n    defaults: {repeats: 5, load_timeout_s: 60}\n"
+    expanded = cells.expand(matrix.Matrix.model_validate(yaml.safe_load(text)), "m.yaml")
+    top = next(c for c in expanded if c.family == "qwen2_vl")
+    section = next(c for c in expanded if c.family == "qwen3_vl")
+    assert (top.repeats, top.max_new_tokens, top.load_timeout_s) == (3, 4, 1800)
+    assert (section.repeats, section.max_new_tokens, section.load_timeout_s) == (5, 4, 60)
+
+
 def test_exclude_and_expect_rules_apply():
     text = (
         GOOD
@@ -99,6 +120,9 @@ BAD = {
     ),
     "zero-cells": (GOOD + "exclude:\n  - when: {model: tiny-qwen2-vl}\n", ["zero cells", "key 'exclude'"]),
     "faults-without-flag": (GOOD + "faults:\n  - when: {dtype: float32}\n    inject: hang\n", ["--allow-faults"]),
+    "resolution-0x0-quoted": (GOOD.replace("[448x448]", '["0x0"]'), ["both sides must be at least 1", "line 7", "axes.resolution"]),
+    "resolution-0x0-unquoted": (GOOD.replace("[448x448]", "[0x0]"), ["a resolution is WIDTHxHEIGHT", "hexadecimal"]),
+    "resolution-aspect-ratio": (GOOD.replace("[448x448]", "[20000x28]"), ["aspect ratio over 200"]),
 }
 
 

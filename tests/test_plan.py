@@ -33,7 +33,7 @@ def test_planned_weights_and_kv_equal_what_the_tiny_model_allocates(family, dtyp
     )
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     spec = inference.CellInput(kind="image", width=448, height=448, prompt=cell.prompt)
-    gen = inference.run(processor, model, spec, max_new_tokens=cell.max_new_tokens)
+    gen = inference.run(processor, model, inference.prepare(processor, model, spec), max_new_tokens=cell.max_new_tokens)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": cell.prompt}]}]
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     batch = processor(text=[text], images=[inputs.synthetic_image(448, 448)], return_tensors="pt")

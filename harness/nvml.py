@@ -1,0 +1,105 @@
+"""NVML as the harness reads it: which physical GPU a CUDA device is, and what is used on it.
+
+NVML indexes physical GPUs and ignores `CUDA_VISIBLE_DEVICES`, while CUDA (and torch) index the
+visible ones (gpuopenanalytics/pynvml#28); inside a container NVML reports host pids, not the
+container's (NVIDIA/nvidia-docker#1483: the driver has no pid-namespace support). So a device is
+matched by UUID (or PCI bus id), never by index, and a process's own usage is one method among
+several (see measurements.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def load():
+    """The initialised pynvml module, or None where NVML (package or driver) is not there."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return pynvml
+    except Exception:  # ImportError, NVMLError_LibraryNotFound, NVMLError_DriverNotLoaded, ...
+        return None
+
+
+def text(value) -> str:
+    """NVML strings are bytes in older pynvml releases and str in newer ones."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def all_handles(nvml) -> list:
+    """Every physical GPU, and every MIG device on a GPU in MIG mode."""
+    handles = []
+    for index in range(nvml.nvmlDeviceGetCount()):
+        handle = nvml.nvmlDeviceGetHandleByIndex(index)
+        handles.append(handle)
+        try:
+            slots = nvml.nvmlDeviceGetMaxMigDeviceCount(handle)
+        except Exception:  # NVMLError_NotSupported: no MIG on this card
+            slots = 0
+        for slot in range(slots):
+            try:
+                handles.append(nvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, slot))
+            except Exception:  # NVMLError_NotFound: an empty slot
+                continue
+    return handles
+
+
+def _by_uuid_prefix(nvml, prefix: str):
+    """CUDA accepts any unique prefix of a UUID in CUDA_VISIBLE_DEVICES; NVML wants it whole."""
+    matches = [h for h in all_handles(nvml) if text(nvml.nvmlDeviceGetUUID(h)).startswith(prefix)]
+    return matches[0] if len(matches) == 1 else None
+
+
+def visible_handles(nvml, spec: str | None = None) -> list:
+    """NVML handles of the GPUs CUDA makes visible, in CUDA's order, for a CUDA_VISIBLE_DEVICES value.
+
+    As CUDA reads it: unset means every GPU; entries are indices, `GPU-<uuid>` (a unique prefix is
+    enough) or `MIG-<uuid>`; the list ends at the first entry that names no device, so `5` on a
+    two-GPU host makes no GPU visible.
+    """
+    spec = os.environ.get("CUDA_VISIBLE_DEVICES") if spec is None else spec
+    count = nvml.nvmlDeviceGetCount()
+    if spec is None:
+        return [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+    handles = []
+    for entry in (e.strip() for e in spec.split(",")):
+        if entry.isdigit():
+            handle = nvml.nvmlDeviceGetHandleByIndex(int(entry)) if int(entry) < count else None
+        elif entry.startswith(("GPU-", "MIG-")):
+            handle = _by_uuid_prefix(nvml, entry)
+        else:
+            handle = None
+        if handle is None:
+            break
+        handles.append(handle)
+    return handles
+
+
+def handle_for(nvml, uuid: str | None, pci_bus_id: str | None = None):
+    """The NVML handle of the device torch knows by this UUID (torch's form has no `GPU-`/`MIG-`
+    prefix) or, failing that, by its PCI bus id; None when neither names a device."""
+    if uuid:
+        bare = uuid.removeprefix("GPU-").removeprefix("MIG-")
+        for candidate in (f"GPU-{bare}", f"MIG-{bare}"):
+            try:
+                return nvml.nvmlDeviceGetHandleByUUID(candidate)
+            except Exception:  # NVMLError_NotFound
+                continue
+    if pci_bus_id:
+        for handle in all_handles(nvml):
+            try:
+                if text(nvml.nvmlDeviceGetPciInfo(handle).busId).lower().endswith(pci_bus_id.lower()):
+                    return handle
+            except Exception:
+                continue
+    return None
+
+
+def used_mib(nvml, handle) -> float:
+    return nvml.nvmlDeviceGetMemoryInfo(handle).used / 2**20
+
+
+def uuid_of(nvml, handle) -> str:
+    return text(nvml.nvmlDeviceGetUUID(handle))

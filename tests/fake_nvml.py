@@ -1,0 +1,182 @@
+"""A stand-in for pynvml that behaves as NVML does on real hosts, including where it disappoints.
+
+What it reproduces (sources in harness/nvml.py and the tests using it):
+- indices are physical: `nvmlDeviceGetHandleByIndex` ignores CUDA_VISIBLE_DEVICES and raises
+  NVMLError_InvalidArgument past the count (gpuopenanalytics/pynvml#28);
+- `nvmlDeviceGetHandleByUUID` wants the whole UUID (`GPU-…` or `MIG-…`) and raises NotFound otherwise;
+- in a container, process pids are host pids (NVIDIA/nvidia-docker#1483), and some drivers report
+  `usedGpuMemory` 0 (Project-HAMi/HAMi-core#112) or None (NVML_VALUE_NOT_AVAILABLE, e.g. MIG);
+- MIG devices are reached through their parent (`nvmlDeviceGetMigDeviceHandleByIndex`), are not
+  counted by `nvmlDeviceGetCount`, and cards without MIG raise NotSupported when asked;
+- device memory (`used`) counts every process's memory, whatever namespace it runs in.
+"""
+
+from __future__ import annotations
+
+import threading
+import types
+from dataclasses import dataclass, field
+
+MIB = 2**20
+
+
+class NVMLError(Exception):
+    pass
+
+
+class NVMLError_NotFound(NVMLError):  # noqa: N801 (pynvml's names)
+    pass
+
+
+class NVMLError_InvalidArgument(NVMLError):  # noqa: N801
+    pass
+
+
+class NVMLError_NotSupported(NVMLError):  # noqa: N801
+    pass
+
+
+@dataclass
+class Device:
+    uuid: str
+    name: str
+    total_mib: float
+    bus_id: str
+    compute_capability: tuple[int, int] = (9, 0)
+    other_used_mib: float = 0.0  # memory of processes that are not in `processes` (driver, other namespaces)
+    processes: dict[int, float] = field(default_factory=dict)  # NVML pid -> MiB
+    migs: list = field(default_factory=list)
+    # How NVML reports a process's usedGpuMemory: "reported", "zero" (some container drivers) or
+    # "unavailable" (None: NVML_VALUE_NOT_AVAILABLE, e.g. on MIG without privileges).
+    process_memory: str = "reported"
+
+    @property
+    def used_mib(self) -> float:
+        return self.other_used_mib + sum(self.processes.values())
+
+
+class FakeNvml:
+    """The NVML of one host: its GPUs, and a pid translation when the caller runs in a container."""
+
+    def __init__(self, devices: list[Device], host_pid_offset: int = 0):
+        self.devices = devices
+        self.host_pid_offset = host_pid_offset  # 0 on bare metal; NVML shows pid + offset in a container
+        self.lock = threading.Lock()
+
+    # -- what the harness (or the test, playing torch) does to the GPU --------------------------------
+    def by_uuid(self, uuid: str) -> Device:
+        return next(d for d in self._all() if d.uuid == uuid)
+
+    def use(self, uuid: str, pid: int, mib: float) -> None:
+        """Process `pid` (as the process itself sees its pid) now holds `mib` on that device."""
+        with self.lock:
+            device = self.by_uuid(uuid)
+            device.processes[pid + self.host_pid_offset] = mib
+
+    def _all(self) -> list[Device]:
+        return [d for top in self.devices for d in [top, *top.migs]]
+
+    # -- the pynvml module ---------------------------------------------------------------------------
+    def module(self) -> types.ModuleType:
+        mod = types.ModuleType("pynvml")
+        mod.NVMLError = NVMLError
+        mod.NVMLError_NotFound = NVMLError_NotFound
+        mod.NVMLError_InvalidArgument = NVMLError_InvalidArgument
+        mod.NVMLError_NotSupported = NVMLError_NotSupported
+        mod.nvmlInit = lambda: None
+        mod.nvmlShutdown = lambda: None
+        mod.nvmlDeviceGetCount = lambda: len(self.devices)
+        mod.nvmlDeviceGetHandleByIndex = self._by_index
+        mod.nvmlDeviceGetHandleByUUID = self._by_uuid
+        mod.nvmlDeviceGetUUID = lambda h: h.uuid
+        mod.nvmlDeviceGetName = lambda h: h.name
+        mod.nvmlDeviceGetPciInfo = lambda h: types.SimpleNamespace(busId=h.bus_id.encode())
+        mod.nvmlDeviceGetCudaComputeCapability = lambda h: h.compute_capability
+        mod.nvmlDeviceGetMemoryInfo = self._memory
+        mod.nvmlDeviceGetComputeRunningProcesses = self._processes
+        mod.nvmlDeviceGetMaxMigDeviceCount = self._mig_count
+        mod.nvmlDeviceGetMigDeviceHandleByIndex = self._mig
+        mod.nvmlSystemGetDriverVersion = lambda: "580.65.06"
+        mod.nvmlSystemGetCudaDriverVersion_v2 = lambda: 13000
+        return mod
+
+    def _by_index(self, index: int) -> Device:
+        if not 0 <= index < len(self.devices):
+            raise NVMLError_InvalidArgument("Invalid Argument")
+        return self.devices[index]
+
+    def _by_uuid(self, uuid) -> Device:
+        uuid = uuid.decode() if isinstance(uuid, bytes) else uuid
+        for device in self._all():
+            if device.uuid == uuid:
+                return device
+        raise NVMLError_NotFound("Not Found")
+
+    def _memory(self, handle: Device):
+        with self.lock:
+            used = handle.used_mib * MIB
+        total = handle.total_mib * MIB
+        return types.SimpleNamespace(total=total, used=used, free=total - used)
+
+    def _processes(self, handle: Device) -> list:
+        with self.lock:
+            shown = {"reported": lambda mib: int(mib * MIB), "zero": lambda mib: 0, "unavailable": lambda mib: None}
+            report = shown[handle.process_memory]
+            return [types.SimpleNamespace(pid=pid, usedGpuMemory=report(mib)) for pid, mib in handle.processes.items()]
+
+    def _mig_count(self, handle: Device) -> int:
+        if not handle.migs:
+            raise NVMLError_NotSupported("Not Supported")
+        return 7
+
+    def _mig(self, handle: Device, index: int) -> Device:
+        if index >= len(handle.migs):
+            raise NVMLError_NotFound("Not Found")
+        return handle.migs[index]
+
+
+def h100(n: int) -> Device:
+    return Device(
+        uuid=f"GPU-{n:08x}-1111-2222-3333-44445555{n:04x}",
+        name="NVIDIA H100 80GB HBM3",
+        total_mib=81559,
+        bus_id=f"00000000:{0x18 + n:02X}:00.0",
+        other_used_mib=1.0,
+    )
+
+
+class FakeCuda:
+    """Plays torch.cuda for the trackers: the device CUDA calls 0 is whichever GPU CUDA_VISIBLE_DEVICES
+    put first; creating the context and allocating show up in NVML as this process's usage."""
+
+    def __init__(self, nvml: FakeNvml, device: Device, pid: int, context_mib: float = 500.0):
+        self.nvml, self.device, self.pid, self.context_mib = nvml, device, pid, context_mib
+        self.reserved = self.allocated = self.reserved_peak = self.allocated_peak = 0.0
+
+    def init(self) -> None:
+        self.nvml.use(self.device.uuid, self.pid, self.context_mib)
+
+    def identity(self):
+        return self.device.uuid.removeprefix("GPU-").removeprefix("MIG-"), None  # torch's form: no prefix
+
+    def allocate(self, mib: float) -> None:
+        self.allocated += mib
+        self.reserved += mib
+        self.allocated_peak = max(self.allocated_peak, self.allocated)
+        self.reserved_peak = max(self.reserved_peak, self.reserved)
+        self.nvml.use(self.device.uuid, self.pid, self.context_mib + self.reserved)
+
+    def synchronize(self) -> None:
+        pass
+
+    def empty_cache(self) -> None:
+        pass
+
+    def reset_peaks(self) -> None:
+        self.reserved_peak, self.allocated_peak = self.reserved, self.allocated
+
+    def reserved_mib(self) -> float:
+        return self.reserved
+
+    def peaks_mib(self):
+        return self.allocated_peak, self.reserved_peak

@@ -1,0 +1,111 @@
+"""GPU peak memory with a stand-in NVML that behaves as NVML does: on bare metal, in a container
+(host pids), with CUDA_VISIBLE_DEVICES remapping, on MIG. The peak is measured with its method
+named, or None with the reason, which turns a budget check into an error: never 0, never a pass."""
+
+import os
+
+import pytest
+from fake_nvml import Device, FakeCuda, FakeNvml, h100
+
+from harness.measurements import GpuMemory, MemoryTracker
+from harness.verdict import judge
+from harness.worker import WorkerResult
+
+PID = os.getpid()
+
+
+def measure(host: FakeNvml, gpu_index: int, cell_mib: float = 3000.0, before_cell=None, mig=None):
+    """A worker on physical GPU `gpu_index` (CUDA's device 0): start, create its context, run one
+    cell that reserves `cell_mib`; returns the tracker's result."""
+    device = mig or host.devices[gpu_index]
+    memory = GpuMemory(host.module(), pid=PID)
+    cuda = FakeCuda(host, device, PID)
+    memory.attach(cuda)
+    if before_cell:
+        before_cell()
+    with MemoryTracker("cuda", memory, cuda) as tracker:
+        cuda.allocate(cell_mib)
+    return tracker.result
+
+
+def test_bare_metal_reads_this_process_from_nvml():
+    host = FakeNvml([h100(n) for n in range(2)])
+    result = measure(host, 0)
+    assert result["peak_memory_source"] == "nvml_process"
+    assert result["peak_memory_mib"] == 3500.0  # the CUDA context (500) is what the allocator cannot see
+
+
+def test_remapped_gpu_is_measured_on_the_gpu_torch_uses():
+    # CUDA_VISIBLE_DEVICES=3: torch's device 0 is NVML's index 3. Reading NVML index 0 read 0 MiB.
+    host = FakeNvml([h100(n) for n in range(4)])
+    result = measure(host, 3)
+    assert result["peak_memory_source"] == "nvml_process" and result["peak_memory_mib"] == 3500.0
+
+
+def test_in_a_container_alone_on_the_gpu_the_device_delta_measures():
+    host = FakeNvml([h100(0)], host_pid_offset=734_211)  # NVML shows the host's pid for this worker
+    host.devices[0].other_used_mib = 420.0  # what the device used before the worker started
+    result = measure(host, 0)
+    assert result["peak_memory_source"] == "nvml_device_delta"
+    assert result["peak_memory_mib"] == 3500.0
+
+
+def test_in_a_container_beside_another_process_the_allocator_plus_context_measures():
+    host = FakeNvml([h100(0)], host_pid_offset=734_211)
+
+    def neighbour_starts():
+        host.use(host.devices[0].uuid, 99, 12_000)
+
+    result = measure(host, 0, before_cell=neighbour_starts)
+    assert result["peak_memory_source"] == "torch_reserved_plus_context"
+    assert result["peak_memory_mib"] == 3500.0 and result["cuda_context_mib"] == 500.0
+
+
+def test_a_driver_reporting_zero_per_process_is_not_taken_at_its_word():
+    host = FakeNvml([h100(0)])
+    host.devices[0].process_memory = "zero"  # Project-HAMi/HAMi-core#112: "mem: 0"
+    result = measure(host, 0)
+    assert result["peak_memory_source"] == "nvml_device_delta" and result["peak_memory_mib"] == 3500.0
+
+
+def test_a_mig_instance_is_measured_on_the_instance():
+    parent = h100(0)
+    mig = Device(uuid="MIG-5e0d2f3c-aaaa-bbbb-cccc-0123456789ab", name="MIG 1g.10gb", total_mib=9856, bus_id="x")
+    mig.process_memory = "unavailable"  # the process is listed on the instance, its usage None
+    parent.migs = [mig]
+    host = FakeNvml([parent])
+    result = measure(host, 0, mig=mig, cell_mib=2000)
+    assert result["peak_memory_source"] == "nvml_device_delta" and result["peak_memory_mib"] == 2500.0
+
+
+def test_without_nvml_the_allocator_peak_is_labelled_as_lacking_the_context():
+    cuda = FakeCuda(FakeNvml([h100(0)]), h100(0), PID)
+    memory = GpuMemory(nvml=False, pid=PID)
+    memory.attach(cuda)
+    with MemoryTracker("cuda", memory, cuda) as tracker:
+        cuda.allocate(3000)
+    assert tracker.result["peak_memory_source"] == "torch_reserved" and tracker.result["peak_memory_mib"] == 3000
+    assert "context is not included" in tracker.result["peak_memory_note"]
+
+
+def test_a_peak_nothing_measured_is_none_and_a_budget_on_it_is_an_error(tiny_cell):
+    host = FakeNvml([h100(0)], host_pid_offset=734_211)
+    memory = GpuMemory(host.module(), pid=PID)
+    cuda = FakeCuda(host, host.devices[0], PID, context_mib=0)
+    with MemoryTracker("cuda", memory, cuda) as tracker:
+        pass  # nothing attached, nothing allocated: every method reads 0
+    result = tracker.result
+    assert result["peak_memory_mib"] is None and "0 MiB" in result["peak_memory_unmeasured"]
+    worker = WorkerResult(
+        ok=True, generation={"new_token_ids": [1, 2], "text": "ab", "nonfinite_steps": []}, measurements=result
+    )
+    verdict = judge(tiny_cell(budget="14GiB"), worker)
+    assert verdict.outcome == "error" and verdict.category == "harness"
+    assert "not measured" in verdict.message and "0 MiB" in verdict.message
+
+
+@pytest.mark.parametrize("offset", [0, 734_211])
+def test_the_peak_is_never_zero(offset):
+    host = FakeNvml([h100(n) for n in range(2)], host_pid_offset=offset)
+    result = measure(host, 1, cell_mib=1)
+    assert result["peak_memory_mib"] and result["peak_memory_mib"] > 0
