@@ -14,14 +14,19 @@ from .errors import UserError
 DEFAULT_STORE = Path("reports") / "baselines"
 
 
-def save(name: str, reports_dir: Path, store: Path = DEFAULT_STORE) -> Path:
-    """Copy every `<device>/results.json` of `reports_dir` into the baseline `name`."""
+def check_name(name: str) -> None:
+    """Checked when a run starts, not after hours of it."""
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         raise UserError(
             f"baseline name '{name}' has characters other than letters, digits, '.', '_', '-'.",
-            key="--save-baseline",
+            key="--compat-save-baseline",
             fix="use a name such as 'release-1.4' or 'nightly'.",
         )
+
+
+def save(name: str, reports_dir: Path, store: Path = DEFAULT_STORE) -> Path:
+    """Copy every `<device>/results.json` of `reports_dir` into the baseline `name`."""
+    check_name(name)
     target = store / name
     for results in Path(reports_dir).glob("*/results.json"):
         if store.resolve() in results.resolve().parents:
@@ -43,5 +48,5 @@ def resolve(name_or_dir: str, store: Path = DEFAULT_STORE) -> Path:
         f"'{name_or_dir}' is neither a reports folder nor a saved baseline.",
         key="--baseline",
         fix=f"saved baselines: {', '.join(saved) or 'none yet'}; save one after a run with "
-        f"`pytest --save-baseline NAME`.",
+        f"`pytest --compat-save-baseline NAME`.",
     )

@@ -6,12 +6,14 @@ Pure data (no torch): the pytest process expands thousands of cells at collectio
 from __future__ import annotations
 
 import difflib
+import hashlib
 import itertools
 import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .architectures import shipped, shipped_family
 from .errors import UserError
@@ -91,6 +93,15 @@ class Cell:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def definition(self) -> dict:
+        """What the cell does (model, axes, inputs, limits, checks), without its id and expectation:
+        a resumed run may skip a recorded cell only when this is unchanged."""
+        return {k: v for k, v in asdict(self).items() if k not in ("id", "expectation", "matrix_file")}
+
+    def fingerprint(self) -> str:
+        blob = json.dumps(self.definition(), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
     @classmethod
     def from_dict(cls, data: dict) -> Cell:
         return cls(**{**data, "expectation": Expectation(**data["expectation"])})
@@ -148,7 +159,10 @@ def model_identity(entry: ModelEntry, matrix_file: str) -> tuple[str, str, dict]
             key=f"models.{kind}",
             fix=f"add `family:` to this model, one of {', '.join(FAMILIES)}.",
         )
-    short = re.sub(r"-instruct$", "", _slug(Path(name).name if kind == "path" else name.split("/")[-1]))
+    plain = urlsplit(name).path if "://" in name else name  # a URL's credentials and query never name a cell
+    short = re.sub(r"-instruct$", "", _slug(Path(plain).name if kind == "path" else plain.split("/")[-1]))
+    if not short:  # a name of non-ASCII characters only: stable, and not empty
+        short = f"{kind}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
     return entry.id or short, family, {kind: name, **({"seed": entry.seed} if kind == "arch" or entry.seed else {})}
 
 
@@ -246,8 +260,29 @@ def _section_cells(matrix: Matrix, section: Section, matrix_file: str) -> list[C
     return cells
 
 
+def _check_model_ids(matrix: Matrix, matrix_file: str) -> None:
+    """Two different models must not share an id: their cells would silently merge into one."""
+    owners: dict[str, tuple[str, dict]] = {}
+    top = 1 if matrix.models else 0  # all_sections() puts the top-level models first
+    for s, section in enumerate(matrix.all_sections()):
+        for m, entry in enumerate(section.models):
+            model, _, source = model_identity(entry, matrix_file)
+            where = f"models[{m}]" if s < top else f"sections[{s - top}].models[{m}]"
+            if model in owners and owners[model][1] != source:
+                first = next(iter(owners[model][1].values()))
+                raise UserError(
+                    f"two models get the id '{model}': '{first}' ({owners[model][0]}) and "
+                    f"'{next(iter(source.values()))}' ({where}); their cells would merge into one.",
+                    file=matrix_file,
+                    key=f"{where}.id",
+                    fix="give one of them (or both) an explicit `id:`.",
+                )
+            owners.setdefault(model, (where, source))
+
+
 def expand(matrix: Matrix, matrix_file: str) -> list[Cell]:
     """All cells of a matrix, deduplicated by id, in matrix order; fails on a matrix with none."""
+    _check_model_ids(matrix, matrix_file)
     seen: dict[str, Cell] = {}
     for section in matrix.all_sections():
         for cell in _section_cells(matrix, section, matrix_file):

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from .errors import UserError
+from .reports import ReportWriteError
 
 
 def _explain(args) -> int:
@@ -82,7 +83,7 @@ def _plan(args) -> int:
     from .device import resolve
     from .plan import predict
 
-    resolve(args.device)  # a clear error for an unknown device key
+    resolve(args.device, "--device")  # a clear error for an unknown device key
     _quiet_transformers()
     m = matrix.load(args.matrix)
     chosen = [c for c in cells.expand(m, args.matrix) if c.device == args.device]
@@ -164,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON object")
     p.set_defaults(func=_explain)
     p = sub.add_parser("gate", help="compare a run with a baseline; exit 1 on any regression, 2 on bad input")
-    p.add_argument("--baseline", required=True, help="reports folder, or a name saved with --save-baseline")
+    p.add_argument("--baseline", required=True, help="reports folder, or a name saved with --compat-save-baseline")
     p.add_argument("--current", required=True, help="reports folder of the run to check")
     p.add_argument("--memory-tolerance", default="5%", help="allowed rise of peak memory (default 5%%)")
     p.add_argument("--latency-tolerance", default="15%", help="allowed rise of time to first token (default 15%%)")
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except UserError as err:
+    except (UserError, ReportWriteError) as err:
         print(f"qwen-compat: {err}", file=sys.stderr)
         return 2
 

@@ -28,7 +28,7 @@ class Host:
     driver: str | None = None
     cuda: str | None = None
     via: str = "none"
-    emulated_on: str | None = None  # set when --emulate applies another card's rules here
+    emulated_on: str | None = None  # set when --compat-emulate applies another card's rules here
 
     @property
     def gpu(self) -> Gpu | None:
@@ -124,21 +124,21 @@ def cpu_host() -> Host:
     return Host(key="cpu", name="cpu", via="no GPU found")
 
 
-def resolve(option: str) -> Host:
-    """The host for `--device`: `auto` detects, a table key is taken as given."""
-    if option == "auto":
+def resolve(value: str, option: str = "--compat-device") -> Host:
+    """The host for a device option: `auto` detects, a table key is taken as given."""
+    if value == "auto":
         return detect_host()
-    if option not in table():
+    if value not in table():
         from difflib import get_close_matches
 
-        close = get_close_matches(option, table(), n=1)
+        close = get_close_matches(value, table(), n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
         raise UserError(
-            f"--device '{option}' is not in the GPU table.",
-            key="--device",
+            f"{option} '{value}' is not in the GPU table.",
+            key=option,
             fix=f"{hint}use 'auto' or one of {', '.join(table())}.",
         )
-    gpu = table()[option]
+    gpu = table()[value]
     return Host(
-        key=gpu.key, name=gpu.name, compute_capability=gpu.compute_capability, memory_mib=gpu.memory_mib, via="--device"
+        key=gpu.key, name=gpu.name, compute_capability=gpu.compute_capability, memory_mib=gpu.memory_mib, via=option
     )

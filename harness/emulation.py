@@ -18,9 +18,9 @@ def check_fits(key: str, host_name: str, host_mib: float | None) -> None:
     emulated = table()[key]
     if host_mib and emulated.memory_mib and emulated.memory_mib > host_mib:
         raise UserError(
-            f"--emulate {key} needs {emulated.memory_mib:.0f} MiB ({emulated.name}), more than this host's "
+            f"--compat-emulate {key} needs {emulated.memory_mib:.0f} MiB ({emulated.name}), more than this host's "
             f"{host_name} has ({host_mib:.0f} MiB).",
-            key="--emulate",
+            key="--compat-emulate",
             fix="emulate a card with less memory than this one, or run those cells on the real card.",
         )
 
@@ -30,7 +30,7 @@ def cap_fraction(emulated_mib: float, cuda_total_mib: float, context_mib: float 
     if emulated_mib > cuda_total_mib:
         raise UserError(
             f"the emulated card's {emulated_mib:.0f} MiB exceed the {cuda_total_mib:.0f} MiB CUDA reports here.",
-            key="--emulate",
+            key="--compat-emulate",
             fix="emulate a card with less memory than this one.",
         )
     return max(emulated_mib - (context_mib or 0.0), 0.0) / cuda_total_mib

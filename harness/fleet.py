@@ -8,6 +8,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from .gate import FAILING, load_run
+from .reports import write_report
 
 RANK = ["xpassed-strict", "error", "failed", "xpassed", "xfailed", "passed", "skipped"]
 COLOURS = {
@@ -74,6 +75,6 @@ def write(folders: list[Path], out: Path) -> tuple[Path, Path]:
         f"<table id='fleet'><tr><th>model</th>{''.join(f'<th>{html.escape(d)}</th>' for d in devices)}</tr>"
         f"{''.join(rows)}</table></body></html>"
     )
-    (out / "fleet.md").write_text("\n".join(md) + "\n")
-    (out / "fleet.html").write_text(page)
+    write_report(out / "fleet.md", "\n".join(md) + "\n")
+    write_report(out / "fleet.html", page)
     return out / "fleet.html", out / "fleet.md"

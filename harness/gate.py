@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import UserError
-from .reports import latest_records, load_results
+from .reports import latest_records, load_results, write_report
 
 PASSING = {"passed", "xfailed"}
 FAILING = {"failed", "error", "xpassed-strict"}
@@ -52,7 +52,7 @@ def load_run(folder: Path) -> dict[str, dict[str, dict]]:
         raise UserError(
             "no <device>/results.json in this folder.",
             file=str(folder),
-            fix="run the matrix first (pytest --reports DIR), or point at the folder it wrote.",
+            fix="run the matrix first (pytest --compat-reports DIR), or point at the folder it wrote.",
         )
     return {f.parent.name: latest_records(load_results(f)) for f in files}
 
@@ -172,13 +172,14 @@ def markdown(changes: list[Change]) -> str:
 def write(changes: list[Change], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     regressions = sum(ch.kind == "regression" for ch in changes)
-    (out / "gate.json").write_text(
+    write_report(
+        out / "gate.json",
         json.dumps(
             {"passed": regressions == 0, "regressions": regressions, "changes": [asdict(ch) for ch in changes]},
             indent=1,
-        )
+        ),
     )
-    (out / "gate.md").write_text(markdown(changes))
+    write_report(out / "gate.md", markdown(changes))
 
 
 def print_table(changes: list[Change]) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .cells import Cell
+from .reports import ReportWriteError
 
 NO_TWIN = "not measured — no float32 twin in this run"
 
@@ -49,10 +50,14 @@ def drift(cell: Cell, first_logits: torch.Tensor | None, reference_dir: Path, ke
     """Save float32 logits as the reference; for other dtypes, compare with it when this run has it."""
     if first_logits is None:
         return {}
-    reference_dir.mkdir(parents=True, exist_ok=True)
     path = reference_dir / f"{key}.pt"
     if cell.dtype == "float32":
-        torch.save(first_logits, path)
+        try:
+            reference_dir.mkdir(parents=True, exist_ok=True)
+            torch.save(first_logits, path)
+        except OSError as exc:  # a full disk is the runner's problem, never this model's
+            path.unlink(missing_ok=True)
+            raise ReportWriteError(path, exc, f"the float32 reference logits of {cell.id}") from None
         return {}
     if not path.exists():
         return {"drift": NO_TWIN}

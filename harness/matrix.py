@@ -347,7 +347,7 @@ def load(path: str | Path) -> Matrix:
         raise UserError(
             "matrix file not found.",
             file=str(path),
-            fix="pass an existing file with --matrix, e.g. matrices/default.yaml.",
+            fix="pass an existing file with --compat-matrix, e.g. matrices/default.yaml.",
         )
     text = path.read_text()
     try:

@@ -1,8 +1,12 @@
 """The pytest plugin: a matrix becomes parametrized `cell` tests; each runs in the isolated worker.
 
-Options: --matrix, --device, --reports, --resume, --allow-faults, --emulate, --run-predicted-oom.
-A suite is a plain pytest file whose test takes `cell` (the cell) or `cell_run` (the cell run in
-the worker and judged); see suites/test_inference.py.
+Options share one prefix, as pytest-benchmark's do: --compat-matrix, --compat-device,
+--compat-reports, --compat-resume, --compat-allow-faults, --compat-emulate, --compat-gpu-per-worker,
+--compat-save-baseline, --compat-run-predicted-oom. A suite is a plain pytest file whose test takes
+`cell` (the cell) or `cell_run` (the cell run in the worker and judged); see suites/test_inference.py.
+
+Nothing but a real run touches the reports or starts a worker: `--help`, `--markers`,
+`--collect-only` or a `-k` that selects nothing leave `reports/` as it was.
 """
 
 from __future__ import annotations
@@ -10,6 +14,9 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import signal
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -24,7 +31,17 @@ from .errors import UserError
 from .families import FAMILIES
 from .gpus import table
 from .progress import Progress
-from .reports import CELL_FIELDS, ResultsFile, environment, latest_records, load_results
+from .reports import (
+    CELL_FIELDS,
+    ReportWriteError,
+    ResultsFile,
+    changed_since_recorded,
+    environment,
+    latest_records,
+    load_results,
+    write_report,
+)
+from .run_lock import RunLock
 from .verdict import Verdict, judge
 from .worker import Runner, WorkerResult
 
@@ -51,7 +68,7 @@ def failure_class(category: str) -> type[CellFailure]:
 
 
 class HarnessError(Exception):
-    """The harness could not run the cell (bad input, a worker that would not start)."""
+    """The harness could not run the cell (bad input, a worker that would not start, a full disk)."""
 
 
 class CellRun:
@@ -74,30 +91,48 @@ class CellRun:
 
 def pytest_addoption(parser):
     group = parser.getgroup("qwen-compat", "qwen-compat hardware-compatibility matrix")
-    group.addoption("--matrix", default=None, help=f"matrix YAML file (default: <rootdir>/{DEFAULT_MATRIX})")
-    group.addoption("--device", default="auto", help="auto (NVML, then torch, else cpu) or a GPU table key")
-    group.addoption("--reports", default="reports", help="reports folder; results go to <reports>/<device>/")
-    group.addoption("--resume", action="store_true", help="skip cells already in <reports>/<device>/results.json")
-    group.addoption("--allow-faults", action="store_true", help="honour the matrix's `faults:` section")
+    group.addoption("--compat-matrix", default=None, help=f"matrix YAML file (default: <rootdir>/{DEFAULT_MATRIX})")
+    group.addoption("--compat-device", default="auto", help="auto (NVML, then torch, else cpu) or a GPU table key")
+    group.addoption("--compat-reports", default="reports", help="reports folder; results go to <reports>/<device>/")
     group.addoption(
-        "--emulate",
+        "--compat-resume",
+        action="store_true",
+        help="skip cells already in <reports>/<device>/results.json whose definition is unchanged",
+    )
+    group.addoption("--compat-allow-faults", action="store_true", help="honour the matrix's `faults:` section")
+    group.addoption(
+        "--compat-emulate",
         default=None,
         metavar="KEY",
         help="emulate a GPU table card on this GPU: its memory size and capability rules",
     )
     group.addoption(
-        "--gpu-per-worker",
+        "--compat-gpu-per-worker",
         action="store_true",
         help="with pytest-xdist: xdist worker N drives GPU N (CUDA_VISIBLE_DEVICES=N)",
     )
     group.addoption(
-        "--save-baseline",
+        "--compat-save-baseline",
         default=None,
         metavar="NAME",
         help="after the run, keep its results as baseline NAME under <reports>/baselines/",
     )
     group.addoption(
-        "--run-predicted-oom", action="store_true", help="run cells the memory plan predicts to exceed the card"
+        "--compat-run-predicted-oom",
+        action="store_true",
+        help="run cells the memory plan predicts to exceed the card",
+    )
+
+
+def _informational(config) -> bool:
+    """Invocations that show something and run nothing."""
+    option = config.option
+    return bool(
+        getattr(option, "help", False)
+        or getattr(option, "version", False)
+        or getattr(option, "markers", False)
+        or getattr(option, "showfixtures", False)
+        or getattr(option, "show_fixtures_per_test", False)
     )
 
 
@@ -113,16 +148,12 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "xdist_group(name): cells sharing a loaded model (pytest-xdist)")
     session = CompatSession(config)
     config.pluginmanager.register(session, "qwen_compat_session")
-    if session.active:
+    if session.active and not _informational(config):
         try:
             session.prepare()
         except UserError as err:
             raise pytest.UsageError(str(err)) from None
-        xdist_controller = getattr(config.option, "dist", "no") != "no" and not session.is_xdist_worker
-        if not (config.option.collectonly or xdist_controller) and session.host.key in {
-            c.device for c in session.prepare()
-        }:
-            session.start_worker()
+        session.configure_run()
 
 
 class CompatSession:
@@ -131,69 +162,119 @@ class CompatSession:
     def __init__(self, config):
         self.config = config
         # The default matrix belongs to the project (rootdir), wherever pytest is started from.
-        self.matrix_path = config.getoption("matrix") or os.path.relpath(config.rootpath / DEFAULT_MATRIX)
+        self.matrix_path = config.getoption("compat_matrix") or os.path.relpath(config.rootpath / DEFAULT_MATRIX)
         suites = Path(config.rootpath, "suites").resolve()
-        self.active = bool(config.getoption("matrix")) or any(
+        self.active = bool(config.getoption("compat_matrix")) or any(
             Path(a.split("::")[0]).resolve().is_relative_to(suites) for a in config.args
         )
         self.is_xdist_worker = hasattr(config, "workerinput")
+        self.is_xdist_controller = getattr(config.option, "dist", "no") != "no" and not self.is_xdist_worker
         self._cells: list[Cell] | None = None
         self.host: Host | None = None
         self.runner: Runner | None = None
         self.results: ResultsFile | None = None
+        self.lock: RunLock | None = None
+        self.began = False  # the run has written its results file: it is a real run
         self.done: dict[str, dict] = {}
         self.progress: Progress | None = None
+        self.planned: list[Cell] = []
+        self.junit_tmp: Path | None = None
+        self.problems: list[str] = []  # writing failures: said at the end, and the exit status is not 0
+        self.notes: list[str] = []
+        self.session = None
+        self._previous_sigterm = None
         self.stats = {"cells": 0, "model_loads": 0, "worker_starts": 0}
         self.started = time.monotonic()
 
-    # -- set-up ---------------------------------------------------------------------------------
+    # -- set-up (no side effects: nothing is written, nothing is started) -------------------------
     def prepare(self) -> list[Cell]:
         if self._cells is not None:
             return self._cells
+        option = self.config.getoption
         matrix = matrix_mod.load(self.matrix_path)
-        if matrix.faults and not self.config.getoption("allow_faults"):
+        if matrix.faults and not option("compat_allow_faults"):
             raise UserError(
                 "the matrix has a `faults:` section, which injects crashes and hangs on purpose.",
                 file=self.matrix_path,
                 key="faults",
-                fix="pass --allow-faults to run it (harness self-tests), or remove the section.",
+                fix="pass --compat-allow-faults to run it (harness self-tests), or remove the section.",
             )
-        if self.is_xdist_worker and self.config.getoption("gpu_per_worker"):
+        if option("compat_save_baseline"):
+            from .baselines import check_name
+
+            check_name(option("compat_save_baseline"))
+        if self.is_xdist_worker and option("compat_gpu_per_worker"):
             # Set before the host is detected; the pytest process itself never initialises CUDA.
             os.environ["CUDA_VISIBLE_DEVICES"] = self.config.workerinput["workerid"].removeprefix("gw")
-        emulate = self.config.getoption("emulate")
-        self.host = resolve(self.config.getoption("device"))
+        emulate = option("compat_emulate")
+        self.host = resolve(option("compat_device"))
         if emulate:
             real = self.host
             if real.key == "cpu":
                 raise UserError(
-                    f"--emulate {emulate} caps a GPU's memory, and this host has no GPU.",
-                    key="--emulate",
-                    fix="run it on a GPU runner, or use --device KEY to plan and collect "
+                    f"--compat-emulate {emulate} caps a GPU's memory, and this host has no GPU.",
+                    key="--compat-emulate",
+                    fix="run it on a GPU runner, or use --compat-device KEY to plan and collect "
                     "that card's cells here (`qwen-compat plan` predicts their memory).",
                 )
             from .emulation import check_fits
 
             check_fits(emulate, real.name, real.memory_mib)
-            self.host = resolve(emulate)
+            self.host = resolve(emulate, "--compat-emulate")
             self.host.emulated_on = real.name
         self._cells = cells_mod.expand(matrix, self.matrix_path)
-        self.reports_dir = Path(self.config.getoption("reports")) / self.host.key
+        self.reports_dir = Path(option("compat_reports")) / self.host.key
         self.results = ResultsFile(self.reports_dir / "results.json")
-        if self.config.getoption("resume") and self.results.path.exists():
-            self.done = {
-                k: v
-                for k, v in latest_records(load_results(self.results.path)).items()
-                if v["outcome"] not in ("error",)
-            }
-        if not (self.is_xdist_worker or self.config.option.collectonly):  # --collect-only keeps earlier reports
-            if not self.config.getoption("xmlpath", None):
-                self.reports_dir.mkdir(parents=True, exist_ok=True)
-                self.config.option.xmlpath = str(self.reports_dir / "junit.xml")
-            self.results.start(environment(self.host, self.matrix_path), resume=self.config.getoption("resume"))
-            if not self.config.getoption("resume"):  # float32 references belong to the run that made them
-                shutil.rmtree(self.reports_dir / REFERENCE_DIR, ignore_errors=True)
+        if option("compat_resume") and self.results.path.exists():
+            recorded = latest_records(load_results(self.results.path))
+            changed = changed_since_recorded(recorded, self._cells)
+            if changed:
+                shown = "; ".join(changed[:5]) + (f"; and {len(changed) - 5} more" if len(changed) > 5 else "")
+                raise UserError(
+                    f"--compat-resume: {len(changed)} recorded cells changed since they ran: {shown}. Their "
+                    "records would not describe what the matrix now asks for.",
+                    file=str(self.results.path),
+                    key="--compat-resume",
+                    fix="run without --compat-resume to start the folder over, or restore the matrix as it was.",
+                )
+            self.done = {k: v for k, v in recorded.items() if v["outcome"] != "error"}
         return self._cells
+
+    def configure_run(self) -> None:
+        """What a run needs from the start: JUnit written beside the results (kept only for a real
+        run), and SIGTERM handled as Ctrl-C so that a cancelled CI job still leaves its reports."""
+        if self.is_xdist_worker or self.config.option.collectonly:
+            return
+        if not self.config.getoption("xmlpath", None):
+            self.junit_tmp = Path(tempfile.mkdtemp(prefix="qwen-compat-junit-")) / "junit.xml"
+            self.config.option.xmlpath = str(self.junit_tmp)
+        if threading.current_thread() is threading.main_thread():
+            self._previous_sigterm = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+
+    def _lock_folder(self) -> None:
+        if self.lock is None:
+            self.lock = RunLock(self.reports_dir)
+            try:
+                self.lock.acquire()
+            except UserError as err:
+                self.lock = None
+                pytest.exit(str(err), returncode=pytest.ExitCode.USAGE_ERROR)
+
+    def _begin(self) -> None:
+        """The first moment of a real run: take the folder, start (or repair) the results file."""
+        if self.began:
+            return
+        self._lock_folder()
+        resume = self.config.getoption("compat_resume")
+        try:
+            note = self.results.start(environment(self.host, self.matrix_path), resume=resume)
+        except ReportWriteError as err:
+            pytest.exit(str(err), returncode=pytest.ExitCode.INTERRUPTED)
+        if note:
+            self.notes.append(note)
+        if not resume:  # float32 references belong to the run that made them
+            shutil.rmtree(self.reports_dir / REFERENCE_DIR, ignore_errors=True)
+        self.began = True
 
     @staticmethod
     @functools.cache
@@ -209,7 +290,7 @@ class CompatSession:
         if "tiny" not in cell.source:
             marks.append(mark("slow"))
         if cell.id in self.done:
-            return marks + [mark("skip", reason="already done in an earlier run (--resume)")]
+            return marks + [mark("skip", reason="already done in an earlier run (--compat-resume)")]
         expectation = disposition(cell, self.host.key)
         if expectation.source == "host":
             return marks + [mark("skip", reason=expectation.reason)]
@@ -227,14 +308,10 @@ class CompatSession:
         if self.runner is None:
             self.runner = Runner(
                 self.reports_dir / REFERENCE_DIR,
-                emulate=self.config.getoption("emulate"),
-                run_predicted_oom=self.config.getoption("run_predicted_oom"),
+                emulate=self.config.getoption("compat_emulate"),
+                run_predicted_oom=self.config.getoption("compat_run_predicted_oom"),
             )
         return self.runner
-
-    def start_worker(self) -> None:
-        """Start the worker now: its ~5 s of torch imports overlap with pytest's start-up and collection."""
-        self._runner().prestart()
 
     def run(self, cell: Cell) -> CellRun:
         start = time.perf_counter()
@@ -242,8 +319,16 @@ class CompatSession:
             result = self._runner().run(cell)
         except RuntimeError as exc:
             raise HarnessError(str(exc)) from None
+        if result.error_type == "ReportWriteError":  # the runner's disk, not the model: stop, count nothing
+            self.stop(result.error_message)
+            raise HarnessError(result.error_message)
         verdict = judge(cell, result)
         return CellRun(cell, result, verdict, time.perf_counter() - start)
+
+    def stop(self, paragraph: str) -> None:
+        self.problems.append(paragraph)
+        if self.session is not None:
+            self.session.shouldstop = "qwen-compat could not write its reports (see below)"
 
     def record(self, cell: Cell, run: CellRun | None, report) -> dict:
         """The results.json line of a finished cell: its axes, pytest's outcome, the verdict, measurements."""
@@ -289,9 +374,16 @@ class CompatSession:
                 output_text=r.generation.get("text"),
             )
         record["expectation"] = cell.expectation.__dict__
+        record["definition"] = cell.definition()
+        record["definition_sha"] = cell.fingerprint()
         return record
 
     # -- hooks --------------------------------------------------------------------------------------
+    def pytest_sessionstart(self, session):
+        self.session = session
+        if self.active and self.is_xdist_controller and not self.config.option.collectonly:
+            self._lock_folder()  # the controller writes the reports; its workers only run cells
+
     def pytest_generate_tests(self, metafunc):
         if "cell" not in metafunc.fixturenames:
             return
@@ -309,14 +401,35 @@ class CompatSession:
         others = [i for i in items if not isinstance(_cell_of(i), Cell)]
         items[:] = others + sorted(cell_items, key=lambda i: ordered[_cell_of(i).id])
 
+    def pytest_collection_finish(self, session):
+        """After -k/-m selection: a run with this host's cells in it begins; any other run touches nothing."""
+        if self.config.option.collectonly or not self.active or _informational(self.config):
+            return
+        mine = [i for i in session.items if isinstance(_cell_of(i), Cell) and _cell_of(i).device == self.host.key]
+        mine = [i for i in mine if _cell_of(i).id not in self.done]
+        if not mine:
+            return
+        self.planned = [_cell_of(i) for i in mine]
+        if not self.is_xdist_worker:
+            self._begin()
+        if any(not i.get_closest_marker("skip") for i in mine):
+            self._runner().prestart()  # its torch imports overlap with the first cells' set-up
+
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(self, item, call):
         report = yield
         cell = _cell_of(item)
         finished = report.when == "call" or (report.when == "setup" and not report.passed)
         # Only this host's cells are reported: another card's cells belong to that card's runner.
-        if isinstance(cell, Cell) and finished and cell.id not in self.done and cell.device == self.host.key:
-            report.qwen_compat = self.record(cell, item.stash.get(RUN_KEY, None), report)
+        run = item.stash.get(RUN_KEY, None)
+        if (
+            isinstance(cell, Cell)
+            and finished
+            and cell.id not in self.done
+            and cell.device == self.host.key
+            and not (self.problems and run is None)  # a cell stopped by a write failure is not a result
+        ):
+            report.qwen_compat = self.record(cell, run, report)
         return report
 
     @pytest.hookimpl(wrapper=True)
@@ -330,45 +443,88 @@ class CompatSession:
     @pytest.hookimpl(trylast=True)
     def pytest_runtest_logreport(self, report):
         record = getattr(report, "qwen_compat", None)
-        if record is None or self.is_xdist_worker or self.results is None:
+        if record is None or self.is_xdist_worker or self.results is None or self.problems:
             return
-        self.results.append(record)
+        self._begin()
+        try:
+            self.results.append(record)
+        except ReportWriteError as err:
+            self.stop(str(err))
+            return
         self.stats["cells"] += 1
         self.stats["model_loads"] += record["model_loaded"]
         self.stats["worker_starts"] += record["worker_started"]
         if self.progress is None:
             terminal = self.config.pluginmanager.get_plugin("terminalreporter")
             self.progress = Progress(
-                lambda line: _write_progress(terminal, line), color=bool(terminal and terminal.hasmarkup)
+                lambda line: _write_progress(terminal, line),
+                color=bool(terminal and terminal.hasmarkup),
+                planned=self.planned,
             )
         self.progress.cell_done(record)
 
-    def pytest_sessionfinish(self, session):
+    def pytest_sessionfinish(self, session, exitstatus):
+        interrupted = exitstatus == pytest.ExitCode.INTERRUPTED
         if self.runner:
-            self.runner.close()
-        if self.is_xdist_worker or self.results is None or not self.stats["cells"]:
+            self.runner.close(now=interrupted)  # a cancelled job leaves no worker behind
+        if self.is_xdist_worker or not self.began:
             return
-        from .summary import write_summaries
-
         self.stats["wall_s"] = round(time.monotonic() - self.started, 2)
-        write_summaries(self.reports_dir, self.stats)
-        name = self.config.getoption("save_baseline")
-        if name:
+        self.stats["interrupted"] = interrupted
+        if self.stats["cells"]:
+            from .summary import write_summaries
+
+            try:
+                write_summaries(self.reports_dir, self.stats)
+            except ReportWriteError as err:
+                self.problems.append(str(err))
+        name = self.config.getoption("compat_save_baseline")
+        if name and not interrupted and not self.problems:
             from . import baselines
 
-            root = Path(self.config.getoption("reports"))
+            root = Path(self.config.getoption("compat_reports"))
             baselines.save(name, root, root / "baselines")
+        if self.problems:
+            session.exitstatus = pytest.ExitCode.INTERRUPTED
 
     def pytest_terminal_summary(self, terminalreporter):
-        if self.results is None or self.is_xdist_worker or not self.stats["cells"]:
+        if self.is_xdist_worker:
             return
-        s = self.stats
-        terminalreporter.write_sep("-", "qwen-compat")
-        terminalreporter.write_line(
-            f"{s['cells']} cells on {self.host.key}; model loads: {s['model_loads']}; "
-            f"worker starts: {s['worker_starts']}"
-        )
-        terminalreporter.write_line(f"reports: {self.reports_dir}/results.json, junit.xml, summary.md, summary.html")
+        for note in self.notes:
+            terminalreporter.write_line(f"qwen-compat: {note}")
+        if self.began and self.stats["cells"]:
+            s = self.stats
+            terminalreporter.write_sep("-", "qwen-compat")
+            if self.progress:
+                terminalreporter.write_line(self.progress.final_line(time.monotonic() - self.started))
+            terminalreporter.write_line(
+                f"{s['cells']} cells on {self.host.key}; model loads: {s['model_loads']}; "
+                f"worker starts: {s['worker_starts']}"
+            )
+            terminalreporter.write_line(
+                f"reports: {self.reports_dir}/results.json, junit.xml, summary.md, summary.html"
+            )
+        for problem in self.problems:
+            terminalreporter.write_line(f"qwen-compat: {problem}", red=True, bold=True)
+
+    def pytest_unconfigure(self, config):
+        if self._previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+        if self.junit_tmp is not None:
+            if self.began and self.junit_tmp.exists():
+                try:
+                    write_report(self.reports_dir / "junit.xml", self.junit_tmp.read_text(), lost="junit.xml")
+                except ReportWriteError as err:
+                    print(f"qwen-compat: {err} (the JUnit report is at {self.junit_tmp})")
+                    return
+            shutil.rmtree(self.junit_tmp.parent, ignore_errors=True)
+        if self.lock:
+            self.lock.release()
+
+
+def _sigterm_as_interrupt(signum, frame):
+    """A cancelled or timed-out CI job: stop as Ctrl-C stops, so finished cells get their reports."""
+    raise KeyboardInterrupt("SIGTERM")
 
 
 def _outcome(report) -> str:
@@ -402,14 +558,17 @@ def _cell_of(item):
 
 
 @pytest.fixture
-def cell_run(request, cell, record_property) -> CellRun:
-    """Run the cell in the isolated worker and judge it; measurements go to the JUnit report."""
+def cell_run(request, cell) -> CellRun:
+    """Run the cell in the isolated worker and judge it; measurements go to the JUnit report as test-case
+    properties (appended directly: pytest writes them under every junit_family, and `record_property`
+    would warn under the default xunit2)."""
     session: CompatSession = request.config.pluginmanager.get_plugin("qwen_compat_session")
     run = session.run(cell)
     request.node.stash[RUN_KEY] = run
+    properties = request.node.user_properties
     for key, value in run.result.measurements.items():
-        record_property(key, value)
-    record_property("category", run.verdict.category)
+        properties.append((key, value))
+    properties.append(("category", run.verdict.category))
     if run.verdict.outcome == "error":
         raise HarnessError(run.verdict.message)
     return run

@@ -1,6 +1,11 @@
-"""A line per finished cell while a matrix runs: coloured in a terminal, plain text in CI logs."""
+"""A line per finished cell while a matrix runs: `cell 37/204`, elapsed time and an ETA; coloured in a
+terminal, plain text in CI logs. The ETA counts model loads apart from inference: the cells left
+are timed at the mean inference time so far, plus one mean load per model group still to load."""
 
 from __future__ import annotations
+
+from collections import Counter
+from statistics import mean
 
 from rich.console import Console
 from rich.markup import escape
@@ -16,25 +21,68 @@ STYLES = {
 }
 
 
-class Progress:
-    """Formats each finished cell with rich and hands the line to `write` (pytest's terminal)."""
+def duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m{rest % 60:02d}s" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
-    def __init__(self, write, color: bool):
+
+class Progress:
+    """Formats each finished cell with rich and hands the line to `write` (pytest's terminal).
+
+    `planned` is this process's cells in run order (empty where it is not known, under xdist).
+    """
+
+    def __init__(self, write, color: bool, planned=(), clock=None):
+        import time
+
         self.write = write
         self.console = Console(force_terminal=color, no_color=not color, highlight=False, width=250)
+        self.planned = list(planned)
+        self.clock = clock or time.monotonic
+        self.started = self.clock()
         self.count = 0
+        self.outcomes: Counter = Counter()
+        self.loads: list[float] = []
+        self.inference: list[float] = []
+
+    def eta(self) -> float | None:
+        """Seconds left: remaining runnable cells x mean inference, plus a mean load per group to load."""
+        left = self.planned[self.count :]
+        if not left or not self.inference:
+            return None
+        current = self.planned[self.count - 1].group if self.count else None
+        groups = 0
+        for cell in left:
+            if cell.group != current:
+                groups, current = groups + 1, cell.group
+        return len(left) * mean(self.inference) + groups * (mean(self.loads) if self.loads else 0.0)
 
     def cell_done(self, record: dict) -> None:
         self.count += 1
+        self.outcomes[record["outcome"]] += 1
         m = record.get("measurements") or {}
+        load = m.get("load_s") or 0.0
+        if record.get("model_loaded"):
+            self.loads.append(load)
+        if record.get("duration_s"):
+            self.inference.append(max(record["duration_s"] - load, 0.0))
         style = STYLES.get(record["outcome"], "")
-        parts = [f"[{style}]{record['outcome'].upper():>8}[/]", escape(record["id"])]
+        total = len(self.planned) or "?"
+        parts = [f"cell {self.count}/{total}", f"[{style}]{record['outcome'].upper():>8}[/]", escape(record["id"])]
         if m.get("peak_memory_mib") is not None:
             parts.append(f"{m['peak_memory_mib']:.0f} MiB ({m['peak_memory_source']})")
         if m.get("visual_tokens") is not None:
             parts.append(f"{m['visual_tokens']} visual tokens")
         if record.get("category") and record["outcome"] not in ("passed", "skipped"):
             parts.append(escape(f"[{record['category']}]"))
+        eta = self.eta()
+        timing = f"{duration(self.clock() - self.started)} elapsed" + (f", ETA {duration(eta)}" if eta else "")
+        parts.append(timing)
         with self.console.capture() as captured:
-            self.console.print(f"qwen-compat {self.count:>4} " + "  ".join(parts))
+            self.console.print("qwen-compat " + "  ".join(parts))
         self.write(captured.get().rstrip("\n"))
+
+    def final_line(self, wall_s: float) -> str:
+        counts = ", ".join(f"{n} {outcome}" for outcome, n in sorted(self.outcomes.items()))
+        return f"qwen-compat: {self.count} cells in {duration(wall_s)}: {counts}"

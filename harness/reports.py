@@ -1,7 +1,7 @@
 """Per-device results: `reports/<device>/results.json`, written one line per finished cell.
 
 The file is valid JSON after every append (the closing `]}` is rewritten each time), and each cell
-sits on its own line, so a run killed with SIGKILL keeps every finished cell and `--resume` can
+sits on its own line, so a run killed with SIGKILL keeps every finished cell and `--compat-resume` can
 pick up where it stopped. Nothing whose name looks like a secret reaches a report.
 """
 
@@ -11,7 +11,10 @@ import hashlib
 import json
 import os
 import platform
+import signal
 import socket
+import threading
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
@@ -19,7 +22,7 @@ from filelock import FileLock
 
 from .errors import UserError
 from .matrix import AXIS_FIELDS
-from .secrets import scrub
+from .secrets import scrub, scrub_text
 
 SCHEMA_VERSION = 1
 CLOSING = b"\n]}\n"
@@ -61,6 +64,46 @@ def environment(host, matrix_file: str | None) -> dict:
     }
 
 
+class ReportWriteError(Exception):
+    """A report could not be written (a full disk, a read-only folder): the run stops, nothing counts
+    against a model, and everything already written stays valid."""
+
+    def __init__(self, path: Path, exc: OSError, lost: str):
+        self.path, self.lost = Path(path), lost
+        super().__init__(
+            f"qwen-compat could not write {path} ({exc.strerror or exc}); the run stops here. "
+            f"Lost: {lost}. Everything written before is kept and valid. Fix: free space in {Path(path).parent} "
+            "(or point --compat-reports elsewhere), then run again with --compat-resume to finish the rest."
+        )
+
+
+@contextmanager
+def signals_deferred():
+    """SIGINT and SIGTERM wait while a report is being written, so a cancelled job never tears a file."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def write_report(path: Path, text: str, lost: str | None = None) -> None:
+    """Write one report file whole or not at all (temporary file, then rename), secrets scrubbed."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        with signals_deferred():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(scrub_text(text))
+            os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ReportWriteError(path, exc, lost or f"{path.name} of this run") from None
+
+
 class ResultsFile:
     """Append-only results for one device; always valid JSON on disk."""
 
@@ -68,25 +111,57 @@ class ResultsFile:
         self.path = Path(path)
         self._lock = FileLock(str(self.path) + ".lock")
 
-    def start(self, env: dict, *, resume: bool) -> None:
-        """Begin a run: keep what is there when resuming, otherwise start an empty file."""
+    def start(self, env: dict, *, resume: bool) -> str | None:
+        """Begin a run: keep what is there when resuming (repairing a torn last line, which is said in
+        the returned note), otherwise start an empty file."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._lock:
             if resume and self.path.exists():
-                return
+                return self._repair()
             head = json.dumps({"schema_version": SCHEMA_VERSION, "environment": scrub(env)})[:-1]
-            self.path.write_bytes(head.encode() + b', "cells": [' + CLOSING)
+            write_report(self.path, head + ', "cells": [' + CLOSING.decode(), lost="the new results file")
+        return None
+
+    def _repair(self) -> str | None:
+        """Rewrite a file cut mid-line (SIGKILL, a full disk) as its complete records."""
+        text = self.path.read_text(errors="replace")
+        try:
+            json.loads(text)
+            return None
+        except json.JSONDecodeError:
+            data = _salvage(text, self.path)
+        kept = [c for c in data.pop("cells") if isinstance(c, dict) and c.get("id")]
+        head = json.dumps(data)[:-1] + ', "cells": ['
+        body = "".join(("\n" if i == 0 else ",\n") + json.dumps(c, default=str) for i, c in enumerate(kept))
+        write_report(self.path, head + body + CLOSING.decode(), lost="the repaired results file")
+        return (
+            f"{self.path} was cut mid-write (a killed run or a full disk): repaired, keeping its "
+            f"{len(kept)} complete cells"
+        )
 
     def append(self, record: dict) -> None:
+        """Replace the closing `]}` with `,<record>]}`; on a failed write, put the closing back, so the
+        file stays what it was (unbuffered: a buffered file would retry the failed bytes on seek)."""
         line = json.dumps(scrub(record), default=str).encode()
-        with self._lock, open(self.path, "r+b") as f:
-            f.seek(0, os.SEEK_END)
-            end = f.tell() - len(CLOSING)
-            f.seek(end - 1)
-            separator = b"\n" if f.read(1) == b"[" else b",\n"
-            f.seek(end)
-            f.write(separator + line + CLOSING)
-            f.truncate()
+        try:
+            with self._lock, signals_deferred():
+                fd = os.open(self.path, os.O_RDWR)
+                try:
+                    end = os.fstat(fd).st_size - len(CLOSING)
+                    data = (b"\n" if os.pread(fd, 1, end - 1) == b"[" else b",\n") + line + CLOSING
+                    try:
+                        written = 0
+                        while written < len(data):
+                            written += os.pwrite(fd, data[written:], end + written)
+                        os.fsync(fd)
+                    except OSError:  # truncating frees what the write took, so the closing fits again
+                        os.ftruncate(fd, end)
+                        os.pwrite(fd, CLOSING, end)
+                        raise
+                finally:
+                    os.close(fd)
+        except OSError as exc:
+            raise ReportWriteError(self.path, exc, f"the record of cell {record.get('id')}") from None
 
 
 def load_results(path: Path) -> dict:
@@ -130,5 +205,26 @@ def _salvage(text: str, path: Path) -> dict:
 
 
 def latest_records(data: dict) -> dict[str, dict]:
-    """The last record of each cell id (a resumed run may have re-run some)."""
-    return {cell["id"]: cell for cell in data["cells"]}
+    """The last record of each cell id (a resumed run may have re-run some); records without an id
+    (damaged by hand or by a tool) are left out."""
+    return {cell["id"]: cell for cell in data["cells"] if isinstance(cell, dict) and cell.get("id")}
+
+
+def changed_since_recorded(records: dict[str, dict], cells) -> list[str]:
+    """For --compat-resume: the recorded cells whose definition differs from the matrix's now, each
+    with the fields that changed."""
+    changed = []
+    for cell in cells:
+        record = records.get(cell.id)
+        if record is None:
+            continue
+        recorded = record.get("definition")
+        if recorded is None:
+            changed.append(f"{cell.id} (recorded without a definition, by an older qwen-compat)")
+            continue
+        if record.get("definition_sha") == cell.fingerprint():
+            continue
+        now = json.loads(json.dumps(cell.definition(), default=str))
+        fields = sorted(k for k in now.keys() | recorded.keys() if now.get(k) != recorded.get(k))
+        changed.append(f"{cell.id} ({', '.join(fields) or 'definition'})")
+    return changed

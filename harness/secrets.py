@@ -1,27 +1,59 @@
-"""Keep secrets out of everything the harness writes: values of variables named like secrets."""
+"""Keep secrets out of everything the harness writes.
+
+Three nets, applied to every string of every file qwen-compat writes (results, JUnit, summaries,
+run.json, gate and fleet outputs, stderr tails):
+- values of environment variables whose names suggest a secret (TOKEN, KEY, SECRET, PASSWORD,
+  PASS, PAT, JWT, CREDENTIAL, AUTH, DSN), and `*_URL` values that carry credentials;
+- credentials inside URLs: `user:password@` userinfo and token-like query parameters;
+- strings shaped like known tokens: `hf_…`, `sk-…`, `ghp_…`/`github_pat_…`, `AKIA…`, `Bearer …`.
+"""
 
 from __future__ import annotations
 
 import os
 import re
 
-SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASSWORD", re.IGNORECASE)
+MASK = "***"
+SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASS|(^|_)PAT($|_)|JWT|CREDENTIAL|AUTH|DSN", re.IGNORECASE)
+URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<userinfo>[^/@\s:]*(?::[^/@\s]*)?)@", re.IGNORECASE)
+URL_TOKEN_PARAM = re.compile(
+    r"(?P<key>[?&](?:access_token|token|api_key|apikey|key|sig|signature|password|secret|auth)=)[^&#\s\"'<>]+",
+    re.IGNORECASE,
+)
+TOKEN_SHAPES = re.compile(
+    r"\bhf_[A-Za-z0-9]{20,}|\bsk-(?:proj-|ant-)?[A-Za-z0-9_-]{20,}|\bghp_[A-Za-z0-9]{20,}|"
+    r"\bgithub_pat_[A-Za-z0-9_]{20,}|\bAKIA[0-9A-Z]{16}\b|(?<=Bearer )[A-Za-z0-9._~+/=-]{8,}"
+)
 
 
 def secret_values() -> list[str]:
-    """Values of environment variables whose names look like secrets (to be scrubbed)."""
-    return [v for k, v in os.environ.items() if SECRET_NAME.search(k) and len(v) >= 4]
+    """Values of environment variables that hold secrets, longest first (to be scrubbed whole)."""
+    found = set()
+    for name, value in os.environ.items():
+        if len(value) < 4:
+            continue
+        if SECRET_NAME.search(name):
+            found.add(value)
+        elif name.upper().endswith("_URL") and URL_USERINFO.search(value):
+            found.add(value)
+    return sorted(found, key=len, reverse=True)
+
+
+def scrub_text(text: str, secrets: list[str] | None = None) -> str:
+    for secret in secret_values() if secrets is None else secrets:
+        text = text.replace(secret, MASK)
+    text = URL_USERINFO.sub(lambda m: f"{m['scheme']}{MASK}@", text)
+    text = URL_TOKEN_PARAM.sub(lambda m: f"{m['key']}{MASK}", text)
+    return TOKEN_SHAPES.sub(MASK, text)
 
 
 def scrub(value, secrets: list[str] | None = None):
-    """Replace secret values anywhere in a JSON-able structure."""
+    """Scrub every string anywhere in a JSON-able structure (keys included)."""
     secrets = secret_values() if secrets is None else secrets
     if isinstance(value, str):
-        for secret in secrets:
-            value = value.replace(secret, "***")
-        return value
+        return scrub_text(value, secrets)
     if isinstance(value, dict):
-        return {k: scrub(v, secrets) for k, v in value.items()}
-    if isinstance(value, list):
+        return {scrub(k, secrets): scrub(v, secrets) for k, v in value.items()}
+    if isinstance(value, list | tuple):
         return [scrub(v, secrets) for v in value]
     return value

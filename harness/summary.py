@@ -14,7 +14,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from .reports import latest_records, load_results
+from .reports import latest_records, load_results, write_report
 
 COLOURS = {
     "passed": "#c8f7c5",
@@ -200,6 +200,6 @@ vLLM {esc(env["vllm"])}; matrix {esc(str(env["matrix_file"]))}{emulated}</p>
 def write_summaries(reports_dir: Path, stats: dict | None = None) -> None:
     data = load_results(reports_dir / "results.json")
     stats = stats or {}
-    (reports_dir / "run.json").write_text(json.dumps(stats, indent=1))
-    (reports_dir / "summary.md").write_text(markdown(data, stats))
-    (reports_dir / "summary.html").write_text(html_page(data, stats))
+    write_report(reports_dir / "run.json", json.dumps(stats, indent=1))
+    write_report(reports_dir / "summary.md", markdown(data, stats))
+    write_report(reports_dir / "summary.html", html_page(data, stats))

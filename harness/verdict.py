@@ -61,7 +61,7 @@ def judge(cell: Cell, result: WorkerResult) -> Verdict:
             "skipped",
             "predicted-oom",
             result.skipped,
-            "run it on a larger card, lower max_pixels, or pass --run-predicted-oom to find out",
+            "run it on a larger card, lower max_pixels, or pass --compat-run-predicted-oom to find out",
         )
     if not result.ok:
         text = "\n".join(t for t in (result.error_message, result.traceback) if t)

@@ -118,10 +118,14 @@ class Runner:
         if self._proc:
             self._proc.wait()
             self._selector.close()
+            self._proc.stdin.close()
+            self._proc.stdout.close()
+            self._stderr.close()
         self._proc = None
 
-    def close(self) -> None:
-        if self._proc and self._proc.poll() is None:
+    def close(self, now: bool = False) -> None:
+        """End the worker: politely between cells, at once (`now`) when the run was interrupted."""
+        if self._proc and self._proc.poll() is None and not now:
             try:
                 self._send({"op": "exit"})
                 self._proc.wait(timeout=10)
@@ -338,8 +342,8 @@ class _Worker:
 
             raise UserError(
                 f"cell targets {cell.device}, but torch sees no CUDA GPU on this host.",
-                key="--device",
-                fix="run with --device auto, or on the card the cell targets (check CUDA_VISIBLE_DEVICES).",
+                key="--compat-device",
+                fix="run with --compat-device auto, or on the card the cell targets (check CUDA_VISIBLE_DEVICES).",
             )
         before = _predict(cell, device_kind=kind)
         card = self.card_mib(emulate)
@@ -351,7 +355,7 @@ class _Worker:
                 "skipped": f"predicted peak {before.predicted_peak_mib:.0f} MiB exceeds the card's {card:.0f} MiB "
                 f"(weights {p['weights_mib']:.0f}, KV cache {p['kv_cache_mib']:.0f}, vision activations "
                 f"{p['vision_activations_mib']:.0f}, overhead {p['overhead_mib']:.0f} MiB); "
-                f"--run-predicted-oom runs it anyway",
+                f"--compat-run-predicted-oom runs it anyway",
             }
         load_s = self.ensure_loaded(cell)
         spec = inference.CellInput(

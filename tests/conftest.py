@@ -80,5 +80,5 @@ def matrix_file(pytester):
 def suite(pytester):
     """The default suite, copied into the pytester folder."""
     pytester.makepyfile(test_suite=(REPO / "suites" / "test_inference.py").read_text())
-    pytester.makeini("[pytest]\njunit_family = xunit1\n")
+    pytester.makeini("[pytest]\n")  # pytest's default junit_family: the measurements must reach junit.xml as is
     return pytester

@@ -29,7 +29,7 @@ def real_run(tmp_path_factory, suite_cmd):
     """One real CPU run of three cells, saved once as a named baseline too."""
     folder = tmp_path_factory.mktemp("run")
     (folder / "matrix.yaml").write_text(THREE_CELLS)
-    args = ["--matrix", "matrix.yaml", "--reports", "reports", "--save-baseline", "first"]
+    args = ["--compat-matrix", "matrix.yaml", "--compat-reports", "reports", "--compat-save-baseline", "first"]
     done = subprocess.run(suite_cmd(folder, *args), cwd=folder, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:]
     assert (folder / "reports" / "baselines" / "first" / "cpu" / "results.json").exists()
@@ -224,10 +224,10 @@ def test_workflow_is_a_valid_github_workflow(tmp_path):
 
 def test_xdist_gives_the_same_results_as_a_serial_run(tmp_path, suite_cmd):
     """`pytest -n 2` on (a slice of) the default matrix: same cells, same outcomes, same token counts."""
-    select = ["--matrix", str(REPO / "matrices" / "default.yaml"), "-k", "qwen3-vl-moe and 448x448"]
+    select = ["--compat-matrix", str(REPO / "matrices" / "default.yaml"), "-k", "qwen3-vl-moe and 448x448"]
     results = {}
     for name, extra in (("serial", []), ("xdist", ["-n", "2", "--dist", "loadgroup"])):
-        command = suite_cmd(tmp_path, *select, "--reports", name, *extra)
+        command = suite_cmd(tmp_path, *select, "--compat-reports", name, *extra)
         done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stdout[-2000:]
         cells = load_results(tmp_path / name / "cpu" / "results.json")["cells"]

@@ -25,7 +25,9 @@ faults:
 
 def test_faults_end_one_cell_each_and_the_model_is_not_reloaded_per_cell(suite, matrix_file):
     path = matrix_file(FIVE_CELLS)
-    result = suite.runpytest("--matrix", str(path), "--allow-faults", "--reports", "reports", "-p", "no:cacheprovider")
+    result = suite.runpytest(
+        "--compat-matrix", str(path), "--compat-allow-faults", "--compat-reports", "reports", "-p", "no:cacheprovider"
+    )
     result.assert_outcomes(passed=2, failed=3)
     data = json.loads((suite.path / "reports" / "cpu" / "results.json").read_text())
     by_case = {c["id"].rsplit("case=", 1)[1]: c for c in data["cells"]}
@@ -44,9 +46,9 @@ def test_faults_end_one_cell_each_and_the_model_is_not_reloaded_per_cell(suite, 
 
 
 def test_faults_are_refused_without_the_flag(suite, matrix_file):
-    result = suite.runpytest("--matrix", str(matrix_file(FIVE_CELLS)), "--collect-only")
+    result = suite.runpytest("--compat-matrix", str(matrix_file(FIVE_CELLS)), "--collect-only")
     assert result.ret != 0
-    assert "--allow-faults" in result.stdout.str() + result.stderr.str()
+    assert "--compat-allow-faults" in result.stdout.str() + result.stderr.str()
 
 
 def test_a_worker_that_cannot_import_torch_says_what_to_install(tmp_path):
@@ -88,7 +90,9 @@ faults:
 
 
 def test_abort_is_a_crash_and_an_allocation_failure_is_out_of_memory(suite, matrix_file):
-    result = suite.runpytest("--matrix", str(matrix_file(ABORT_AND_OOM)), "--allow-faults", "--reports", "reports")
+    result = suite.runpytest(
+        "--compat-matrix", str(matrix_file(ABORT_AND_OOM)), "--compat-allow-faults", "--compat-reports", "reports"
+    )
     result.assert_outcomes(passed=1, failed=2)
     cells = {
         c["id"].rsplit("=", 1)[1]: c
@@ -107,7 +111,7 @@ def test_the_pytest_process_never_imports_torch(suite, matrix_file):
         "    open('torch-imported.txt', 'w').write(str('torch' in sys.modules))\n"
     )
     path = matrix_file("models: [{tiny: qwen2_vl}]\naxes: {resolution: [224x224]}\ndefaults: {max_new_tokens: 2}\n")
-    result = suite.runpytest_subprocess("--matrix", str(path), "--reports", "reports")
+    result = suite.runpytest_subprocess("--compat-matrix", str(path), "--compat-reports", "reports")
     result.assert_outcomes(passed=1)
     assert (suite.path / "torch-imported.txt").read_text() == "False"
 

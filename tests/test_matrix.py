@@ -119,8 +119,14 @@ BAD = {
         ["names no axis: 'dtpye'", "did you mean 'dtype'", "line 9"],
     ),
     "zero-cells": (GOOD + "exclude:\n  - when: {model: tiny-qwen2-vl}\n", ["zero cells", "key 'exclude'"]),
-    "faults-without-flag": (GOOD + "faults:\n  - when: {dtype: float32}\n    inject: hang\n", ["--allow-faults"]),
-    "resolution-0x0-quoted": (GOOD.replace("[448x448]", '["0x0"]'), ["both sides must be at least 1", "line 7", "axes.resolution"]),
+    "faults-without-flag": (
+        GOOD + "faults:\n  - when: {dtype: float32}\n    inject: hang\n",
+        ["--compat-allow-faults"],
+    ),
+    "resolution-0x0-quoted": (
+        GOOD.replace("[448x448]", '["0x0"]'),
+        ["both sides must be at least 1", "line 7", "axes.resolution"],
+    ),
     "resolution-0x0-unquoted": (GOOD.replace("[448x448]", "[0x0]"), ["a resolution is WIDTHxHEIGHT", "hexadecimal"]),
     "resolution-aspect-ratio": (GOOD.replace("[448x448]", "[20000x28]"), ["aspect ratio over 200"]),
 }
@@ -131,7 +137,7 @@ def test_bad_matrix_is_one_paragraph(pytester, matrix_file, case):
     text, expected = BAD[case]
     path = matrix_file(text)
     pytester.makepyfile(test_s="def test_cell(cell):\n    pass\n")
-    result = pytester.runpytest("--matrix", str(path), "--collect-only", "-p", "no:cacheprovider")
+    result = pytester.runpytest("--compat-matrix", str(path), "--collect-only", "-p", "no:cacheprovider")
     output = result.stdout.str() + result.stderr.str()
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert "Traceback" not in output
@@ -162,7 +168,7 @@ def test_a_known_gpu_is_found_by_its_nvml_name():
 def test_missing_matrix_file_names_the_option(tmp_path):
     with pytest.raises(UserError) as err:
         matrix.load(tmp_path / "nope.yaml")
-    assert "nope.yaml" in str(err.value) and "--matrix" in str(err.value)
+    assert "nope.yaml" in str(err.value) and "--compat-matrix" in str(err.value)
 
 
 def test_hub_model_without_a_recognisable_family_asks_for_one(tmp_path):
@@ -178,9 +184,9 @@ def test_hub_model_without_a_recognisable_family_asks_for_one(tmp_path):
 def test_dash_m_v100_collects_only_v100_cells(pytester):
     pytester.makepyfile(test_s="def test_cell(cell):\n    pass\n")
     result = pytester.runpytest(
-        "--matrix",
+        "--compat-matrix",
         str(REPO / "matrices" / "nightly.yaml"),
-        "--device",
+        "--compat-device",
         "v100",
         "-m",
         "v100",
@@ -197,16 +203,16 @@ def test_cells_for_another_device_are_skipped_with_the_host(pytester):
     """On this machine (no GPU), --device auto finds the CPU and every V100 cell says so."""
     pytester.makepyfile(test_s="def test_cell(cell):\n    pass\n")
     result = pytester.runpytest(
-        "--matrix",
+        "--compat-matrix",
         str(REPO / "matrices" / "nightly.yaml"),
-        "--device",
+        "--compat-device",
         "auto",
         "-m",
         "v100 and float16",
         "-k",
         "sdpa",
         "-rs",
-        "--reports",
+        "--compat-reports",
         str(pytester.path / "r"),
     )
     outcomes = result.parseoutcomes()
@@ -217,9 +223,9 @@ def test_cells_for_another_device_are_skipped_with_the_host(pytester):
 def test_all_markers_are_registered(pytester):
     pytester.makepyfile(test_s="def test_cell(cell):\n    pass\n")
     result = pytester.runpytest(
-        "--matrix",
+        "--compat-matrix",
         str(REPO / "matrices" / "default.yaml"),
-        "--device",
+        "--compat-device",
         "cpu",
         "--collect-only",
         "-q",

@@ -113,17 +113,17 @@ def test_doctor_runs_on_a_host_without_gpu():
 def test_emulation_applies_the_card_and_says_where(suite):
     """--emulate rtx4090 on a (declared) H100: the 4090's cells are this host's, and reports say so."""
     result = suite.runpytest(
-        "--matrix",
+        "--compat-matrix",
         str(REPO / "matrices" / "nightly.yaml"),
-        "--device",
+        "--compat-device",
         "h100",
-        "--emulate",
+        "--compat-emulate",
         "rtx4090",
         "-m",
         "rtx4090",
         "-k",
         "qwen2-vl-7b and 448x448-video and sdpa and bfloat16 and not max",
-        "--reports",
+        "--compat-reports",
         "r",
     )
     env = json.loads((suite.path / "r" / "rtx4090" / "results.json").read_text())
@@ -137,10 +137,16 @@ def test_emulation_applies_the_card_and_says_where(suite):
 def test_emulation_needs_a_gpu_host(pytester):
     pytester.makepyfile(test_s="def test_cell(cell):\n    pass\n")
     result = pytester.runpytest(
-        "--matrix", str(REPO / "matrices" / "nightly.yaml"), "--device", "cpu", "--emulate", "t4", "--collect-only"
+        "--compat-matrix",
+        str(REPO / "matrices" / "nightly.yaml"),
+        "--compat-device",
+        "cpu",
+        "--compat-emulate",
+        "t4",
+        "--collect-only",
     )
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    assert "--emulate t4 caps a GPU's memory" in result.stderr.str() and "Fix:" in result.stderr.str()
+    assert "--compat-emulate t4 caps a GPU's memory" in result.stderr.str() and "Fix:" in result.stderr.str()
 
 
 def test_a_model_the_planner_cannot_read_still_runs(monkeypatch, tiny_cell):

@@ -20,9 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 def test_default_matrix_cells_report_memory_and_visual_tokens(suite):
     """README command (1), narrowed to one family and one dtype/attention group to keep it quick."""
     result = suite.runpytest(
-        "--matrix",
+        "--compat-matrix",
         str(REPO / "matrices" / "default.yaml"),
-        "--reports",
+        "--compat-reports",
         "reports",
         "-k",
         "tiny-qwen2-vl-cpu-float32-sdpa",
@@ -71,7 +71,7 @@ def test_sigkill_keeps_finished_cells_and_resume_finishes(suite, matrix_file, su
     path = matrix_file(SIX_CELLS + "faults:\n  - when: {n: 4}\n    inject: hang\n")
     results = suite.path / "reports" / "cpu" / "results.json"
     proc = subprocess.Popen(
-        suite_cmd(suite.path, "--reports", "reports", "--matrix", str(path), "--allow-faults"),
+        suite_cmd(suite.path, "--compat-reports", "reports", "--compat-matrix", str(path), "--compat-allow-faults"),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         cwd=suite.path,
@@ -89,7 +89,7 @@ def test_sigkill_keeps_finished_cells_and_resume_finishes(suite, matrix_file, su
 
     path.write_text(SIX_CELLS)  # the hang is gone; the rest of the run can finish
     done = subprocess.run(
-        suite_cmd(suite.path, "--reports", "reports", "--matrix", str(path), "--resume"),
+        suite_cmd(suite.path, "--compat-reports", "reports", "--compat-matrix", str(path), "--compat-resume"),
         cwd=suite.path,
         capture_output=True,
         text=True,
@@ -109,7 +109,7 @@ def test_no_secret_reaches_the_reports(suite, matrix_file, monkeypatch):
         SIX_CELLS.replace("[1, 2, 3, 4, 5, 6]", "[1, 2]")
         + "faults:\n  - when: {n: 2}\n    inject: {raise: 'auth failed for token secret123'}\n"
     )
-    result = suite.runpytest("--matrix", str(path), "--allow-faults", "--reports", "reports")
+    result = suite.runpytest("--compat-matrix", str(path), "--compat-allow-faults", "--compat-reports", "reports")
     result.assert_outcomes(passed=1, failed=1)
     written = [p for p in (suite.path / "reports").rglob("*") if p.is_file()]
     assert any(p.name == "results.json" for p in written)
@@ -131,7 +131,7 @@ defaults:
 
 
 def test_fp16_overflow_ends_as_numerical_in_float16_and_passes_in_float32(suite, matrix_file):
-    result = suite.runpytest("--matrix", str(matrix_file(OVERFLOW)), "--reports", "reports")
+    result = suite.runpytest("--compat-matrix", str(matrix_file(OVERFLOW)), "--compat-reports", "reports")
     result.assert_outcomes(passed=1, failed=1)
     cells = {c["dtype"]: c for c in load_results(suite.path / "reports" / "cpu" / "results.json")["cells"]}
     assert cells["float32"]["outcome"] == "passed"
@@ -256,6 +256,8 @@ def test_collect_only_keeps_the_reports_of_an_earlier_run(suite, matrix_file):
     earlier = suite.path / "reports" / "cpu" / "results.json"
     earlier.parent.mkdir(parents=True)
     earlier.write_text('{"schema_version": 1, "environment": {}, "cells": [\n{"id": "kept"}\n]}\n')
-    result = suite.runpytest("--matrix", str(matrix_file(SIX_CELLS)), "--reports", "reports", "--collect-only")
+    result = suite.runpytest(
+        "--compat-matrix", str(matrix_file(SIX_CELLS)), "--compat-reports", "reports", "--collect-only"
+    )
     assert result.ret == 0
     assert load_results(earlier)["cells"] == [{"id": "kept"}]

@@ -95,7 +95,7 @@ sections:
 
 
 def test_xpass_fails_the_run_unless_non_strict_and_over_budget_fails(suite, matrix_file):
-    result = suite.runpytest("--matrix", str(matrix_file(EXPECTATIONS)), "--reports", "reports")
+    result = suite.runpytest("--compat-matrix", str(matrix_file(EXPECTATIONS)), "--compat-reports", "reports")
     assert result.ret == 1
     cells = {c["id"]: c for c in json.loads((suite.path / "reports" / "cpu" / "results.json").read_text())["cells"]}
     assert cells["tiny-qwen3-vl-cpu-float32-sdpa-224x224-case=strict"]["outcome"] == "xpassed-strict"

@@ -94,11 +94,11 @@ def test_a_run_compares_its_own_float32_twin_and_says_when_it_has_none(suite, ma
     axes: {{dtype: [float32, bfloat16], resolution: [224x224]}}
     defaults: {{max_new_tokens: 3}}
     """
-    assert suite.runpytest("--matrix", str(matrix_file(pair)), "--reports", "r").ret == 0
+    assert suite.runpytest("--compat-matrix", str(matrix_file(pair)), "--compat-reports", "r").ret == 0
     cells = json.loads((suite.path / "r" / "cpu" / "results.json").read_text())["cells"]
     reduced = next(c for c in cells if c["dtype"] == "bfloat16")
     assert reduced["measurements"]["drift"] == "measured" and reduced["outcome"] == "passed"
     alone = pair.replace("[float32, bfloat16]", "[bfloat16]").replace("id: empty25", "id: empty25, seed: 3")
-    assert suite.runpytest("--matrix", str(matrix_file(alone, "alone.yaml")), "--reports", "r").ret == 0
+    assert suite.runpytest("--compat-matrix", str(matrix_file(alone, "alone.yaml")), "--compat-reports", "r").ret == 0
     cells = json.loads((suite.path / "r" / "cpu" / "results.json").read_text())["cells"]
     assert cells[0]["measurements"]["drift"] == health.NO_TWIN
