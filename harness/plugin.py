@@ -460,6 +460,7 @@ class CompatSession:
                 lambda line: _write_progress(terminal, line),
                 color=bool(terminal and terminal.hasmarkup),
                 planned=self.planned,
+                started=self.started,
             )
         self.progress.cell_done(record)
 

@@ -30,17 +30,18 @@ def duration(seconds: float) -> str:
 class Progress:
     """Formats each finished cell with rich and hands the line to `write` (pytest's terminal).
 
-    `planned` is this process's cells in run order (empty where it is not known, under xdist).
+    `planned` is this process's cells in run order (empty where it is not known, under xdist);
+    `started` is when the run started, on `clock`'s scale.
     """
 
-    def __init__(self, write, color: bool, planned=(), clock=None):
+    def __init__(self, write, color: bool, planned=(), clock=None, started: float | None = None):
         import time
 
         self.write = write
         self.console = Console(force_terminal=color, no_color=not color, highlight=False, width=250)
         self.planned = list(planned)
         self.clock = clock or time.monotonic
-        self.started = self.clock()
+        self.started = self.clock() if started is None else started
         self.count = 0
         self.outcomes: Counter = Counter()
         self.loads: list[float] = []
