@@ -1,0 +1,438 @@
+"""The OpenAI-compatible serving backend: launch templates, a real `transformers serve`, server faults.
+
+Engine command lines are checked argument by argument (vLLM, SGLang and LMDeploy cannot be installed
+here); `transformers serve` really runs, on 127.0.0.1 and a free port, over the tiny checkpoints;
+stand-in servers answer the way vLLM does when it fails (an error body, a stream cut short).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from harness.backends.openai import (
+    Client,
+    Endpoint,
+    EndpointUnreachable,
+    OpenAIBackend,
+    ServerCrashed,
+    ServerError,
+    Target,
+    chat_body,
+)
+from harness.errors import UserError
+from harness.launch import TEMPLATES, EngineMissing, Unsupported, launch_args, user_command
+from harness.serving import ServerStartError, engine_memory, free_port
+
+# --- launch templates: the exact command line -------------------------------------------------------------
+
+
+def _args(tiny_cell, **fields):
+    return launch_args(tiny_cell(**fields), "/models/qwen2-vl", host="127.0.0.1", port=8123)
+
+
+def test_vllm_command_line(tiny_cell):
+    argv = TEMPLATES["vllm"].argv(_args(tiny_cell, dtype="bfloat16", resolution="1024x1024"))
+    assert argv == [
+        "vllm", "serve", "/models/qwen2-vl",
+        "--host", "127.0.0.1",
+        "--port", "8123",
+        "--dtype", "bfloat16",
+        "--max-model-len", "2048",
+        "--limit-mm-per-prompt", '{"image": 2, "video": 1}',
+        "--gpu-memory-utilization", "0.9",
+        "--tensor-parallel-size", "1",
+        "--seed", "0",
+        "--mm-encoder-attn-backend", "TORCH_SDPA",
+    ]  # fmt: skip
+
+
+def test_vllm_pixel_budget_context_and_flash_attention(tiny_cell):
+    cell = tiny_cell(resolution="2048x2048", attn_implementation="flash_attention_2", max_pixels=4096 * 28 * 28)
+    args = launch_args(cell, "m", host="127.0.0.1", port=1, gpu_memory_utilization=0.5, tensor_parallel_size=2)
+    argv = TEMPLATES["vllm"].argv(args)
+    # 4096 visual tokens + prompt + new tokens: the next power of two
+    assert argv[argv.index("--max-model-len") + 1] == "8192"
+    assert argv[argv.index("--mm-processor-kwargs") + 1] == '{"max_pixels": 3211264}'
+    assert argv[argv.index("--gpu-memory-utilization") + 1] == "0.5"
+    assert argv[argv.index("--tensor-parallel-size") + 1] == "2"
+    assert argv[-6:-2] == ["--attention-backend", "FLASH_ATTN", "--mm-encoder-attn-backend", "FLASH_ATTN"]
+    with pytest.raises(Unsupported, match="vLLM has no 'eager' attention"):
+        TEMPLATES["vllm"].argv(_args(tiny_cell, attn_implementation="eager"))
+
+
+def test_sglang_command_line(tiny_cell):
+    argv = TEMPLATES["sglang"].argv(_args(tiny_cell, min_pixels=256 * 28 * 28, max_pixels=1280 * 28 * 28))
+    assert argv == [
+        sys.executable, "-m", "sglang.launch_server",
+        "--model-path", "/models/qwen2-vl",
+        "--host", "127.0.0.1",
+        "--port", "8123",
+        "--dtype", "float32",
+        "--context-length", "2048",
+        "--mem-fraction-static", "0.9",
+        "--tp-size", "1",
+        "--limit-mm-data-per-request", '{"image": 2, "video": 1}',
+        "--mm-attention-backend", "sdpa",
+        "--random-seed", "0",
+        "--mm-process-config",
+        '{"image": {"min_pixels": 200704, "max_pixels": 1003520}, '
+        '"video": {"min_pixels": 200704, "max_pixels": 1003520}}',
+    ]  # fmt: skip
+    with pytest.raises(Unsupported, match="SGLang has no 'flash_attention_2'"):
+        TEMPLATES["sglang"].argv(_args(tiny_cell, attn_implementation="flash_attention_2"))
+
+
+def test_lmdeploy_command_line(tiny_cell):
+    argv = TEMPLATES["lmdeploy"].argv(_args(tiny_cell, dtype="float16", max_pixels=1003520))
+    assert argv == [
+        "lmdeploy", "serve", "api_server", "/models/qwen2-vl",
+        "--server-name", "127.0.0.1",
+        "--server-port", "8123",
+        "--backend", "pytorch",
+        "--dtype", "float16",
+        "--session-len", "2048",
+        "--tp", "1",
+        "--cache-max-entry-count", "0.9",
+    ]  # fmt: skip
+    assert TEMPLATES["lmdeploy"].pixels_field == "mm_processor_kwargs"  # LMDeploy takes the budget per request
+    with pytest.raises(Unsupported, match="float16 and bfloat16 only"):
+        TEMPLATES["lmdeploy"].argv(_args(tiny_cell))
+
+
+def test_transformers_serve_command_line(tiny_cell):
+    argv = TEMPLATES["transformers-serve"].argv(_args(tiny_cell, dtype="bfloat16", attn_implementation="eager"))
+    assert argv == [
+        sys.executable, "-m", "transformers.cli.transformers", "serve", "/models/qwen2-vl",
+        "--device", "cpu",
+        "--dtype", "bfloat16",
+        "--attn-implementation", "eager",
+        "--host", "127.0.0.1",
+        "--port", "8123",
+    ]  # fmt: skip
+
+
+def test_a_user_command_fills_its_placeholders_and_names_an_unknown_one(tiny_cell):
+    args = _args(tiny_cell, max_pixels=1003520)
+    command = "python -m my_server --model {model} --port={port} --max {max_pixels} --min '{min_pixels}'"
+    assert user_command(command, args) == [
+        "python", "-m", "my_server", "--model", "/models/qwen2-vl", "--port=8123", "--max", "1003520", "--min", "",
+    ]  # fmt: skip
+    with pytest.raises(UserError) as err:
+        user_command("python serve.py --gpus {gpus}", args, "m.yaml")
+    assert "{gpus}" in str(err.value) and "{max_model_len}" in str(err.value) and "m.yaml" in str(err.value)
+
+
+def test_a_missing_engine_says_what_to_install():
+    with pytest.raises(EngineMissing) as err:
+        TEMPLATES["vllm"].check_installed()
+    assert "pip install vllm" in str(err.value) and "endpoint:" in str(err.value)
+    with pytest.raises(EngineMissing, match="sglang"):
+        TEMPLATES["sglang"].check_installed()
+    TEMPLATES["transformers-serve"].check_installed()  # the serve extra is part of the test extras
+
+
+# --- what vLLM says about its own memory -------------------------------------------------------------------
+
+# Real vLLM log lines (V1 engine with VLLM_LOGGING_LEVEL=DEBUG, and the V0 worker's summary).
+VLLM_V1_LOG = """\
+(EngineCore_DP0 pid=2552931) INFO 09-28 21:12:29 [gpu_model_runner.py:2007] Model loading took 8.8012 GiB and 5.12 seconds
+(EngineCore_DP0 pid=2552931) DEBUG 09-28 21:12:43 [v1/worker/gpu_worker.py:284] Initial free memory: 23.08 GiB; Requested memory: 0.80 (util), 18.82 GiB
+(EngineCore_DP0 pid=2552931) DEBUG 09-28 21:12:43 [v1/worker/gpu_worker.py:297] Memory profiling takes 14.40 seconds. Total non KV cache memory: 10.22GiB; torch peak memory increase: 1.40GiB; non-torch forward increase memory: 0.02GiB; weights memory: 8.80GiB.
+(EngineCore_DP0 pid=2552931) INFO 09-28 21:12:43 [v1/worker/gpu_worker.py:298] Available KV cache memory: 8.60 GiB
+(EngineCore_DP0 pid=2552931) INFO 09-28 21:12:44 [v1/core/kv_cache_utils.py:864] GPU KV cache size: 62,608 tokens
+"""  # noqa: E501
+VLLM_V0_LOG = """\
+INFO 03-25 21:32:47 model_runner.py:1116] Loading model weights took 14.9888 GB
+INFO 03-25 21:32:48 worker.py:266] the current vLLM instance can use total_gpu_memory (22.07GiB) x gpu_memory_utilization (0.90) = 19.86GiB
+INFO 03-25 21:32:48 worker.py:266] model weights take 14.99GiB; non_torch_memory takes 0.05GiB; PyTorch activation peak memory takes 0.22GiB; the rest of the memory reserved for KV Cache is 4.60GiB.
+"""  # noqa: E501
+
+
+def test_vllm_memory_lines_become_named_figures():
+    assert engine_memory(VLLM_V1_LOG) == {
+        "engine_weights_mib": round(8.80 * 1024, 1),
+        "engine_kv_cache_mib": round(8.60 * 1024, 1),
+        "engine_activation_peak_mib": round(1.40 * 1024, 1),
+        "engine_non_torch_mib": round(0.02 * 1024, 1),
+        "engine_budget_mib": round(18.82 * 1024, 1),
+        "engine_kv_cache_tokens": 62608,
+    }
+    assert engine_memory(VLLM_V0_LOG) == {
+        "engine_weights_mib": round(14.99 * 1024, 1),
+        "engine_kv_cache_mib": round(4.60 * 1024, 1),
+        "engine_activation_peak_mib": round(0.22 * 1024, 1),
+        "engine_non_torch_mib": round(0.05 * 1024, 1),
+        "engine_budget_mib": round(19.86 * 1024, 1),
+    }
+    assert engine_memory("INFO:     Uvicorn running on http://127.0.0.1:8000") == {}
+
+
+# --- stand-in servers: how vLLM answers when it fails ----------------------------------------------------
+
+
+class StandIn:
+    """A tiny OpenAI-style server on 127.0.0.1; `chat` writes the answer to POST /v1/chat/completions."""
+
+    def __init__(self, chat):
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                self._send(200, {"object": "list", "data": [{"id": "Qwen/Qwen2-VL-2B-Instruct", "object": "model"}]})
+
+            def do_POST(self):
+                owner.headers = dict(self.headers)
+                owner.body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                chat(self)
+
+            def _send(self, status, payload):
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _events(handler, events, done=True):
+    handler.send_response(200)
+    handler.send_header("Content-Type", "text/event-stream")
+    handler.end_headers()
+    for event in events:
+        handler.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
+    if done:
+        handler.wfile.write(b"data: [DONE]\n\n")
+    handler.wfile.flush()
+
+
+def _chunk(content=None, finish=None, usage=None):
+    choice = {"index": 0, "delta": {"content": content} if content else {}, "finish_reason": finish}
+    return {"object": "chat.completion.chunk", "choices": [choice], **({"usage": usage} if usage else {})}
+
+
+@pytest.fixture
+def stand_in():
+    servers = []
+
+    def make(chat):
+        servers.append(StandIn(chat))
+        return servers[-1]
+
+    yield make
+    for server in servers:
+        server.close()
+
+
+ENGINE_DEAD = {
+    "error": {
+        "message": "EngineCore encountered an issue. See stack trace (above) for the root cause.",
+        "type": "InternalServerError",
+        "param": None,
+        "code": 500,
+    }
+}
+
+
+def test_a_server_answering_500_is_an_error_with_its_body(stand_in, tiny_cell):
+    server = stand_in(lambda h: h._send(500, ENGINE_DEAD))
+    with pytest.raises(ServerError) as err:
+        Client(Endpoint(server.url)).run(tiny_cell())
+    assert "HTTP 500" in str(err.value) and "EngineCore encountered an issue" in str(err.value)
+
+
+def test_a_stream_that_stops_before_the_answer_ends_is_an_error(stand_in, tiny_cell):
+    server = stand_in(lambda h: _events(h, [_chunk("Hel"), _chunk("lo")], done=False))
+    with pytest.raises(ServerError, match="stream stopped before the answer ended: 2 chunks"):
+        Client(Endpoint(server.url)).run(tiny_cell())
+
+
+def test_an_error_event_mid_stream_is_an_error(stand_in, tiny_cell):
+    # what `transformers serve` sends when generation fails after the stream began
+    server = stand_in(lambda h: _events(h, [_chunk("a"), {"error": "CUDA error: out of memory"}], done=False))
+    with pytest.raises(ServerError, match='mid-stream: "CUDA error: out of memory"'):
+        Client(Endpoint(server.url)).run(tiny_cell())
+
+
+def test_an_unreachable_endpoint_is_one_paragraph_naming_it(tiny_cell):
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    backend = OpenAIBackend(Target(endpoint=url, matrix_file="release.yaml"), log_dir=None)
+    with pytest.raises(EndpointUnreachable) as err:
+        backend.run(tiny_cell())
+    text = str(err.value)
+    assert url in text and "release.yaml" in text and "Fix:" in text
+    assert "\n" not in text and "Traceback" not in text
+
+
+def test_the_api_key_comes_from_the_environment_and_reaches_no_record(stand_in, tiny_cell, monkeypatch):
+    secret = "sk-live-4f9a2c7e1b"
+    monkeypatch.setenv("RELEASE_GATE_AUTH", secret)  # a name the report scrubber does not recognise
+
+    def chat(handler):
+        if handler.headers.get("Authorization") != f"Bearer {secret}":
+            return handler._send(401, {"error": {"message": "invalid key", "code": 401}})
+        if handler.path.endswith("completions") and len(handler.server.calls) == 0:
+            handler.server.calls.append(1)  # the first answer echoes the key, as some gateways do
+            return handler._send(403, {"error": {"message": f"key {secret} has no access to this model"}})
+        usage = {"prompt_tokens": 12, "completion_tokens": 2, "total_tokens": 14}
+        _events(handler, [_chunk("Hi"), _chunk("!"), _chunk(finish="length", usage=usage)])
+
+    server = stand_in(chat)
+    server.server.calls = []
+    backend = OpenAIBackend(Target(endpoint=server.url, api_key_env="RELEASE_GATE_AUTH"), log_dir=None)
+    with pytest.raises(ServerError) as err:
+        backend.run(tiny_cell())
+    assert "HTTP 403" in str(err.value) and secret not in str(err.value) and "key *** has no access" in str(err.value)
+    record = backend.run(tiny_cell())
+    assert server.headers["Authorization"] == f"Bearer {secret}"
+    assert record["generation"]["text"] == "Hi!" and record["measurements"]["output_tokens"] == 2
+    assert (
+        record["measurements"]["peak_memory_mib"] is None and "black-box" in record["measurements"]["peak_memory_note"]
+    )
+    assert secret not in json.dumps(record) and "RELEASE_GATE_AUTH" not in json.dumps(record)
+    monkeypatch.delenv("RELEASE_GATE_AUTH")
+    with pytest.raises(UserError, match="RELEASE_GATE_AUTH, which is not set"):
+        backend.run(tiny_cell())
+
+
+def test_the_request_carries_the_cells_pixels_and_greedy_decoding(tiny_cell):
+    body = chat_body(tiny_cell(input="images", max_pixels=12544), "m")
+    parts = body["messages"][0]["content"]
+    assert [p["type"] for p in parts] == ["image_url", "image_url", "text"]
+    assert all(p["image_url"]["url"].startswith("data:image/png;base64,") for p in parts[:2])
+    assert parts[0] != parts[1]  # two different synthetic images, as in-process
+    assert body["temperature"] == 0 and body["seed"] == 0 and body["max_tokens"] == 4 and body["stream"]
+    assert body["stream_options"] == {"include_usage": True}
+    assert body["mm_processor_kwargs"] == {"max_pixels": 12544}
+    video = chat_body(tiny_cell(input="video"), "m", pixels_field=None)["messages"][0]["content"][0]
+    assert video["type"] == "video_url" and video["video_url"]["url"].startswith("data:video/jpeg;base64,")
+    assert video["video_url"]["url"].count(",") == 4  # four frames, vLLM's frame-sequence form
+
+
+# --- a real `transformers serve`, launched by the harness --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """`transformers serve` over the tiny Qwen2-VL in float32, launched from its template."""
+    backend = OpenAIBackend(Target(launch="transformers-serve", startup_timeout_s=120), tmp_path_factory.mktemp("logs"))
+    yield backend
+    backend.stop()
+
+
+def test_an_image_cell_over_transformers_serve(served, tiny_cell):
+    record = served.run(tiny_cell(resolution="224x224", max_new_tokens=8))
+    m = record["measurements"]
+    assert record["ok"] and record["generation"]["text"]
+    assert m["input_tokens"] == 143 and m["output_tokens"] == 8  # 64 visual tokens for a 224x224 image
+    assert 0 < m["prefill_s"] < m["request_s"] and m["decode_tokens_per_s"] > 0
+    assert m["load_s"] > 0 and m["peak_memory_source"] == "server_rss" and m["peak_memory_mib"] > 100
+    again = served.run(tiny_cell(resolution="224x224", max_new_tokens=8, max_pixels=12544))
+    assert again["measurements"]["load_s"] == 0  # the same server: the budget travels in the request
+    assert again["measurements"]["input_tokens"] == 143 - 64 + 16
+
+
+def assert_agrees_with_the_in_process_model(cell, record):
+    """Greedy output served over HTTP starts as the in-process transformers cell's does (the server stops
+    at the end-of-text token; the in-process cell generates all its tokens), from the same prompt."""
+    from harness import inference
+    from harness.checkpoints import checkpoint_for
+
+    processor, model = inference.load(
+        checkpoint_for(cell.source), dtype=cell.dtype, attn_implementation=cell.attn_implementation, device="cpu"
+    )
+    spec = inference.CellInput(width=cell.width, height=cell.height, prompt=cell.prompt)
+    local = inference.run(processor, model, spec, max_new_tokens=cell.max_new_tokens)
+    assert record["measurements"]["input_tokens"] == local.input_tokens
+    assert record["generation"]["text"] and local.text.startswith(record["generation"]["text"])
+
+
+def test_served_greedy_output_agrees_with_the_in_process_model(served, tiny_cell):
+    cell = tiny_cell(resolution="224x224", max_new_tokens=8)
+    assert_agrees_with_the_in_process_model(cell, served.run(cell))
+
+
+def test_a_launch_command_that_fails_to_start_is_one_error_with_its_log(tmp_path, tiny_cell):
+    crash = f"{sys.executable} -c \"import sys; print('OSError: /models/x does not appear to have a file named config.json'); sys.exit(3)\" {{port}}"  # noqa: E501
+    backend = OpenAIBackend(Target(launch=crash), tmp_path)
+    with pytest.raises(ServerStartError) as err:
+        backend.run(tiny_cell())
+    assert "exited with code 3 while starting" in str(err.value)
+    assert "does not appear to have a file named config.json" in str(err.value)
+    hang = f"{sys.executable} -c \"import time; print('loading weights', flush=True); time.sleep(60)\" {{port}}"
+    backend = OpenAIBackend(Target(launch=hang, startup_timeout_s=1), tmp_path)
+    with pytest.raises(ServerStartError, match="within its start-up timeout of 1 s; it was stopped") as err:
+        backend.run(tiny_cell())
+    assert "loading weights" in str(err.value) and not backend.server.alive()
+
+
+def test_a_server_killed_mid_cell_is_a_crash_with_its_log_and_the_next_cell_gets_a_new_one(served, tiny_cell):
+    served.start(tiny_cell())
+    first = served.server.proc.pid
+    long_cell = tiny_cell(resolution="224x224", max_new_tokens=20000, timeout_s=60)
+    threading.Timer(0.5, os.kill, (first, signal.SIGKILL)).start()
+    with pytest.raises(ServerCrashed) as err:
+        served.run(long_cell)
+    text = str(err.value)
+    assert "the server was killed by signal 9 (SIGKILL) while running the cell" in text
+    assert "--- server log (tail) ---" in text and "Uvicorn running on" in text
+    record = served.run(tiny_cell(resolution="224x224"))
+    assert served.server.proc.pid != first and record["measurements"]["load_s"] > 0
+
+
+@pytest.fixture(scope="module")
+def unpinned(tmp_path_factory):
+    """One `transformers serve` per dtype, pinned to no model: it loads each family on its first request
+    (a mode `transformers serve` has; it spares a server start per family)."""
+    backends = {}
+
+    def get(dtype: str) -> OpenAIBackend:
+        if dtype not in backends:
+            command = f"{sys.executable} -m transformers.cli.transformers serve --device cpu --dtype {{dtype}} --host {{host}} --port {{port}}"  # noqa: E501
+            backends[dtype] = OpenAIBackend(Target(launch=command), tmp_path_factory.mktemp("logs"))
+        return backends[dtype]
+
+    yield get
+    for backend in backends.values():
+        backend.stop()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"])
+def test_each_family_serves_an_image_cell(unpinned, tiny_cell, family, dtype):
+    from harness.checkpoints import checkpoint_for
+
+    cell = tiny_cell(family, dtype=dtype, resolution="224x224", max_new_tokens=4)
+    backend = unpinned(dtype)
+    backend.start(cell)
+    backend.client = Client(Endpoint(backend.client.endpoint.url, model=checkpoint_for(cell.source)))
+    record = backend.run(cell)
+    m = record["measurements"]
+    assert m["input_tokens"] > 64 and m["output_tokens"] >= 1 and m["prefill_s"] > 0
+    assert m["peak_memory_source"] == "server_rss" and m["peak_memory_mib"] > 100
+    if dtype == "float32":  # the served model is the model the harness tests
+        assert_agrees_with_the_in_process_model(cell, record)
+
+
+def test_a_video_the_server_cannot_take_fails_with_its_own_reason(served, tiny_cell):
+    with pytest.raises(ServerError) as err:
+        served.run(tiny_cell(resolution="224x224", input="video"))
+    text = str(err.value)
+    assert "HTTP 500" in text and "--- server log (tail) ---" in text and "Error" in text.split("(tail) ---")[1]
