@@ -4,8 +4,8 @@ One `transformers serve` (tiny Qwen2-VL, float32, CPU) is launched once by the h
 (a) a bare loop with the `openai` client: for each cell, its images encoded as PNG data URLs, one
     streamed greedy chat completion, the stream read to its end;
 (b) the harness: `OpenAIBackend.run(cell)` on the same server: the same request built from the
-    cell, the stream timed (time to first token, decode rate, usage), the server's peak memory
-    reset and read, a record made.
+    cell, the stream timed (time to first token, decode rate, usage), visual tokens counted, the
+    server's peak memory reset and read, a record made.
 The two sides alternate cell by cell, --repeat times over the cells; each side's figure is the sum
 over cells of its best time for that cell (this machine is shared and noisy: a loop's total swings
 by 30 % from one pass to the next). Prints both, the ratio b / a (target <= 1.05) and the overhead
@@ -82,7 +82,8 @@ def main() -> None:
             backend.start(chosen[0])
             client = OpenAI(base_url=f"{backend.server.url}/v1", api_key="unused")
             model = backend.client.model()
-            bare_request(client, model, chosen[0])  # both sides find the server warm
+            bare_request(client, model, chosen[0])  # both sides find the server warm,
+            harness_request(backend, chosen[0])  # and the harness its model's tokenizer loaded
             bare = {c.id: [] for c in chosen}
             harness = {c.id: [] for c in chosen}
             for _ in range(args.repeat):

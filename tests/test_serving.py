@@ -341,12 +341,12 @@ def test_an_image_cell_over_transformers_serve(served, tiny_cell):
     record = served.run(tiny_cell(resolution="224x224", max_new_tokens=8))
     m = record["measurements"]
     assert record["ok"] and record["generation"]["text"]
-    assert m["input_tokens"] == 143 and m["output_tokens"] == 8  # 64 visual tokens for a 224x224 image
+    assert m["input_tokens"] == 143 and m["output_tokens"] == 8 and m["visual_tokens"] == 64  # 224x224: 8x8 tokens
     assert 0 < m["prefill_s"] < m["request_s"] and m["decode_tokens_per_s"] > 0
     assert m["load_s"] > 0 and m["peak_memory_source"] == "server_rss" and m["peak_memory_mib"] > 100
     again = served.run(tiny_cell(resolution="224x224", max_new_tokens=8, max_pixels=12544))
     assert again["measurements"]["load_s"] == 0  # the same server: the budget travels in the request
-    assert again["measurements"]["input_tokens"] == 143 - 64 + 16
+    assert again["measurements"]["input_tokens"] == 143 - 64 + 16 and again["measurements"]["visual_tokens"] == 16
 
 
 def assert_agrees_with_the_in_process_model(cell, record):
@@ -361,6 +361,7 @@ def assert_agrees_with_the_in_process_model(cell, record):
     spec = inference.CellInput(width=cell.width, height=cell.height, prompt=cell.prompt)
     local = inference.run(processor, model, spec, max_new_tokens=cell.max_new_tokens)
     assert record["measurements"]["input_tokens"] == local.input_tokens
+    assert record["measurements"]["visual_tokens"] == local.visual_tokens
     assert record["generation"]["text"] and local.text.startswith(record["generation"]["text"])
 
 

@@ -338,6 +338,7 @@ class OpenAIBackend:
         self._argv: list[str] | None = None
         self._pixels_field: str | None = None
         self._engine: dict = {}
+        self._processors: dict[str, object] = {}  # model folder -> its processor (chat template, tokenizer)
         if target.endpoint:
             self.client = Client(
                 Endpoint(
@@ -431,8 +432,35 @@ class OpenAIBackend:
                 "finish_reason": reply.finish_reason,
                 "logprobs": reply.logprobs,
             },
-            "measurements": {**reply.measurements(), "load_s": round(load_s, 4), **self._memory(cell)},
+            "measurements": {
+                **reply.measurements(),
+                "visual_tokens": self._visual_tokens(cell, reply.input_tokens),
+                "load_s": round(load_s, 4),
+                **self._memory(cell),
+            },
         }
+
+    def _visual_tokens(self, cell: Cell, input_tokens: int | None) -> int | None:
+        """The server's prompt tokens less the prompt's text tokens, where the model's files are local: the
+        chat template renders one pad token per picture, which the server expands to its visual tokens.
+        (Qwen3-VL's per-frame timestamps of a video count as visual here.)"""
+        from ..checkpoints import checkpoint_for
+
+        folder = checkpoint_for(cell.source)
+        if input_tokens is None or not Path(folder).is_dir():
+            return None
+        if folder not in self._processors:
+            from transformers import AutoProcessor
+
+            self._processors[folder] = AutoProcessor.from_pretrained(folder, local_files_only=True)
+        processor = self._processors[folder]
+        kind = "video" if cell.input == "video" else "image"
+        pictures = [{"type": kind}] * (cell.images if cell.input == "images" else 1)
+        messages = [{"role": "user", "content": [*pictures, {"type": "text", "text": cell.prompt}]}]
+        text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = processor.tokenizer(text)["input_ids"]
+        pad = processor.tokenizer.convert_tokens_to_ids(f"<|{kind}_pad|>")
+        return input_tokens - (len(ids) - ids.count(pad))
 
     def _memory(self, cell: Cell) -> dict:
         if self.server is None:
