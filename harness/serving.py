@@ -2,7 +2,8 @@
 
 One server per group, on 127.0.0.1 and a free port. Its stdout and stderr go to a log file that is
 kept (the tail goes into every failure it causes). It runs in a session of its own, so stopping it
-stops its whole process tree (vLLM's engine core, tensor-parallel workers). Readiness is its own
+stops its whole process tree (vLLM's engine core, tensor-parallel workers), and it is killed by the
+kernel if the process that launched it dies. Readiness is its own
 route answering 200 within the start-up timeout; a server that exits or never becomes ready is one
 `ServerStartError` carrying the log tail.
 
@@ -22,6 +23,7 @@ import shlex
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -40,6 +42,15 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In the server, before exec: the kernel sends it SIGKILL when the process that launched it dies (a
+    worker killed after a timeout must not leave its server running)."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _describe_exit(code: int) -> str:
@@ -81,7 +92,12 @@ class Server:
             log.flush()
             try:
                 self.proc = subprocess.Popen(
-                    self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+                    self.argv,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=self.env,
+                    start_new_session=True,
+                    preexec_fn=_die_with_parent if sys.platform == "linux" else None,
                 )
             except OSError as exc:
                 raise ServerStartError(

@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -271,6 +272,21 @@ def test_an_error_event_mid_stream_is_an_error(stand_in, tiny_cell):
         Client(Endpoint(server.url)).run(tiny_cell())
 
 
+def test_an_answer_still_streaming_at_the_cells_timeout_is_a_timeout(stand_in, tiny_cell):
+    def trickle(handler):
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/event-stream")
+        handler.end_headers()
+        for _ in range(40):
+            handler.wfile.write(f"data: {json.dumps(_chunk('a'))}\n\n".encode())
+            handler.wfile.flush()
+            time.sleep(0.05)
+
+    server = stand_in(trickle)
+    with pytest.raises(ServerError, match="cell exceeded its timeout of 0.5 s: the answer was still streaming"):
+        Client(Endpoint(server.url)).run(tiny_cell(timeout_s=0.5))
+
+
 def test_an_unreachable_endpoint_is_one_paragraph_naming_it(tiny_cell):
     url = f"http://127.0.0.1:{free_port()}/v1"
     backend = OpenAIBackend(Target(endpoint=url, matrix_file="release.yaml"), log_dir=None)
@@ -437,3 +453,35 @@ def test_a_video_the_server_cannot_take_fails_with_its_own_reason(served, tiny_c
         served.run(tiny_cell(resolution="224x224", input="video"))
     text = str(err.value)
     assert "HTTP 500" in text and "--- server log (tail) ---" in text and "Error" in text.split("(tail) ---")[1]
+
+
+def test_a_launched_server_dies_with_the_process_that_launched_it(tmp_path):
+    """A worker killed after a timeout must not leave its server running (and holding the card)."""
+    import subprocess
+
+    launcher = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from harness.serving import Server, free_port\n"
+            "command = [sys.executable, '-m', 'http.server', '--bind', '127.0.0.1', '{port}']\n"
+            "port = free_port()\n"
+            f"server = Server([w.format(port=port) for w in command], host='127.0.0.1', port=port, "
+            f"log_path='{tmp_path}/server.log', ready_path='/')\n"
+            "server.start()\n"
+            "print(server.proc.pid, flush=True)\n"
+            "time.sleep(60)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    server_pid = int(launcher.stdout.readline())
+    launcher.kill()
+    launcher.wait()
+    time.sleep(0.5)
+    try:  # gone, or a zombie waiting for an init that does not reap
+        state = next(line for line in open(f"/proc/{server_pid}/status") if line.startswith("State:"))
+        assert "zombie" in state
+    except FileNotFoundError:
+        pass

@@ -224,7 +224,7 @@ class Client:
                     raise ServerError(
                         f"HTTP {response.status_code} from POST {url}: {self._hide_key(text[:BODY_CHARS])}"
                     )
-                return _read_stream(response.iter_lines(), start, self._hide_key)
+                return _read_stream(response.iter_lines(), start, cell.timeout_s, self._hide_key)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             raise self._unreachable(exc) from None
         except httpx.TimeoutException:
@@ -235,8 +235,9 @@ class Client:
             raise ServerError(f"the connection to {url} broke mid-answer ({type(exc).__name__}: {exc})") from None
 
 
-def _read_stream(lines, start: float, hide) -> Reply:
-    """Read server-sent events up to the end of the answer; an answer that stops early is an error."""
+def _read_stream(lines, start: float, timeout_s: float, hide) -> Reply:
+    """Read server-sent events up to the end of the answer; an answer that stops early is an error, one
+    that trickles on past the cell's timeout too (the read timeout only catches silence)."""
     text, logprobs = [], []
     first = last = None
     finish = usage = None
@@ -247,6 +248,8 @@ def _read_stream(lines, start: float, hide) -> Reply:
         data = line[5:].strip()
         if data == "[DONE]":
             break
+        if time.perf_counter() - start > timeout_s:
+            raise ServerError(f"cell exceeded its timeout of {timeout_s:g} s: the answer was still streaming")
         event = json.loads(data)
         if "error" in event:
             raise ServerError(
