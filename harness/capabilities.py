@@ -23,20 +23,15 @@ def installed(package: str) -> bool:
 def capability_expectation(cell: Cell, gpu: Gpu, *, flash_attn: bool | None = None) -> Expectation | None:
     """The expectation the card's facts imply for this cell, or None when nothing stands out."""
     if cell.backend == "vllm":
-        if not installed("vllm"):
-            return Expectation(
-                "skip",
-                ["missing-package"],
-                "backend vllm: the vllm package is not installed "
-                "(pip install 'qwen-compat[vllm]' on a CUDA runner); use backend transformers",
-                source="capability",
-            )
         return Expectation(
             "skip",
             ["other"],
-            "backend vllm: qwen-compat has no vLLM runner yet (README, 'Not done yet'); use backend transformers",
+            "backend vllm runs nothing: vLLM is served over the OpenAI API, as `backend: openai` with the "
+            "model's `launch: vllm` (or its `endpoint:`)",
             source="capability",
         )
+    if cell.backend == "openai":
+        return serving_expectation(cell)
     if cell.attn_implementation == "flash_attention_2":
         if not gpu.is_gpu:
             return Expectation(
@@ -68,6 +63,28 @@ def capability_expectation(cell: Cell, gpu: Gpu, *, flash_attn: bool | None = No
             strict=False,
             source="capability",
         )
+    return None
+
+
+def serving_expectation(cell: Cell) -> Expectation | None:
+    """A launched server's engine must be installed and able to run the cell's axes; the server's card
+    and attention kernels are the engine's business, so the in-process rules do not apply."""
+    launch = (cell.serving or {}).get("launch")
+    if not launch:
+        return None
+    from .launch import TEMPLATES, EngineMissing, Unsupported, launch_args, user_command
+
+    try:
+        args = launch_args(cell, "MODEL", host="127.0.0.1", port=0)
+        if launch in TEMPLATES:
+            TEMPLATES[launch].check_installed()
+            TEMPLATES[launch].argv(args)
+        else:
+            user_command(launch, args, cell.matrix_file)
+    except EngineMissing as exc:
+        return Expectation("skip", ["missing-package"], str(exc), source="capability")
+    except Unsupported as exc:
+        return Expectation("skip", ["other"], f"{launch}: {exc}", source="capability")
     return None
 
 

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 from .architectures import shipped, shipped_family
 from .errors import UserError
 from .families import FAMILIES
-from .matrix import AXIS_FIELDS, ExpectRule, Matrix, ModelEntry, Rule, Section
+from .matrix import AXIS_FIELDS, ExpectRule, Launch, Matrix, ModelEntry, Rule, Section
 
 DTYPE_ORDER = {"float32": 0, "bfloat16": 1, "float16": 2}  # float32 first: reduced dtypes compare against it
 
@@ -63,6 +63,7 @@ class Cell:
     expectation: Expectation = field(default_factory=Expectation)
     fault: Any = None
     matrix_file: str = ""
+    serving: dict | None = None  # backend openai: how the server is reached (backends.openai.Target's fields)
 
     @property
     def width(self) -> int:
@@ -197,6 +198,32 @@ def _expectation(rule: ExpectRule) -> Expectation:
     )
 
 
+def serving(entry: ModelEntry, matrix_file: str) -> dict:
+    """How a model's `backend: openai` cells reach their server (the fields of backends.openai.Target)."""
+    if not (entry.endpoint or entry.launch):
+        name = entry.tiny or entry.arch or entry.hub or entry.path
+        raise UserError(
+            f"model '{name}' has `backend: openai` cells but no server to send them to.",
+            file=matrix_file,
+            key="models.endpoint",
+            fix="give the model `endpoint: http://host:port/v1` (a running server), or `launch:` a template "
+            "(transformers-serve, vllm, sglang, lmdeploy) or a command with {model} and {port}.",
+        )
+    launch = Launch(command=entry.launch) if isinstance(entry.launch, str) else entry.launch
+    if launch:
+        from .launch import TEMPLATES, check_command
+
+        if launch.command not in TEMPLATES:
+            check_command(launch.command, matrix_file)
+    return {
+        "endpoint": entry.endpoint,
+        "api_key_env": entry.api_key_env,
+        "model_name": entry.served_model,
+        "matrix_file": matrix_file,
+        **({"launch": launch.command, **launch.model_dump(exclude={"command"})} if launch else {}),
+    }
+
+
 def _section_cells(matrix: Matrix, section: Section, matrix_file: str) -> list[Cell]:
     defaults = matrix.defaults
     if section.defaults is not None:
@@ -247,6 +274,7 @@ def _section_cells(matrix: Matrix, section: Section, matrix_file: str) -> list[C
                 drift_top_k=defaults.drift_top_k,
                 degenerate_check=defaults.degenerate_check,
                 matrix_file=matrix_file,
+                serving=serving(entry, matrix_file) if backend == "openai" else None,
             )
             values = cell.axis_values()
             if _first_rule(exclude, values):

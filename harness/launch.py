@@ -22,7 +22,7 @@ import shutil
 import string
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 from .capabilities import installed
 from .cells import Cell
@@ -232,21 +232,28 @@ TEMPLATES = {
 }
 
 
+PLACEHOLDERS = [f.name for f in fields(LaunchArgs)]
+
+
+def check_command(command: str, matrix_file: str | None = None) -> list[str]:
+    """The words of a user's launch command; an unknown `{placeholder}` is bad input, named."""
+    words = shlex.split(command)
+    for word in words:
+        for _, name, _, _ in string.Formatter().parse(word):
+            if name is not None and name not in PLACEHOLDERS:
+                raise UserError(
+                    f"the launch command names an unknown placeholder {{{name}}}.",
+                    file=matrix_file,
+                    key="launch",
+                    fix=f"placeholders are {', '.join('{' + k + '}' for k in PLACEHOLDERS)}.",
+                )
+    return words
+
+
 def user_command(command: str, args: LaunchArgs, matrix_file: str | None = None) -> list[str]:
     """A command of the user's own, its `{placeholders}` filled from the launch values."""
     values = {k: "" if v is None else str(v) for k, v in asdict(args).items()}
-    argv = []
-    for word in shlex.split(command):
-        names = [name for _, name, _, _ in string.Formatter().parse(word) if name is not None]
-        unknown = [n for n in names if n not in values]
-        if unknown:
-            raise UserError(
-                f"the launch command names an unknown placeholder {{{unknown[0]}}}.",
-                file=matrix_file,
-                key="launch",
-                fix=f"placeholders are {', '.join('{' + k + '}' for k in values)}.",
-            )
-        argv.append(word.format_map(values))
+    argv = [word.format_map(values) for word in check_command(command, matrix_file)]
     if shutil.which(argv[0]) is None:
         raise EngineMissing(
             f"the launch command's program '{argv[0]}' is not found.",

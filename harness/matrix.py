@@ -103,8 +103,23 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class Launch(Strict):
+    """A server the harness starts for each group of a model's `backend: openai` cells."""
+
+    command: str = Field(
+        ...,
+        description="a template (transformers-serve, vllm, sglang, lmdeploy) or a command of your own with "
+        "placeholders {model} {dtype} {attn} {host} {port} {device} {max_model_len} {max_images} {max_videos} "
+        "{min_pixels} {max_pixels} {gpu_memory_utilization} {tensor_parallel_size}",
+    )
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="fraction of the card the engine may take")
+    tensor_parallel_size: int = Field(1, ge=1)
+    startup_timeout_s: float = Field(600, gt=0, description="until the server's readiness route answers")
+
+
 class ModelEntry(Strict):
-    """One model: exactly one of `tiny`, `arch`, `hub`, `path`."""
+    """One model: exactly one of `tiny`, `arch`, `hub`, `path`; for `backend: openai` cells, how its
+    server is reached: `endpoint:` (already running) or `launch:` (started by the harness)."""
 
     id: str | None = Field(None, description="short name used in cell ids; derived when absent")
     tiny: str | None = Field(None, description="tiny random-weight family: " + ", ".join(FAMILIES))
@@ -114,12 +129,31 @@ class ModelEntry(Strict):
     path: str | None = Field(None, description="local folder of a checkpoint")
     family: str | None = Field(None, description="model family when it cannot be read from the source")
     seed: int = Field(0, ge=0, description="arch: models: the random weights are a function of (architecture, seed)")
+    endpoint: str | None = Field(
+        None,
+        pattern=r"^https?://\S+$",
+        description="backend openai: base URL of a running OpenAI-compatible server, e.g. http://10.0.0.5:8000/v1",
+    )
+    api_key_env: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="backend openai: NAME of the environment variable holding the server's API key "
+        "(the key itself is never written to a matrix or a report)",
+    )
+    launch: str | Launch | None = Field(
+        None, description="backend openai: a template name or command (see Launch), started per group"
+    )
+    served_model: str | None = Field(
+        None, description="backend openai: the name the server knows the model by (default: the first it lists)"
+    )
 
     @model_validator(mode="after")
     def _one_source(self):
         given = [k for k in ("tiny", "arch", "hub", "path") if getattr(self, k)]
         if len(given) != 1:
             raise ValueError(f"a model needs exactly one of tiny, arch, hub, path (got {given or 'none'})")
+        if self.endpoint and self.launch:
+            raise ValueError("a model is served either from its `endpoint:` or by `launch:`, not both")
         if self.tiny and self.tiny not in FAMILIES:
             raise ValueError(f"unknown tiny family '{self.tiny}'; use one of {', '.join(FAMILIES)}")
         return self
@@ -136,7 +170,10 @@ class Axes(Strict):
     resolution: list[Resolution] = ["448x448"]
     input: list[Literal["image", "images", "video"]] = ["image"]
     pixel_budget: list[PixelBudget | None] = Field([None], description="null = the processor's default budget")
-    backend: list[Literal["transformers", "vllm"]] = ["transformers"]
+    backend: list[Literal["transformers", "openai", "vllm"]] = Field(
+        ["transformers"],
+        description="transformers: in the worker; openai: over the model's `endpoint:` or `launch:` server",
+    )
     extra: dict[str, list[Union[str, int, float, bool]]] = Field(
         {}, description="user axes: name -> values; they appear in cell ids and selectors"
     )

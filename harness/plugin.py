@@ -42,8 +42,8 @@ from .reports import (
     write_report,
 )
 from .run_lock import RunLock
+from .runner import Runner, WorkerResult
 from .verdict import Verdict, judge
-from .worker import Runner, WorkerResult
 
 DEFAULT_MATRIX = "matrices/default.yaml"
 REFERENCE_DIR = ".reference-logits"
@@ -308,6 +308,7 @@ class CompatSession:
         if self.runner is None:
             self.runner = Runner(
                 self.reports_dir / REFERENCE_DIR,
+                server_logs=self.reports_dir / "server-logs",
                 emulate=self.config.getoption("compat_emulate"),
                 run_predicted_oom=self.config.getoption("compat_run_predicted_oom"),
             )

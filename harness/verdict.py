@@ -14,7 +14,7 @@ import psutil
 from .cells import Cell
 from .failures import classify
 from .gpus import table
-from .worker import WorkerResult
+from .runner import WorkerResult
 
 HARNESS_ERRORS = {"UserError"}  # raised by the harness for bad input: an error, not a failure of the model
 
@@ -44,6 +44,12 @@ def is_degenerate(new_token_ids: list[int]) -> bool:
     return len(new_token_ids) >= 2 and len(set(new_token_ids)) == 1
 
 
+def is_degenerate_text(text: str, output_tokens: int | None) -> bool:
+    """The same check without token ids (a served answer): two or more tokens whose text is one short unit
+    repeated ('!!!!!!!!', 'the the the ')."""
+    return (output_tokens or 0) >= 2 and re.fullmatch(r"(.{1,8}?)\1+", text, re.DOTALL) is not None
+
+
 def _numerical(message: str) -> Verdict:
     return Verdict(
         "failed",
@@ -56,6 +62,8 @@ def _numerical(message: str) -> Verdict:
 
 def judge(cell: Cell, result: WorkerResult) -> Verdict:
     """The verdict for one cell."""
+    if result.skipped and result.skipped_category == "input-mismatch":
+        return Verdict("skipped", "input-mismatch", result.skipped, "serve the model with an engine that takes it")
     if result.skipped:
         return Verdict(
             "skipped",
@@ -80,11 +88,14 @@ def judge(cell: Cell, result: WorkerResult) -> Verdict:
         prefix = f"{result.error_type}: " if result.error_type else ""
         return Verdict("failed", found.category, f"{prefix}{result.error_message}".strip(), found.remedy, found.matched)
     gen, m = result.generation, result.measurements
-    if not gen["new_token_ids"]:
+    served = "new_token_ids" not in gen  # a server's answer: text and a token count, no ids, no logits
+    if not (gen["output_tokens"] if served else gen["new_token_ids"]):
         return _numerical("no new token was generated")
-    if gen["nonfinite_steps"]:
+    if gen.get("nonfinite_steps"):
         return _numerical(f"NaN or inf in the logits at decoding steps {gen['nonfinite_steps']}")
-    if cell.degenerate_check and is_degenerate(gen["new_token_ids"]):
+    if cell.degenerate_check and served and is_degenerate_text(gen["text"], gen["output_tokens"]):
+        return _numerical(f"degenerate output: {gen['output_tokens']} new tokens repeat one text, {gen['text']!r}")
+    if cell.degenerate_check and not served and is_degenerate(gen["new_token_ids"]):
         return _numerical(
             f"degenerate output: all {len(gen['new_token_ids'])} new tokens are token {gen['new_token_ids'][0]}"
         )
@@ -111,6 +122,8 @@ def judge(cell: Cell, result: WorkerResult) -> Verdict:
         )
     if cell.budget:
         budget = parse_budget_mib(cell.budget, cell.device)
+        if m.get("peak_memory_mib") is None and served:
+            return Verdict("passed")  # a server's memory may be out of reach; the record says why
         if m.get("peak_memory_mib") is None:
             reason = m.get("peak_memory_unmeasured") or "no peak memory was recorded"
             return Verdict(

@@ -8,8 +8,8 @@ import pytest
 from fake_nvml import Device, FakeCuda, FakeNvml, h100
 
 from harness.measurements import GpuMemory, MemoryTracker
+from harness.runner import WorkerResult
 from harness.verdict import judge
-from harness.worker import WorkerResult
 
 PID = os.getpid()
 

@@ -151,10 +151,10 @@ def test_emulation_needs_a_gpu_host(pytester):
 
 def test_a_model_the_planner_cannot_read_still_runs(monkeypatch, tiny_cell):
     """The plan is advice: when it fails for a config, the cell runs and reports no prediction."""
-    from harness import worker
+    from harness.backends import transformers
 
     def broken(cell, **kwargs):
         raise KeyError("num_experts")
 
     monkeypatch.setattr(plan, "predict", broken)
-    assert worker._predict(tiny_cell()) is None
+    assert transformers._predict(tiny_cell()) is None

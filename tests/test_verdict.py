@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from harness.runner import WorkerResult
 from harness.verdict import is_degenerate, judge, parse_budget_mib
-from harness.worker import WorkerResult
 
 
 def healthy(**measurements) -> WorkerResult:

@@ -20,6 +20,8 @@ import base64
 import io
 import json
 import os
+import re
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +31,9 @@ import httpx
 from .. import inputs
 from ..cells import Cell
 from ..errors import UserError
+from ..failures import is_sticky
 from ..serving import Server, engine_memory, free_port
+from . import RunContext
 
 HOST = "127.0.0.1"  # launched servers listen here only
 SEED = 0
@@ -200,6 +204,8 @@ class Client:
                 response = self._http.get(f"{self.endpoint.url}/models", headers=self._headers())
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 raise self._unreachable(exc) from None
+            except httpx.TransportError as exc:
+                raise ServerError(f"GET {self.endpoint.url}/models failed ({type(exc).__name__}: {exc})") from None
             if response.status_code >= 400:
                 raise ServerError(
                     f"HTTP {response.status_code} from GET {self.endpoint.url}/models: "
@@ -221,9 +227,7 @@ class Client:
             with self._http.stream("POST", url, json=body, headers=self._headers(), timeout=timeout) as response:
                 if response.status_code >= 400:
                     text = response.read().decode(errors="replace")
-                    raise ServerError(
-                        f"HTTP {response.status_code} from POST {url}: {self._hide_key(text[:BODY_CHARS])}"
-                    )
+                    raise HTTPError(f"HTTP {response.status_code} from POST {url}: {self._hide_key(text[:BODY_CHARS])}")
                 return _read_stream(response.iter_lines(), start, cell.timeout_s, self._hide_key)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             raise self._unreachable(exc) from None
@@ -299,6 +303,14 @@ def _read_stream(lines, start: float, timeout_s: float, hide) -> Reply:
 # --- the backend: a group's server (reached or launched) and its cells ----------------------------------
 
 
+ERROR_LINE = re.compile(r"^[\w.]*(?:Error|Exception)\b:?")  # a Python exception's last line in a server log
+FAULT_SIGNALS = {"segfault": signal.SIGSEGV, "abort": signal.SIGABRT, "oom": signal.SIGKILL}
+
+
+class HTTPError(ServerError):
+    """The server answered the request with an HTTP error status (its body is in the message)."""
+
+
 class ServerCrashed(ServerError):
     """The launched server died while a cell ran; the message has its exit and log tail."""
 
@@ -339,7 +351,6 @@ class OpenAIBackend:
         self.server: Server | None = None
         self.client: Client | None = None
         self._argv: list[str] | None = None
-        self._pixels_field: str | None = None
         self._engine: dict = {}
         self._processors: dict[str, object] = {}  # model folder -> its processor (chat template, tokenizer)
         if target.endpoint:
@@ -374,8 +385,9 @@ class OpenAIBackend:
         template.check_installed()
         return template.argv(args), template.ready_path, template.pixels_field
 
-    def start(self, cell: Cell) -> float:
-        """Have a server ready for the cell; returns the seconds spent starting one (0 when reused)."""
+    def start(self, cell: Cell, emit=None) -> float:
+        """Have a server ready for the cell; returns the seconds spent starting one (0 when reused). A start
+        is announced through `emit` ("loading", "loaded"): it has the load's time limit, not the cell's."""
         if self.target.endpoint:
             self.client.model()  # an unreachable endpoint fails here, once, as one paragraph
             return 0.0
@@ -388,8 +400,12 @@ class OpenAIBackend:
         self.server = Server(
             argv, host=HOST, port=port, log_path=log, ready_path=ready, startup_timeout_s=self.target.startup_timeout_s
         )
-        self._argv, self._pixels_field = argv, pixels_field
+        self._argv = argv
+        if emit:
+            emit({"event": "loading", "group": cell.group})
         seconds = self.server.start()
+        if emit:
+            emit({"event": "loaded", "group": cell.group})
         self._engine = engine_memory(self.server.log_text())
         self.client = Client(
             Endpoint(
@@ -401,6 +417,7 @@ class OpenAIBackend:
                 matrix_file=self.target.matrix_file,
             )
         )
+        self.client.model()  # the served model's name, while the server is known to be up
         return seconds
 
     def stop(self) -> None:
@@ -412,21 +429,28 @@ class OpenAIBackend:
         self.server = None
 
     # -- a cell -------------------------------------------------------------------------------------------
-    def run(self, cell: Cell) -> dict:
+    def run(self, cell: Cell, context: RunContext | None = None) -> dict:
         """Run one cell: {"ok", "generation", "measurements"}; a failure raises with the server's words."""
-        load_s = self.start(cell)
+        load_s = self.start(cell, context.emit if context else None)
         if self.server:
             self.server.reset_peak()
         try:
+            if cell.fault is not None:
+                self._inject(cell.fault)
             reply = self.client.run(cell)
-        except ServerError as exc:
+        except (ServerError, EndpointUnreachable) as exc:
             if self.server is None:
                 raise
             time.sleep(0.2)  # a server that broke the connection by dying is reapable a moment later
             ended = self.server.ended()
             if ended:
                 raise ServerCrashed(self.server.failure(f"the server {ended} while running the cell: {exc}")) from None
-            raise ServerError(self.server.failure(str(exc))) from None
+            message = self.server.failure(str(exc))
+            if "exceeded its timeout" in message or is_sticky(message):
+                self.stop()  # a hung or poisoned server is replaced for the next cell
+            if cell.input == "video" and isinstance(exc, HTTPError):
+                return {"ok": False, "skipped_category": "input-mismatch", "skipped": self._declined(exc)}
+            raise ServerError(message) from None
         return {
             "ok": True,
             "generation": {
@@ -442,6 +466,26 @@ class OpenAIBackend:
                 **self._memory(cell),
             },
         }
+
+    def _declined(self, exc: HTTPError) -> str:
+        """A server that answers a video with an HTTP error does not take videos: in its own words, the
+        error its log ends with (the body of a 500 is often just "Internal Server Error")."""
+        lines = self.server.log_tail().splitlines()
+        starts = [i for i, line in enumerate(lines) if ERROR_LINE.match(line)]
+        reason = []
+        for line in lines[starts[-1] :] if starts else ():
+            if not line.strip() or (reason and line.startswith(("INFO:", "WARNING:", " "))):
+                break
+            reason.append(line.strip())
+        return f"the server does not take this video ({exc}){': ' + ' '.join(reason) if reason else ''}"
+
+    def _inject(self, fault) -> None:
+        """The matrix's `faults:` for a served cell (harness self-tests): the launched server is killed by
+        the fault's signal as the cell starts, or the cell raises the given error."""
+        if isinstance(fault, dict):
+            raise ServerError(fault["raise"])
+        if self.server and fault in FAULT_SIGNALS:
+            os.kill(self.server.proc.pid, FAULT_SIGNALS[fault])
 
     def _visual_tokens(self, cell: Cell, input_tokens: int | None) -> int | None:
         """The server's prompt tokens less the prompt's text tokens, where the model's files are local: the
@@ -470,13 +514,13 @@ class OpenAIBackend:
             return {
                 "peak_memory_mib": None,
                 "peak_memory_source": None,
-                "peak_memory_note": "not measured: a black-box endpoint (no local view of its process)",
+                "peak_memory_unmeasured": "a black-box endpoint: no local view of its processes",
             }
         if cell.device != "cpu":
             measured = {
                 "peak_memory_mib": None,
                 "peak_memory_source": None,
-                "peak_memory_note": "device memory of a launched server is not measured yet",
+                "peak_memory_unmeasured": "the device memory of a launched server is not measured yet (its RSS is)",
                 "server_rss_peak_mib": self.server.peak_rss_mib(),
             }
         else:
