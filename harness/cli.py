@@ -7,6 +7,7 @@ qwen-compat gate --baseline DIR|NAME --current DIR   compare a run with a baseli
 qwen-compat report DIR...         merge many runners' reports into one fleet view
 qwen-compat plan MATRIX --device KEY [--json]   predicted peak memory of every cell of that device
 qwen-compat doctor [MATRIX]       this host's facts, and what the matrix will do here
+qwen-compat smoke --endpoint URL  a running server's release check (built-in matrix)
 """
 
 from __future__ import annotations
@@ -152,6 +153,12 @@ def _doctor(args) -> int:
     return 0
 
 
+def _smoke(args) -> int:
+    from . import smoke
+
+    return smoke.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen-compat", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -180,6 +187,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", required=True, help="GPU table key")
     p.add_argument("--json", action="store_true", help="one JSON object per cell")
     p.set_defaults(func=_plan)
+    p = sub.add_parser("smoke", help="smoke-test a running OpenAI-compatible server with a built-in matrix")
+    p.add_argument("--endpoint", required=True, help="the server's base URL, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--api-key-env", help="NAME of the environment variable holding its API key")
+    p.add_argument("--model", help="the served model's name (default: the first the server lists)")
+    p.add_argument("--family", help="qwen2_vl, qwen2_5_vl, qwen3_vl or qwen3_vl_moe (default: from the name)")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--reports", default="reports", help="reports folder (results go to <reports>/cpu/)")
+    p.add_argument("pytest_args", nargs=argparse.REMAINDER, help="more pytest arguments")
+    p.set_defaults(func=_smoke)
     p = sub.add_parser("doctor", help="this host's GPU, drivers and packages; what a matrix will do here")
     p.add_argument("matrix", nargs="?", default="matrices/default.yaml")
     p.set_defaults(func=_doctor)

@@ -139,6 +139,37 @@ def test_a_missing_engine_says_what_to_install():
     TEMPLATES["transformers-serve"].check_installed()  # the serve extra is part of the test extras
 
 
+# --- the matrix keys ---------------------------------------------------------------------------------------
+
+
+def _served_cells(model: dict, **axes):
+    from harness.cells import expand
+    from harness.matrix import Matrix
+
+    matrix = Matrix.model_validate({"models": [{"tiny": "qwen2_vl", **model}], "axes": {"backend": ["openai"], **axes}})
+    return expand(matrix, "release.yaml")
+
+
+def test_a_served_model_says_how_its_server_is_reached():
+    from harness.capabilities import serving_expectation
+
+    (cell,) = _served_cells({"endpoint": "http://10.0.0.5:8000/v1", "api_key_env": "GATE_KEY"})
+    assert cell.id.endswith("-openai") and cell.serving["endpoint"] == "http://10.0.0.5:8000/v1"
+    assert cell.serving["api_key_env"] == "GATE_KEY" and "launch" not in cell.serving
+    launched = _served_cells({"launch": {"command": "vllm", "gpu_memory_utilization": 0.5}})[0]
+    assert launched.serving["launch"] == "vllm" and launched.serving["gpu_memory_utilization"] == 0.5
+    skip = serving_expectation(launched)  # vLLM cannot be installed here: the cell is skipped, saying why
+    assert skip.outcome == "skip" and skip.categories == ["missing-package"] and "pip install vllm" in skip.reason
+    eager = _served_cells({"launch": "transformers-serve"}, attn_implementation=["eager"])[0]
+    assert serving_expectation(eager) is None  # transformers serve has eager attention
+    with pytest.raises(UserError, match="has `backend: openai` cells but no server"):
+        _served_cells({})
+    with pytest.raises(UserError, match="unknown placeholder {gpus}"):
+        _served_cells({"launch": "my-server --model {model} --gpus {gpus}"})
+    with pytest.raises(ValueError, match="either from its `endpoint:` or by `launch:`"):
+        _served_cells({"endpoint": "http://h:1/v1", "launch": "vllm"})
+
+
 # --- what vLLM says about its own memory -------------------------------------------------------------------
 
 # Real vLLM log lines (V1 engine with VLLM_LOGGING_LEVEL=DEBUG, and the V0 worker's summary).
@@ -549,3 +580,30 @@ def test_a_server_that_dies_in_a_cell_is_a_crash_with_its_log_and_the_next_cell_
     assert "--- server log (tail) ---" in crashed["message"] and "Uvicorn running on" in crashed["message"]
     assert cells["2"]["outcome"] == "passed" and cells["2"]["measurements"]["load_s"] > 0
     assert len(list((suite.path / "reports" / "cpu" / "server-logs").glob("server-*.log"))) == 2
+
+
+def test_smoke_checks_a_running_endpoint_with_the_built_in_matrix(served, tiny_cell, tmp_path):
+    import subprocess
+
+    served.start(tiny_cell())  # a server that is up: to the smoke test, a black box at a URL
+    done = subprocess.run(
+        [sys.executable, "-m", "harness.cli", "smoke", "--endpoint", f"{served.server.url}/v1", "--reports", "r"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    cells = {c["id"]: c for c in json.loads((tmp_path / "r" / "cpu" / "results.json").read_text())["cells"]}
+    assert len(cells) == 5  # three image sizes, two images at once, a video
+    outcomes = {i.split("-sdpa-")[1]: c["outcome"] for i, c in cells.items()}
+    assert outcomes == {
+        "448x448-openai": "passed",
+        "1024x1024-openai": "passed",
+        "1920x1080-openai": "passed",
+        "448x448-images-openai": "passed",
+        "448x448-video-openai": "skipped",  # transformers serve declines a video data URL, in its own words
+    }
+    big = next(c for i, c in cells.items() if "1920x1080" in i)["measurements"]
+    assert (
+        big["input_tokens"] > 1000 and big["peak_memory_mib"] is None and "black-box" in big["peak_memory_unmeasured"]
+    )

@@ -439,6 +439,8 @@ class OpenAIBackend:
                 self._inject(cell.fault)
             reply = self.client.run(cell)
         except (ServerError, EndpointUnreachable) as exc:
+            if cell.input == "video" and isinstance(exc, HTTPError):
+                return {"ok": False, "skipped_category": "input-mismatch", "skipped": self._declined(exc)}
             if self.server is None:
                 raise
             time.sleep(0.2)  # a server that broke the connection by dying is reapable a moment later
@@ -448,8 +450,6 @@ class OpenAIBackend:
             message = self.server.failure(str(exc))
             if "exceeded its timeout" in message or is_sticky(message):
                 self.stop()  # a hung or poisoned server is replaced for the next cell
-            if cell.input == "video" and isinstance(exc, HTTPError):
-                return {"ok": False, "skipped_category": "input-mismatch", "skipped": self._declined(exc)}
             raise ServerError(message) from None
         return {
             "ok": True,
@@ -468,9 +468,11 @@ class OpenAIBackend:
         }
 
     def _declined(self, exc: HTTPError) -> str:
-        """A server that answers a video with an HTTP error does not take videos: in its own words, the
-        error its log ends with (the body of a 500 is often just "Internal Server Error")."""
-        lines = self.server.log_tail().splitlines()
+        """A server that answers a video with an HTTP error does not take videos: in its own words, its
+        answer and, for a launched server, the error its log ends with (the body of a 500 is often just
+        "Internal Server Error")."""
+        time.sleep(0.2)  # the server logs the error after answering
+        lines = self.server.log_tail().splitlines() if self.server else []
         starts = [i for i, line in enumerate(lines) if ERROR_LINE.match(line)]
         reason = []
         for line in lines[starts[-1] :] if starts else ():

@@ -1,0 +1,75 @@
+"""`qwen-compat smoke --endpoint URL`: a running server's release check in one line.
+
+For a release pipeline: start the container, point qwen-compat at it, gate. A built-in matrix sends
+the served model three image sizes, two images in one request and a video, as `backend: openai`
+cells against the endpoint; the verdicts, reports (`<reports>/<device>/`) and exit code are those of
+any run, so `qwen-compat gate` can compare two releases.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from .errors import UserError
+
+SIZES = ["448x448", "1024x1024", "1920x1080"]
+SUITE = "def test_cell(cell_run):\n    cell_run.check()\n"
+
+
+def matrix(endpoint: str, model: str, family: str, api_key_env: str | None, max_new_tokens: int) -> dict:
+    """The built-in smoke matrix for one served model."""
+    entry = {"hub": model, "family": family, "endpoint": endpoint, "served_model": model}
+    if api_key_env:
+        entry["api_key_env"] = api_key_env
+    return {
+        "name": "smoke",
+        "description": f"qwen-compat smoke test of {model} at {endpoint}",
+        "models": [entry],
+        "devices": ["cpu"],  # the device this host reports under; the server's own card is out of view
+        "axes": {"resolution": SIZES, "input": ["image", "images", "video"], "backend": ["openai"]},
+        "exclude": [{"when": {"input": ["images", "video"], "resolution": SIZES[1:]}}],
+        "defaults": {"max_new_tokens": max_new_tokens},
+    }
+
+
+def family_of(model: str, family: str | None) -> str:
+    from .cells import model_identity
+    from .matrix import ModelEntry
+
+    try:
+        return model_identity(ModelEntry(hub=model, family=family), "smoke")[1]
+    except UserError:
+        raise UserError(
+            f"cannot tell the model family of the served model '{model}'.",
+            key="--family",
+            fix="pass --family qwen2_vl, qwen2_5_vl, qwen3_vl or qwen3_vl_moe.",
+        ) from None
+
+
+def run(args) -> int:
+    """Write the matrix and a one-test suite under the reports folder, then run them with pytest."""
+    import pytest
+
+    from .backends.openai import Client, Endpoint
+
+    client = Client(Endpoint(args.endpoint, model=args.model, api_key_env=args.api_key_env))
+    try:
+        model = client.model()
+    finally:
+        client.close()
+    reports = Path(args.reports)
+    folder = reports / "smoke"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "matrix.yaml"
+    data = matrix(args.endpoint, model, family_of(model, args.family), args.api_key_env, args.max_new_tokens)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    (folder / "test_smoke.py").write_text(SUITE)
+    (folder / "pytest.ini").write_text("[pytest]\njunit_family = xunit1\n")  # keeps the measurements in junit.xml
+    return int(
+        pytest.main(
+            [str(folder / "test_smoke.py"), "-c", str(folder / "pytest.ini"), "-p", "no:cacheprovider"]
+            + ["--matrix", str(path), "--reports", str(reports), "--device", "cpu", *args.pytest_args]
+        )
+    )
