@@ -70,6 +70,14 @@ def run(args) -> int:
     return int(
         pytest.main(
             [str(folder / "test_smoke.py"), "-c", str(folder / "pytest.ini"), "-p", "no:cacheprovider"]
-            + ["--matrix", str(path), "--reports", str(reports), "--device", "cpu", *args.pytest_args]
+            + [
+                "--compat-matrix",
+                str(path),
+                "--compat-reports",
+                str(reports),
+                "--compat-device",
+                "cpu",
+                *args.pytest_args,
+            ]
         )
     )

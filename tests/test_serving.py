@@ -452,7 +452,8 @@ def unpinned(tmp_path_factory):
     def get(dtype: str) -> OpenAIBackend:
         if dtype not in backends:
             command = f"{sys.executable} -m transformers.cli.transformers serve --device cpu --dtype {{dtype}} --host {{host}} --port {{port}}"  # noqa: E501
-            backends[dtype] = OpenAIBackend(Target(launch=command), tmp_path_factory.mktemp("logs"))
+            target = Target(launch=command, model_name="named per request")  # the server lists no model
+            backends[dtype] = OpenAIBackend(target, tmp_path_factory.mktemp("logs"))
         return backends[dtype]
 
     yield get
@@ -534,7 +535,9 @@ budgets: {default: 8GiB}
 
 
 def test_served_cells_beside_in_process_ones_agree_and_a_video_the_server_declines_is_skipped(suite, matrix_file):
-    result = suite.runpytest("--matrix", str(matrix_file(SERVED_BESIDE_IN_PROCESS)), "--reports", "reports")
+    result = suite.runpytest(
+        "--compat-matrix", str(matrix_file(SERVED_BESIDE_IN_PROCESS)), "--compat-reports", "reports"
+    )
     result.assert_outcomes(passed=5, skipped=1)
     cells = {c["id"]: c for c in json.loads((suite.path / "reports" / "cpu" / "results.json").read_text())["cells"]}
     for kind in ("", "-images"):
@@ -571,7 +574,7 @@ faults:
 
 def test_a_server_that_dies_in_a_cell_is_a_crash_with_its_log_and_the_next_cell_gets_a_fresh_one(suite, matrix_file):
     path = matrix_file(SERVER_FAULTS)
-    result = suite.runpytest("--matrix", str(path), "--allow-faults", "--reports", "reports")
+    result = suite.runpytest("--compat-matrix", str(path), "--compat-allow-faults", "--compat-reports", "reports")
     result.assert_outcomes(passed=1, failed=1)
     cells = {c["id"][-1]: c for c in json.loads((suite.path / "reports" / "cpu" / "results.json").read_text())["cells"]}
     crashed = cells["1"]
