@@ -42,7 +42,7 @@ def _earlier_run(folder: Path) -> Path:
     ids=["help", "markers", "fixtures", "empty-k", "collect-only"],
 )
 def test_nothing_but_a_real_run_touches_reports_or_starts_a_worker(suite, matrix_file, monkeypatch, args):
-    from harness.worker import Runner
+    from harness.runner import Runner
 
     results = _earlier_run(suite.path)
     before = results.read_bytes()
@@ -288,7 +288,7 @@ def test_every_planted_secret_is_absent_from_every_written_file(suite, matrix_fi
 
 
 def test_a_bad_baseline_name_fails_at_start_up(suite, matrix_file, monkeypatch):
-    from harness.worker import Runner
+    from harness.runner import Runner
 
     spawned = []
     monkeypatch.setattr(Runner, "_spawn", lambda self: spawned.append(1))
