@@ -326,8 +326,18 @@ def expand(matrix: Matrix, matrix_file: str) -> list[Cell]:
 
 
 def run_order(cells: list[Cell]) -> list[Cell]:
-    """Cells sharing a model, dtype, attention and backend run together; float32 before reduced dtypes."""
+    """Cells sharing a model, dtype, attention and backend run together; float32 before reduced dtypes,
+    in-process before served (a served cell is compared with its in-process twin)."""
     first_seen = {}
     for i, cell in enumerate(cells):
         first_seen.setdefault(cell.model, i)
-    return sorted(cells, key=lambda c: (first_seen[c.model], DTYPE_ORDER[c.dtype], c.attn_implementation, c.backend))
+    return sorted(
+        cells,
+        key=lambda c: (
+            first_seen[c.model],
+            DTYPE_ORDER[c.dtype],
+            c.attn_implementation,
+            c.backend != "transformers",
+            c.backend,
+        ),
+    )

@@ -112,6 +112,15 @@ def judge(cell: Cell, result: WorkerResult) -> Verdict:
                 f"first token differs from float32 and neither is in the other's top-{cell.drift_top_k} "
                 f"(reference {m['drift_reference']})"
             )
+    if served and m.get("agreement") == "measured" and not m["agrees"] and cell.dtype == "float32":
+        return Verdict(
+            "failed",
+            "wrong-answer",
+            f"served greedy output {gen['text']!r} is not how the in-process cell {m['agreement_reference']} "
+            f"starts, {m['in_process_text']!r}",
+            "the server does not run the model the harness tested: check the image's checkpoint, dtype, chat "
+            "template and processor settings against the matrix's model",
+        )
     answer = cell.expectation.answer
     if answer and not re.search(answer, gen["text"], re.IGNORECASE):
         return Verdict(

@@ -546,6 +546,8 @@ def test_served_cells_beside_in_process_ones_agree_and_a_video_the_server_declin
             cells[f"tiny-qwen2-vl-cpu-float32-sdpa-224x224{kind}-openai"],
         )
         assert served["output_text"] and local["output_text"].startswith(served["output_text"])  # greedy agrees
+        assert served["measurements"]["agreement"] == "measured" and served["measurements"]["agrees"]
+        assert served["measurements"]["agreement_reference"] == local["id"]
         for key in ("input_tokens", "visual_tokens"):
             assert served["measurements"][key] == local["measurements"][key]
         m = served["measurements"]
@@ -555,6 +557,26 @@ def test_served_cells_beside_in_process_ones_agree_and_a_video_the_server_declin
     assert video["outcome"] == "skipped" and video["category"] == "input-mismatch"
     assert "the server does not take this video" in video["message"]
     assert len(list((suite.path / "reports" / "cpu" / "server-logs").glob("server-*.log"))) == 1  # one per group
+
+
+def test_a_served_answer_that_is_not_the_in_process_one_fails_in_float32(tiny_cell):
+    from harness.runner import WorkerResult
+    from harness.verdict import judge
+
+    served = WorkerResult(
+        ok=True,
+        generation={"text": "A cat", "output_tokens": 2},
+        measurements={
+            "agreement": "measured",
+            "agrees": False,
+            "agreement_reference": "tiny-qwen2-vl-cpu-float32-sdpa-448x448",
+            "in_process_text": "A dog on",
+        },
+    )
+    verdict = judge(tiny_cell(backend="openai"), served)
+    assert verdict.outcome == "failed" and verdict.category == "wrong-answer"
+    assert "'A cat' is not how the in-process cell" in verdict.message and "'A dog on'" in verdict.message
+    assert judge(tiny_cell(backend="openai", dtype="bfloat16"), served).outcome == "passed"  # recorded only
 
 
 SERVER_FAULTS = """

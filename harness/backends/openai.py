@@ -28,7 +28,7 @@ from pathlib import Path
 
 import httpx
 
-from .. import inputs
+from .. import agreement, inputs
 from ..cells import Cell
 from ..errors import UserError
 from ..failures import is_sticky
@@ -464,6 +464,7 @@ class OpenAIBackend:
                 "visual_tokens": self._visual_tokens(cell, reply.input_tokens),
                 "load_s": round(load_s, 4),
                 **self._memory(cell),
+                **(agreement.compare(cell, reply.text, context.reference_dir) if context else {}),
             },
         }
 

@@ -171,6 +171,10 @@ class TransformersBackend:
             **drift(cell, gen.first_logits, context.reference_dir, reference_key(cell, self.identity)),
         }
         generation = {"new_token_ids": gen.new_token_ids, "text": gen.text, "nonfinite_steps": gen.nonfinite_steps}
+        if cell.backend == "transformers":
+            from .. import agreement
+
+            agreement.save(cell, gen.text, context.reference_dir)  # for the served twin, if the matrix has one
         after = _predict(
             cell, text_tokens=gen.input_tokens - gen.visual_tokens, visual_tokens=gen.visual_tokens, device_kind=kind
         )
