@@ -152,30 +152,10 @@ class Generation:
     latency: dict = field(default_factory=dict)  # metric -> {median, min, max, spread, n} over the timed repeats
 
 
-def image_source(spec: str | None) -> dict:
-    """CellInput fields for a matrix's `image:`: a solid colour `rgb(R,G,B)` or a file path."""
-    if not spec:
-        return {}
-    if spec.startswith("rgb("):
-        return {"color": tuple(int(v) for v in spec[4:-1].split(","))}
-    return {"image_path": spec}
-
-
 def _visual(cell: CellInput):
     if cell.kind == "video":
         return {"videos": [inputs.synthetic_video(cell.width, cell.height)]}, [{"type": "video"}]
-    n = cell.count if cell.kind == "images" else 1
-    if cell.image_path:
-        try:
-            images = [inputs.load_image(cell.image_path)] * n
-        except OSError as exc:  # missing file, not an image
-            raise UserError(
-                f"the matrix's image cannot be read: {exc}", key="defaults.image", fix="point it at a PNG or JPEG file."
-            ) from None
-    elif cell.color:
-        images = [inputs.solid_image(cell.width, cell.height, cell.color)] * n
-    else:
-        images = [inputs.synthetic_image(cell.width, cell.height, seed=i) for i in range(n)]
+    images = inputs.pictures(cell.kind, cell.width, cell.height, cell.count, cell.image_path, cell.color)
     return {"images": images}, [{"type": "image"}] * len(images)
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .errors import UserError
+
 VIDEO_FRAMES = 4  # two temporal patches of two frames each
 
 
@@ -37,3 +39,34 @@ def synthetic_video(width: int, height: int, frames: int = VIDEO_FRAMES) -> np.n
 
 def load_image(path: str | Path) -> Image.Image:
     return Image.open(path).convert("RGB")
+
+
+def image_source(spec: str | None) -> dict:
+    """The picture fields for a matrix's `image:`: a solid colour `rgb(R,G,B)` or a file path."""
+    if not spec:
+        return {}
+    if spec.startswith("rgb("):
+        return {"color": tuple(int(v) for v in spec[4:-1].split(","))}
+    return {"image_path": spec}
+
+
+def pictures(
+    kind: str,
+    width: int,
+    height: int,
+    count: int,
+    image_path: str | None = None,
+    color: tuple[int, int, int] | None = None,
+) -> list[Image.Image]:
+    """A cell's images (kind image or images): the user's file or colour, or distinct synthetic images."""
+    n = count if kind == "images" else 1
+    if image_path:
+        try:
+            return [load_image(image_path)] * n
+        except OSError as exc:  # missing file, not an image
+            raise UserError(
+                f"the matrix's image cannot be read: {exc}", key="defaults.image", fix="point it at a PNG or JPEG file."
+            ) from None
+    if color:
+        return [solid_image(width, height, color)] * n
+    return [synthetic_image(width, height, seed=i) for i in range(n)]

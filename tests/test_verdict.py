@@ -115,7 +115,7 @@ def test_an_expected_answer_is_a_regex_on_the_generated_text(tiny_cell):
 
 
 def test_matrix_image_option_picks_a_colour_or_a_file():
-    from harness.inference import image_source
+    from harness.inputs import image_source
 
     assert image_source("rgb(255,0,0)") == {"color": (255, 0, 0)}
     assert image_source("/data/cat.png") == {"image_path": "/data/cat.png"}

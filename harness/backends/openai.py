@@ -112,24 +112,14 @@ def _video_url(frames) -> str:
     return "data:video/jpeg;base64," + ",".join(encoded)
 
 
-def _images(cell: Cell) -> list:
-    """The cell's pictures, as the in-process backend makes them."""
-    if cell.image and cell.image.startswith("rgb("):
-        rgb = tuple(int(v) for v in cell.image[4:-1].split(","))
-        return [inputs.solid_image(cell.width, cell.height, rgb)]
-    if cell.image:
-        return [inputs.load_image(cell.image)]
-    count = cell.images if cell.input == "images" else 1
-    return [inputs.synthetic_image(cell.width, cell.height, seed=i) for i in range(count)]
-
-
 def visual_parts(cell: Cell) -> list[dict]:
     """The content parts carrying the cell's images or video."""
     if cell.input == "video":
         return [
             {"type": "video_url", "video_url": {"url": _video_url(inputs.synthetic_video(cell.width, cell.height))}}
         ]
-    return [{"type": "image_url", "image_url": {"url": _png_url(image)}} for image in _images(cell)]
+    images = inputs.pictures(cell.input, cell.width, cell.height, cell.images, **inputs.image_source(cell.image))
+    return [{"type": "image_url", "image_url": {"url": _png_url(image)}} for image in images]
 
 
 def chat_body(cell: Cell, model: str, pixels_field: str | None = "mm_processor_kwargs") -> dict:

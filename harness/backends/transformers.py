@@ -11,6 +11,7 @@ import os
 import sys
 import time
 
+from .. import inputs
 from ..cells import Cell
 from . import RunContext
 
@@ -147,7 +148,7 @@ class TransformersBackend:
             min_pixels=cell.min_pixels,
             max_pixels=cell.max_pixels,
             prompt=cell.prompt,
-            **inference.image_source(cell.image),
+            **inputs.image_source(cell.image),
         )
         prepared = inference.prepare(self.processor, self.model, spec)  # inputs are not the cell's memory
         with MemoryTracker(kind, self.gpu, self.cuda) as tracker:
