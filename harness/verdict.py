@@ -60,6 +60,27 @@ def _numerical(message: str) -> Verdict:
     )
 
 
+ENGINE_PARTS = ("engine_weights_mib", "engine_kv_cache_mib", "engine_activation_peak_mib", "engine_non_torch_mib")
+
+
+def _engine_budget(cell: Cell, m: dict, budget: float) -> Verdict:
+    """A served cell whose peak is out of reach: the budget against what the engine says it holds (vLLM's
+    weights, KV cache, activation peak and non-torch memory), where it said so; otherwise unchecked."""
+    if "engine_weights_mib" not in m:
+        return Verdict("passed")
+    total = sum(m.get(part) or 0.0 for part in ENGINE_PARTS)
+    if total <= budget:
+        return Verdict("passed")
+    parts = ", ".join(f"{p.removeprefix('engine_').removesuffix('_mib')} {m[p]:.0f}" for p in ENGINE_PARTS if p in m)
+    return Verdict(
+        "failed",
+        "over-budget",
+        f"the engine's own figures add up to {total:.0f} MiB ({parts} MiB), over the budget of {budget:.0f} MiB "
+        f"({cell.budget})",
+        "lower the engine's gpu_memory_utilization or max_model_len, or raise the budget in the matrix",
+    )
+
+
 def judge(cell: Cell, result: WorkerResult) -> Verdict:
     """The verdict for one cell."""
     if result.skipped and result.skipped_category == "input-mismatch":
@@ -132,7 +153,7 @@ def judge(cell: Cell, result: WorkerResult) -> Verdict:
     if cell.budget:
         budget = parse_budget_mib(cell.budget, cell.device)
         if m.get("peak_memory_mib") is None and served:
-            return Verdict("passed")  # a server's memory may be out of reach; the record says why
+            return _engine_budget(cell, m, budget)  # a server's memory may be out of reach; the record says why
         if m.get("peak_memory_mib") is None:
             reason = m.get("peak_memory_unmeasured") or "no peak memory was recorded"
             return Verdict(

@@ -579,6 +579,19 @@ def test_a_served_answer_that_is_not_the_in_process_one_fails_in_float32(tiny_ce
     assert judge(tiny_cell(backend="openai", dtype="bfloat16"), served).outcome == "passed"  # recorded only
 
 
+def test_a_served_budget_is_checked_against_the_engines_own_figures(tiny_cell):
+    from harness.runner import WorkerResult
+    from harness.verdict import judge
+
+    engine = engine_memory(VLLM_V1_LOG)  # 8.80 weights + 8.60 KV cache + 1.40 activations + 0.02 non-torch GiB
+    served = WorkerResult(ok=True, generation={"text": "A cat", "output_tokens": 2}, measurements={**engine})
+    verdict = judge(tiny_cell(backend="openai", budget="16GiB"), served)
+    assert verdict.category == "over-budget" and "engine's own figures add up to 19272 MiB" in verdict.message
+    assert judge(tiny_cell(backend="openai", budget="20GiB"), served).outcome == "passed"
+    unmeasured = WorkerResult(ok=True, generation={"text": "A cat", "output_tokens": 2}, measurements={})
+    assert judge(tiny_cell(backend="openai", budget="1GiB"), unmeasured).outcome == "passed"  # nothing to check
+
+
 SERVER_FAULTS = """
 models:
   - tiny: qwen2_vl
