@@ -172,7 +172,7 @@ class Server:
                 pass
 
     # -- memory ---------------------------------------------------------------------------------------
-    def _tree(self) -> list[int]:
+    def tree(self) -> list[int]:
         """The server's process and its descendants, from the kernel's children lists (a walk over all of
         /proc, as psutil does it, costs milliseconds per cell)."""
         pids, todo = [], [self.proc.pid]
@@ -194,7 +194,7 @@ class Server:
     def reset_peak(self) -> bool:
         """Restart every tree process's high-water mark at its current RSS; False where not allowed."""
         done = True
-        for pid in self._tree():
+        for pid in self.tree():
             try:
                 with open(f"/proc/{pid}/clear_refs", "w") as f:
                     f.write("5")
@@ -205,7 +205,7 @@ class Server:
     def peak_rss_mib(self) -> float | None:
         """Sum over the process tree of each process's peak RSS since the last reset (MiB)."""
         total, seen = 0, False
-        for pid in self._tree():
+        for pid in self.tree():
             try:
                 with open(f"/proc/{pid}/status") as f:
                     line = next(line for line in f if line.startswith("VmHWM:"))
@@ -250,3 +250,58 @@ def engine_memory(log: str) -> dict:
     if tokens:
         figures["engine_kv_cache_tokens"] = int(tokens[-1].replace(",", ""))
     return figures
+
+
+class ServerGpuMemory:
+    """A launched server's device memory per NVML, on the GPUs CUDA makes visible to it: made before the
+    server starts (so what the devices already used is known), then peaked over each cell by sampling.
+
+    Two methods, best first: `nvml_server_processes`, the usage NVML reports for the server's process
+    tree (absent in a container, where NVML shows host pids); `nvml_device_delta`, the devices' used
+    memory now less before the server started, valid while no device has more compute processes than
+    the server's tree. Neither applying is a `None` peak with the reason, never 0.
+    """
+
+    def __init__(self, nvml, visible: str | None):
+        from . import nvml as nvml_mod
+
+        self.nvml, self.why_not = nvml, "nvidia-ml-py (NVML) is not installed or finds no driver"
+        self.handles = nvml_mod.visible_handles(nvml, visible) if nvml else []
+        if nvml and not self.handles:
+            self.why_not = f"NVML has no device for CUDA_VISIBLE_DEVICES={visible!r}"
+        self.before = [nvml_mod.used_mib(nvml, h) for h in self.handles]
+
+    def _processes(self) -> list:
+        return [p for h in self.handles for p in self.nvml.nvmlDeviceGetComputeRunningProcesses(h)]
+
+    def _tree_usage(self, pids: list[int]) -> float | None:
+        try:
+            mine = [p.usedGpuMemory for p in self._processes() if p.pid in pids]
+        except Exception:
+            return None
+        if not mine or any(not used for used in mine):  # None: not available; 0: some container drivers
+            return None
+        return sum(mine) / MIB
+
+    def _delta(self, pids: list[int]) -> float | None:
+        from . import nvml as nvml_mod
+
+        try:
+            if any(len(self.nvml.nvmlDeviceGetComputeRunningProcesses(h)) > len(pids) for h in self.handles):
+                return None  # someone else computes on these devices: the delta is not the server's
+            return sum(nvml_mod.used_mib(self.nvml, h) - b for h, b in zip(self.handles, self.before, strict=True))
+        except Exception:
+            return None
+
+    def track(self, pids: list[int]):
+        """A sampler (context manager) of the best method that applies now, and its name; (None, None)
+        when none applies (`why_not` says why)."""
+        from .measurements import _Sampler
+
+        if not self.handles:
+            return None, None
+        for name, read in (("nvml_server_processes", self._tree_usage), ("nvml_device_delta", self._delta)):
+            if read(pids) is not None:
+                return _Sampler(lambda read=read: read(pids)), name
+        self.why_not = "NVML shows neither the server's processes nor devices it has to itself"
+        return None, None

@@ -645,3 +645,29 @@ def test_smoke_checks_a_running_endpoint_with_the_built_in_matrix(served, tiny_c
     assert (
         big["input_tokens"] > 1000 and big["peak_memory_mib"] is None and "black-box" in big["peak_memory_unmeasured"]
     )
+
+
+def test_a_launched_servers_gpu_memory_is_its_process_tree_per_nvml_or_the_device_delta():
+    """NVML (the project's stand-in, tests/fake_nvml.py) on a two-GPU host, the server on GPU 1."""
+    from fake_nvml import FakeNvml, h100
+
+    from harness.serving import ServerGpuMemory
+
+    server, engine_core = 4242, 4243  # the tree: vLLM's API server and its engine core
+    for offset in (0, 100000):  # bare metal, then a container (NVML shows host pids)
+        host = FakeNvml([h100(0), h100(1)], host_pid_offset=offset)
+        gpu1 = host.devices[1].uuid
+        host.devices[1].other_used_mib = 500.0  # the driver's own, before the server starts
+        memory = ServerGpuMemory(host.module(), "1")
+        host.use(gpu1, engine_core, 30000.0)  # the engine preallocates its fraction of the card
+        sampler, source = memory.track([server, engine_core])
+        assert source == ("nvml_server_processes" if offset == 0 else "nvml_device_delta")
+        with sampler:
+            host.use(gpu1, engine_core, 35000.0)  # a cell's peak
+            time.sleep(0.05)
+            host.use(gpu1, engine_core, 30000.0)
+        assert sampler.peak == 35000.0 and not sampler.failed
+    host.use(gpu1, 777, 2000.0)  # someone else's process on the card, in a container: nothing is the server's
+    host.use(gpu1, 778, 2000.0)
+    assert memory.track([server, engine_core]) == (None, None) and "neither" in memory.why_not
+    assert ServerGpuMemory(host.module(), "7").why_not.startswith("NVML has no device")

@@ -17,6 +17,7 @@ is never stored: a server body that echoes it has it replaced by `***`.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -32,7 +33,7 @@ from .. import agreement, inputs
 from ..cells import Cell
 from ..errors import UserError
 from ..failures import is_sticky
-from ..serving import Server, engine_memory, free_port
+from ..serving import Server, ServerGpuMemory, engine_memory, free_port
 from . import RunContext
 
 HOST = "127.0.0.1"  # launched servers listen here only
@@ -342,6 +343,7 @@ class OpenAIBackend:
         self.client: Client | None = None
         self._argv: list[str] | None = None
         self._engine: dict = {}
+        self.gpu: ServerGpuMemory | None = None  # a launched server's device memory (GPU cells)
         self._processors: dict[str, object] = {}  # model folder -> its processor (chat template, tokenizer)
         if target.endpoint:
             self.client = Client(
@@ -393,6 +395,10 @@ class OpenAIBackend:
         self._argv = argv
         if emit:
             emit({"event": "loading", "group": cell.group})
+        if cell.device != "cpu":  # what the devices use before the server exists
+            from .. import nvml
+
+            self.gpu = ServerGpuMemory(nvml.load(), self.server.env.get("CUDA_VISIBLE_DEVICES"))
         seconds = self.server.start()
         if emit:
             emit({"event": "loaded", "group": cell.group})
@@ -422,12 +428,14 @@ class OpenAIBackend:
     def run(self, cell: Cell, context: RunContext | None = None) -> dict:
         """Run one cell: {"ok", "generation", "measurements"}; a failure raises with the server's words."""
         load_s = self.start(cell, context.emit if context else None)
+        sampler, source = self.gpu.track(self.server.tree()) if self.gpu and self.server else (None, None)
         if self.server:
             self.server.reset_peak()
         try:
             if cell.fault is not None:
                 self._inject(cell.fault)
-            reply = self.client.run(cell)
+            with sampler or contextlib.nullcontext():
+                reply = self.client.run(cell)
         except (ServerError, EndpointUnreachable) as exc:
             if cell.input == "video" and isinstance(exc, HTTPError):
                 return {"ok": False, "skipped_category": "input-mismatch", "skipped": self._declined(exc)}
@@ -453,7 +461,7 @@ class OpenAIBackend:
                 **reply.measurements(),
                 "visual_tokens": self._visual_tokens(cell, reply.input_tokens),
                 "load_s": round(load_s, 4),
-                **self._memory(cell),
+                **self._memory(cell, sampler, source),
                 **(agreement.compare(cell, reply.text, context.reference_dir) if context else {}),
             },
         }
@@ -502,7 +510,7 @@ class OpenAIBackend:
         pad = processor.tokenizer.convert_tokens_to_ids(f"<|{kind}_pad|>")
         return input_tokens - (len(ids) - ids.count(pad))
 
-    def _memory(self, cell: Cell) -> dict:
+    def _memory(self, cell: Cell, sampler, source: str | None) -> dict:
         if self.server is None:
             return {
                 "peak_memory_mib": None,
@@ -510,12 +518,12 @@ class OpenAIBackend:
                 "peak_memory_unmeasured": "a black-box endpoint: no local view of its processes",
             }
         if cell.device != "cpu":
-            measured = {
-                "peak_memory_mib": None,
-                "peak_memory_source": None,
-                "peak_memory_unmeasured": "the device memory of a launched server is not measured yet (its RSS is)",
-                "server_rss_peak_mib": self.server.peak_rss_mib(),
-            }
+            measured = {"server_rss_peak_mib": self.server.peak_rss_mib()}
+            if sampler and not sampler.failed:
+                measured.update(peak_memory_mib=round(sampler.peak, 1), peak_memory_source=source)
+            else:
+                why = "the method stopped measuring during the cell" if sampler else self.gpu.why_not
+                measured.update(peak_memory_mib=None, peak_memory_source=None, peak_memory_unmeasured=why)
         else:
             peak = self.server.peak_rss_mib()
             measured = {"peak_memory_mib": peak, "peak_memory_source": "server_rss", "server_rss_peak_mib": peak}
