@@ -72,10 +72,10 @@ def serving_expectation(cell: Cell) -> Expectation | None:
     launch = (cell.serving or {}).get("launch")
     if not launch:
         return None
-    from .launch import TEMPLATES, EngineMissing, Unsupported, launch_args, user_command
+    from .launch import MIN_CONTEXT, TEMPLATES, EngineMissing, Unsupported, launch_args, user_command
 
-    try:
-        args = launch_args(cell, "MODEL", host="127.0.0.1", port=0)
+    try:  # what an engine refuses depends on dtype and attention, never on the context length
+        args = launch_args(cell, "MODEL", host="127.0.0.1", port=0, max_model_len=MIN_CONTEXT)
         if launch in TEMPLATES:
             TEMPLATES[launch].check_installed()
             TEMPLATES[launch].argv(args)

@@ -74,7 +74,10 @@ def launch_args(
     port: int,
     gpu_memory_utilization: float = 0.9,
     tensor_parallel_size: int = 1,
+    max_model_len: int | None = None,
 ) -> LaunchArgs:
+    """The launch values of a cell's server; `max_model_len` None: from the cell's tokens (which, for a
+    video, runs the processor: the worker's business, not the pytest process's)."""
     return LaunchArgs(
         model=model,
         dtype=cell.dtype,
@@ -82,7 +85,7 @@ def launch_args(
         host=host,
         port=port,
         device="cpu" if cell.device == "cpu" else "cuda",
-        max_model_len=context_length(cell),
+        max_model_len=context_length(cell) if max_model_len is None else max_model_len,
         max_images=max(cell.images, 1),
         max_videos=1,
         min_pixels=cell.min_pixels,
