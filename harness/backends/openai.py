@@ -324,9 +324,9 @@ class Target:
 
 class OpenAIBackend:
     """Cells over an OpenAI-compatible server. A launched server is started for the first cell of a
-    group, restarted when a cell needs another command line (another pixel budget on an engine that
-    takes it as a server argument), after it died, and stopped with `stop()`; its log is kept in
-    `log_dir`."""
+    group, restarted when a cell needs another command line (another pixel budget, or a longer
+    context, on an engine that takes them as server arguments) and after it died or hung, and
+    stopped with `stop()`; its log is kept in `log_dir`."""
 
     def __init__(self, target: Target, log_dir: Path | None):
         if bool(target.endpoint) == bool(target.launch):
