@@ -1,17 +1,27 @@
-"""Failure classification: error text -> category, cause and remedy, from the project's catalog.
+"""Failure classification: error text -> category, the rule that decided, the deciding line, cause and remedy.
 
-The catalog (harness/data/failure-catalog.yaml) records real reported failures, ordered specific
-to generic; the first entry whose signature matches wins.
+Evidence first: the text is normalised (ANSI codes, timestamps, worker and rank prefixes, log levels
+stripped), each line gets a weight by the role it plays (the last exception line of a traceback and
+the first error line of a log weigh most; warnings, info lines and traceback frames least), and every
+rule of the catalog (harness/data/failure-catalog.yaml) is matched line by line. A rule's score is its
+priority (specific reported failures over signature families over weak hints) plus the weight of the
+best line it matched; `beats` lets a rule silence another when both match (an out-of-resources error
+that mentions memory is a kernel launch, not an out-of-memory). Runner-up categories within a small
+margin are returned as alternatives.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import cache
 from importlib import resources
+from typing import TYPE_CHECKING
 
 import yaml
+
+if TYPE_CHECKING:
+    from .remedies import Context
 
 # Errors after which a CUDA context cannot be trusted: the worker that saw one is replaced.
 STICKY = re.compile(
@@ -20,50 +30,298 @@ STICKY = re.compile(
     re.IGNORECASE,
 )
 
+PRIORITY = {"specific": 60, "family": 40, "hint": 20}
+CLOSE = 15  # a runner-up category scoring within this margin of the winner is reported
+EVIDENCE_CHARS = 300
+
+# --- normalisation -------------------------------------------------------------------------------
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07|\x1b|(?<![\w\]])\[(?:\d{1,3};)*\d{1,3}m")
+LEVELS = {"DEBUG": "info", "TRACE": "info", "INFO": "info", "NOTICE": "info", "WARNING": "warning", "WARN": "warning",
+          "ERROR": "error", "ERR": "error", "CRITICAL": "error", "FATAL": "error", "EXCEPTION": "error"}
+_LEVEL = r"(?P<level>DEBUG|TRACE|INFO|NOTICE|WARNING|WARN|ERROR|ERR|CRITICAL|FATAL|EXCEPTION)"
+_TIME = r"\d{1,2}:\d{2}:\d{2}(?:[.,]\d+)?"
+_DATE = r"(?:\d{4}[-/]\d{1,2}[-/]\d{1,2}|\d{1,2}[-/]\d{1,2}(?:[-/]\d{2,4})?)"
+PREFIXES = [
+    re.compile(p, re.IGNORECASE if i else 0)
+    for i, p in enumerate(
+        [
+            # glog: E1125 10:00:00.123456 1234 file.cc:12]
+            r"^(?P<glog>[IWEF])\d{4} " + _TIME + r"\s+\d+\s+[\w./-]+:\d+\]\s*",
+            # worker prefixes: (VllmWorker rank=0 pid=123), (EngineCore_0 pid=1), (RayWorkerWrapper pid=1, ip=..)
+            r"^\((?:[\w.\-]+(?:\s+[\w.\-]+=[\w.\-:]+)*\s+)?pid=\d+(?:,\s*ip=[\w.:]+)?\)\s*",
+            # [rank0]:  [default3]:  [1,0]<stderr>:  [TP0] [TM] and similar bracketed tags
+            r"^\[(?:rank|default|local_rank|node|worker|gpu|tp|dp|pp|ep)\s*\d+\]\s*:?\s*",
+            r"^\[\d+,\d+\]<std(?:out|err)>:\s*",
+            r"^\[TM\]\s*",
+            # timestamps, optionally bracketed, with an SGLang-style TP tag
+            r"^\[?" + _DATE + r"[ T]" + _TIME + r"(?:\s*(?:Z|[+-]\d{2}:?\d{2}|UTC))?(?:\s+(?:TP|DP|PP|EP)\d+)*\]?[\s|:\-]*",
+            r"^\[?" + _TIME + r"\]?[\s|:\-]+",
+            # log levels: ERROR, [ERROR], ERROR:, | ERROR |, lmdeploy - ERROR -
+            r"^(?:[\w.]+ - )?\[?" + _LEVEL + r"\]?(?:\s*[:|]\s*|\s+-\s+|\s+)",
+            # vLLM's source location after the level: [core.py:123]
+            r"^\[[\w./-]+\.py:\d+\]\s*",
+            r"^[\w./-]+\.py:\d+\]?\s*-\s*",
+            # pytest's failure marker
+            r"^E {2,}",
+        ]
+    )
+]
+FRAME = re.compile(r'^File "[^"]*", line \d+|^at [\w.$<>]+\(|^[~^]{3,}\s*$|^#\d+\s+0x[0-9a-f]+ in ')
+EXCEPTION = re.compile(
+    r"(?:^|(?<=[\s:：,，(（\"'`>|]))((?:[A-Za-z_]\w*\.)*(?:[A-Z]\w*(?:Error|Exception|Exit|Interrupt|Fault|Warning)"
+    r"|OutOfResources|Error|Exception))(?=\s*[:：]|\s*$)"
+)
+WRAPPER = re.compile(
+    r"See root cause above|Engine core initialization failed|EngineCore failed to start|ChildFailedError|"
+    r"CalledProcessError|The above exception was the direct cause|During handling of the above exception|"
+    r"Error executing job with overrides|^SystemExit|^KeyboardInterrupt|Traceback \(most recent call last\)|"
+    r"For debugging consider passing|CUDA kernel errors might be asynchronously reported|"
+    r"Compile with .TORCH_USE_CUDA_DSA.|Set TORCH_SHOW_CPP_STACKTRACES",
+    re.IGNORECASE,
+)
+WEIGHTS = {"decisive": 30, "exception": 22, "error": 20, "plain": 10, "wrapper": 5, "warning": 0, "info": 0, "frame": 0}
+
+
+@dataclass
+class Line:
+    text: str
+    role: str  # decisive | exception | error | plain | wrapper | warning | info | frame
+
+
+def _strip_prefixes(line: str) -> tuple[str, str | None]:
+    level = None
+    for _ in range(8):
+        before = line
+        for prefix in PREFIXES:
+            m = prefix.match(line)
+            if m:
+                found = m.groupdict().get("level") or m.groupdict().get("glog")
+                if found:
+                    level = level or LEVELS.get(found.upper(), {"I": "info", "W": "warning"}.get(found, "error"))
+                line = line[m.end() :]
+        if line == before:
+            break
+    return line.strip(), level
+
+
+def normalise(text: str) -> list[Line]:
+    """The text's non-empty lines, cleaned of log decoration, each with the role it plays."""
+    lines: list[Line] = []
+    after_frame = False
+    for raw in ANSI.sub("", text.replace("\r\n", "\n").replace("\r", "\n")).split("\n"):
+        stripped, level = _strip_prefixes(raw.rstrip())
+        if not stripped:
+            continue
+        exc = EXCEPTION.search(stripped)
+        code_line, after_frame = after_frame and not (exc and exc.start() == 0), bool(FRAME.match(stripped))
+        if WRAPPER.search(stripped):
+            role = "wrapper"
+        elif after_frame or code_line:
+            role = "frame"
+        elif exc and exc.group(1).endswith("Warning"):
+            role = "warning"
+        elif exc and exc.start() == 0:
+            role = "exception"
+        elif level in ("info", "warning"):
+            role = level
+        elif level == "error" or exc:
+            role = "error"
+        else:
+            role = "plain"
+        lines.append(Line(stripped, role))
+    _mark_decisive(lines)
+    return lines
+
+
+def _mark_decisive(lines: list[Line]) -> None:
+    """The last exception line of a traceback, else the first error line of a log, decides."""
+    exceptions = [line for line in lines if line.role == "exception"]
+    errors = [line for line in lines if line.role == "error"]
+    if exceptions:
+        exceptions[-1].role = "decisive"
+    elif errors:
+        errors[0].role = "decisive"
+
+
+# --- rules ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rule:
+    id: str
+    category: str
+    priority: int
+    cause: str
+    remedy: str
+    regex: re.Pattern | None
+    detector: str | None = None
+    beats: tuple[str, ...] = ()
+    entry: dict = field(default_factory=dict, repr=False)
+
+    def search(self, line: str) -> re.Match | tuple[int, int] | None:
+        if self.detector:
+            return DETECTORS[self.detector](line)
+        return self.regex.search(line)
+
+
+@cache
+def catalog() -> list[dict]:
+    return yaml.safe_load(resources.files("harness.data").joinpath("failure-catalog.yaml").read_text())
+
+
+@cache
+def rules() -> tuple[Rule, ...]:
+    out = []
+    for entry in catalog():
+        prio = entry.get("priority", "specific")
+        out.append(
+            Rule(
+                id=entry["id"],
+                category=entry["category"],
+                priority=PRIORITY[prio] if isinstance(prio, str) else int(prio),
+                cause=" ".join(entry["cause"].split()),
+                remedy=" ".join(entry["remedy"].split()),
+                regex=re.compile(entry["signature"], re.IGNORECASE) if entry.get("signature") else None,
+                detector=entry.get("detector"),
+                beats=tuple(entry.get("beats", ())),
+                entry=entry,
+            )
+        )
+    return tuple(out)
+
+
+# --- degenerate generated text ---------------------------------------------------------------------
+
+# One character again and again (not the separators logs draw lines with), one short chunk repeated
+# without spaces ("口口口", "<unk><unk>"), or one word repeated: what fp16 overflow and broken kernels
+# produce when there are no logits to look at.
+_SEPARATORS = r"\s\w=\-_#*.~+^|/\\<>()\[\]{}'\"`:;,─━═│┃║█▏▎▍▌▋▊▉░▒▓"
+RUN_OF_CHAR = re.compile(rf"([^{_SEPARATORS}])(?:\s?\1){{11,}}")
+RUN_OF_CJK = re.compile(r"([\u3000-\u303f\u4e00-\u9fff\uff00-\uffef])(?:\s?\1){11,}")
+RUN_OF_CHUNK = re.compile(r"(\S{2,16}?)\1{7,}")
+RUN_OF_WORD = re.compile(r"(?<!\S)(\S{1,24})(?:\s+\1){9,}(?!\S)")
+LETTER = re.compile(r"[^\W\d_]")
+# Scripts that rarely meet in one line unless a model is emitting random tokens.
+SCRIPTS = {
+    "latin": r"[A-Za-z]", "cjk": r"[\u4e00-\u9fff]", "kana": r"[\u3040-\u30ff]", "hangul": r"[\uac00-\ud7af]",
+    "cyrillic": r"[\u0400-\u04ff]", "thai": r"[\u0e00-\u0e7f]", "arabic": r"[\u0600-\u06ff]",
+    "devanagari": r"[\u0900-\u097f]", "replacement": "\ufffd",
+}
+GARBLED_SCRIPTS = 4
+
+
+def degenerate_span(text: str) -> tuple[int, int] | None:
+    """Where a run of one character, chunk or word starts and ends in `text`, or None."""
+    for pattern in (RUN_OF_CHAR, RUN_OF_CJK):
+        m = pattern.search(text)
+        if m:
+            return m.span()
+    for pattern in (RUN_OF_CHUNK, RUN_OF_WORD):
+        for m in pattern.finditer(text):
+            if LETTER.search(m.group(1)):
+                return m.span()
+    return None
+
+
+def garbled_span(text: str) -> tuple[int, int] | None:
+    """A line mixing many writing systems (CJK, Hangul, Cyrillic, Thai, U+FFFD...): random tokens."""
+    found = sum(1 for pattern in SCRIPTS.values() if re.search(pattern, text))
+    return (0, len(text)) if found >= GARBLED_SCRIPTS else None
+
+
+DETECTORS = {"degenerate-text": degenerate_span, "garbled-text": garbled_span}
+
+
+def is_degenerate_text(text: str) -> bool:
+    """Generated text that collapsed into one repeated character or token ("!!!!!!!!", "。。。。")."""
+    compact = "".join(text.split())
+    if len(compact) >= 8 and len(set(compact)) == 1:
+        return True
+    words = text.split()
+    if len(words) >= 6 and len(set(words)) == 1:
+        return True
+    return degenerate_span(text) is not None
+
+
+# --- classification --------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Classification:
     category: str
     cause: str
     remedy: str
-    matched: str | None  # catalog entry id, or None
-    first_line: str
+    matched: str | None  # rule (catalog entry) id, or None
+    evidence: str  # the deciding line
+    alternatives: list[dict] = field(default_factory=list)  # runner-up categories: category, matched, evidence
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-@cache
-def catalog() -> list[dict]:
-    entries = yaml.safe_load(resources.files("harness.data").joinpath("failure-catalog.yaml").read_text())
-    for entry in entries:
-        entry["_regex"] = re.compile(entry["signature"], re.IGNORECASE | re.MULTILINE)
-    return entries
+def _excerpt(line: str, span: tuple[int, int]) -> str:
+    if len(line) <= EVIDENCE_CHARS:
+        return line
+    start = max(0, min(span[0] - 60, len(line) - EVIDENCE_CHARS))
+    return line[start : start + EVIDENCE_CHARS].strip()
 
 
-def _first_line(text: str) -> str:
-    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+def _matches(lines: list[Line]) -> dict[str, tuple[int, Rule, str]]:
+    """Best (score, rule, evidence) per rule id."""
+    best: dict[str, tuple[int, Rule, str]] = {}
+    for rule in rules():
+        for line in lines:
+            m = rule.search(line.text)
+            if not m:
+                continue
+            score = rule.priority + WEIGHTS[line.role]
+            if rule.id not in best or score > best[rule.id][0]:
+                span = m.span() if isinstance(m, re.Match) else m
+                best[rule.id] = (score, rule, _excerpt(line.text, span))
+    return best
 
 
-def classify(text: str) -> Classification:
-    """Classify an error message, traceback or log; unknown text is `other`, first line kept."""
-    for entry in catalog():
-        if entry["_regex"].search(text):
-            return Classification(
-                entry["category"],
-                " ".join(entry["cause"].split()),
-                " ".join(entry["remedy"].split()),
-                entry["id"],
-                _first_line(text),
-            )
-    first = _first_line(text)
-    return Classification(
-        "other",
-        f"not in the failure catalog: {first}" if first else "no error text",
-        "read the stderr tail; if this is a recurring failure, add an entry to harness/data/failure-catalog.yaml",
-        None,
-        first,
-    )
+def _apply_beats(found: dict[str, tuple[int, Rule, str]]) -> None:
+    """A rule that matched outside warnings, info lines and frames silences the rules (or categories) it beats."""
+    silenced = {b for score, rule, _ in found.values() if score > rule.priority for b in rule.beats}
+    for rid in list(found):
+        if rid in silenced or f"category:{found[rid][1].category}" in silenced:
+            del found[rid]
+
+
+def classify(text: str, context: Context | None = None) -> Classification:
+    """Classify an error message, traceback, log or issue text; unknown text is `other`.
+
+    With a context (the cell's GPU, dtype, attention, resolution, pixel budget), the remedy is
+    written for that cell.
+    """
+    lines = normalise(text)
+    found = _matches(lines)
+    _apply_beats(found)
+    ranked = sorted(found.values(), key=lambda f: (f[0], f[1].priority), reverse=True)
+    if not ranked:
+        first = next((line.text for line in lines if line.role == "decisive"), lines[0].text if lines else "")
+        result = Classification(
+            "other",
+            f"not in the failure catalog: {first}" if first else "no error text",
+            "read the stderr tail; if this is a recurring failure, add an entry to harness/data/failure-catalog.yaml",
+            None,
+            first[:EVIDENCE_CHARS],
+        )
+    else:
+        score, rule, evidence = ranked[0]
+        alternatives, seen = [], {rule.category}
+        for s, r, ev in ranked[1:]:
+            if r.category not in seen and s >= score - CLOSE:
+                alternatives.append({"category": r.category, "matched": r.id, "evidence": ev})
+                seen.add(r.category)
+        result = Classification(rule.category, rule.cause, rule.remedy, rule.id, evidence, alternatives)
+    if context is not None:
+        from .remedies import remedy_for
+
+        result = Classification(**{**asdict(result), "remedy": remedy_for(result, context)})
+    return result
 
 
 def is_sticky(text: str) -> bool:
