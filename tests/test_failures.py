@@ -1,23 +1,42 @@
-"""The failure catalog classifies every recorded example; `qwen-compat explain` prints it."""
+"""The failure classifier: catalog examples, real texts it was not written from, context-aware remedies,
+and `qwen-compat explain` reading a text, a file or standard input."""
 
+import dataclasses
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import yaml
 
+from harness import plan
 from harness.cli import main
-from harness.failures import catalog, classify, is_sticky
+from harness.failures import catalog, classify, is_degenerate_text, is_sticky, normalise, rules
 from harness.matrix import CATEGORIES
+from harness.remedies import Context
 
+REPO = Path(__file__).resolve().parents[1]
 ENTRIES = catalog()
+CORPUS = REPO / "tests" / "data" / "failure-corpus"
+# Measured on the dev split when the rules were written (see README "Failure classification"),
+# minus a margin: a regression guard, not a target. The held-out split is never asserted on.
+DEV_ACCURACY_FLOOR = 0.93
 
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=[e["id"] for e in ENTRIES])
 def test_explain_classifies_every_catalog_example(entry, capsys):
     assert main(["explain", entry["example"], "--json"]) == 0
     found = json.loads(capsys.readouterr().out)
-    assert found["matched"] == entry["id"]
     assert found["category"] == entry["category"] in CATEGORIES
-    assert found["cause"] and found["remedy"]
+    assert found["matched"] in {r.id for r in rules() if r.category == entry["category"]}
+    assert found["cause"] and found["remedy"] and found["evidence"]
+    assert isinstance(found["alternatives"], list)
+
+
+def test_every_catalog_entry_has_sources_and_a_known_category():
+    for entry in ENTRIES:
+        assert entry["sources"] and entry["category"] in CATEGORIES, entry["id"]
 
 
 def test_unknown_text_is_other_and_keeps_its_first_line(capsys):
@@ -27,19 +46,142 @@ def test_unknown_text_is_other_and_keeps_its_first_line(capsys):
     assert any("Something odd happened in layer 3" in line for line in lines)
 
 
+def test_a_long_one_line_text_is_a_text_not_a_path(capsys):
+    text = "在 V100 上跑 Qwen2-VL-7B 报错了，" + "x" * 240 + " RuntimeError: CUDA error: too many resources requested for launch"
+    assert len(text) > 300 and "\n" not in text
+    assert main(["explain", text, "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert found["category"] == "kernel-launch" and "too many resources" in found["evidence"]
+
+
 def test_explain_reads_a_log_file(tmp_path, capsys):
     log = tmp_path / "run.log"
     log.write_text("loading...\nRuntimeError: CUDA error: too many resources requested for launch\n")
     assert main(["explain", str(log)]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("category: kernel-launch\n") and "remedy:" in out
+    assert out.startswith("category: kernel-launch\n") and "remedy:" in out and "evidence: RuntimeError" in out
 
 
-def test_specific_entries_win_over_generic_ones():
-    text = "RuntimeError: probability tensor contains either `inf`, `nan` or element < 0\ndevice-side assert triggered"
-    assert classify(text).category == "numerical"
+def test_explain_reads_standard_input_with_a_dash_or_a_pipe():
+    text = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB.\n"
+    cli = [sys.executable, "-m", "harness.cli", "explain"]
+    for args in (["-", "--json"], ["--json"]):
+        done = subprocess.run(cli + args, input=text, capture_output=True, text=True, cwd=REPO, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["category"] == "out-of-memory"
+
+
+def test_bad_explain_options_are_one_paragraph_not_a_traceback(capsys):
+    assert main(["explain", "x", "--gpu", "gtx9999"]) == 2
+    err = capsys.readouterr().err
+    assert "--gpu" in err and "t4" in err and "Traceback" not in err
+
+
+def test_prefixes_timestamps_ansi_and_levels_are_stripped():
+    text = (
+        "\x1b[1;36m(VllmWorker rank=0 pid=4120)\x1b[0;0m INFO 11-25 10:00:01 [core.py:58] loading weights\n"
+        "(EngineCore_0 pid=77) [rank0]: 2025-11-25 10:00:02,123 ERROR: torch.OutOfMemoryError: CUDA out of memory.\n"
+        "[2025-11-25 10:00:03 TP0] WARNING Falling back\n"
+    )
+    lines = normalise(text)
+    assert [line.text for line in lines] == [
+        "loading weights",
+        "torch.OutOfMemoryError: CUDA out of memory.",
+        "Falling back",
+    ]
+    assert [line.role for line in lines] == ["info", "decisive", "warning"]
+    found = classify(text)
+    assert found.category == "out-of-memory" and found.evidence == "torch.OutOfMemoryError: CUDA out of memory."
+
+
+def test_the_last_exception_of_a_traceback_decides_over_a_warning_and_a_wrapper():
+    text = """WARNING 11-25 10:00:00 [config.py:1] Your device 'Tesla T4' doesn't support torch.bfloat16. Falling back to torch.float16
+Traceback (most recent call last):
+  File "/x/flash_attn/flash_attn_interface.py", line 51, in _flash_attn_forward
+    out = flash_attn_cuda.fwd(q, k, v)
+RuntimeError: FlashAttention only supports Ampere GPUs or newer.
+
+The above exception was the direct cause of the following exception:
+
+RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}
+"""
+    found = classify(text)
+    assert found.category == "attention-backend-unsupported"
+    assert found.evidence == "RuntimeError: FlashAttention only supports Ampere GPUs or newer."
+
+
+def test_explicit_priorities_when_several_categories_match():
+    nan_then_assert = "RuntimeError: probability tensor contains either `inf`, `nan` or element < 0\ndevice-side assert triggered"
+    assert classify(nan_then_assert).category == "numerical"
+    triton = "triton.runtime.errors.OutOfResources: out of resource: shared memory, Required: 98304, Hardware limit: 65536"
+    assert classify(triton + "\ntorch.OutOfMemoryError: CUDA out of memory").category == "kernel-launch"
+    arch_import = "ImportError: libcuda.so.1: cannot open shared object file: No such file or directory"
+    assert classify(arch_import).category == "driver-or-arch"
+
+
+def test_chinese_prose_and_issue_style_text():
+    assert classify("我在T4上部署Qwen2-VL，一推理就显存不足，请问怎么办？").category == "out-of-memory"
+    issue = (
+        "### Describe the bug\nWhen I run the 7B model on our cluster the job fails after loading with "
+        "ModuleNotFoundError: No module named 'qwen_vl_utils' even though I followed the README.\n"
+    )
+    assert classify(issue).category == "missing-package"
+
+
+@pytest.mark.parametrize("text", ["!!!!!!!!!!!!!!!!!!!!", "。。。。。。。。。。。。。。。", "the the the the the the the the the the the"])
+def test_degenerate_generated_text_is_numerical(text):
+    assert is_degenerate_text(text)
+    assert classify(f"Qwen2-VL output:\n{text}").category == "numerical"
+
+
+@pytest.mark.parametrize(
+    "text", ["A cat sits on a red mat.", "========== summary ==========", "tensor([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])", "ok"]
+)
+def test_ordinary_text_and_log_separators_are_not_degenerate(text):
+    assert not is_degenerate_text(text)
+
+
+def test_kernel_launch_on_a_v100_in_bfloat16_says_float16_or_float32_on_sm70(capsys):
+    args = ["explain", "RuntimeError: CUDA error: too many resources requested for launch", "--json"]
+    assert main([*args, "--gpu", "v100", "--dtype", "bfloat16"]) == 0
+    remedy = json.loads(capsys.readouterr().out)["remedy"]
+    assert remedy.startswith("The Tesla V100 32GB (sm70, 32 GB) has no native bfloat16: run float16 or float32 on sm70")
+
+
+def test_flash_attention_2_on_a_t4_says_sdpa():
+    found = classify(
+        "RuntimeError: FlashAttention only supports Ampere GPUs or newer.",
+        Context.from_options(gpu="t4", dtype="float16", attn="flash_attention_2"),
+    )
+    assert found.remedy.startswith("flash_attention_2 needs sm80+, which the Tesla T4 (sm75, 16 GB) is not")
+    assert "attn_implementation=sdpa" in found.remedy
+
+
+def test_out_of_memory_at_1480_on_a_24_gib_card_names_the_planned_max_pixels(tiny_cell):
+    cell = Context.from_options(
+        gpu="a10g", dtype="bfloat16", attn="eager", resolution="1480x1480", model="Qwen2.5-VL-7B-Instruct"
+    ).cell
+    assert plan.predict(cell).verdict == "over"
+    found = classify("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 8.00 GiB", Context.from_cell(cell))
+    best = plan.largest_fitting_max_pixels(cell)
+    assert f"set max_pixels to {best} ({best // 784}*28*28)" in found.remedy and "NVIDIA A10G" in found.remedy
+    assert best % 784 == 0
+    assert plan.predict(dataclasses.replace(cell, max_pixels=best)).verdict == "fits"
+    assert plan.predict(dataclasses.replace(cell, max_pixels=best + 784)).verdict != "fits"
+
+
+def test_out_of_memory_without_a_model_asks_for_one():
+    found = classify("CUDA out of memory", Context.from_options(gpu="a10g", resolution="1480x1480"))
+    assert "pass --model" in found.remedy and "NVIDIA A10G" in found.remedy
 
 
 def test_sticky_errors_are_recognised():
     assert is_sticky("RuntimeError: CUDA error: an illegal memory access was encountered")
     assert not is_sticky("ValueError: Image features and image tokens do not match")
+
+
+def test_dev_split_accuracy_stays_above_its_measured_floor():
+    entries = yaml.safe_load((CORPUS / "dev.yaml").read_text())
+    assert len(entries) >= 50
+    right = sum(classify(e["text"]).category == e["category"] for e in entries)
+    assert right / len(entries) >= DEV_ACCURACY_FLOOR, f"{right}/{len(entries)}"
