@@ -199,7 +199,8 @@ def rules() -> tuple[Rule, ...]:
 _SEPARATORS = r"\s\w=\-_#*.~+^|/\\<>()\[\]{}'\"`:;,─━═│┃║█▏▎▍▌▋▊▉░▒▓"
 RUN_OF_CHAR = re.compile(rf"([^{_SEPARATORS}])(?:\s?\1){{11,}}")
 RUN_OF_CJK = re.compile(r"([\u3000-\u303f\u4e00-\u9fff\uff00-\uffef])(?:\s?\1){11,}")
-RUN_OF_CHUNK = re.compile(r"(\S{2,16}?)\1{7,}")
+RUN_OF_CHUNK = re.compile(r"(\S{2,16}?)\1{7,}")  # a chunk with a letter and a non-ASCII or symbol character
+CHUNK_MIX = re.compile(r"[^\x00-\x7f]|[^\w\s]")
 RUN_OF_WORD = re.compile(r"(?<!\S)(\S{1,24})(?:\s+\1){9,}(?!\S)")
 LETTER = re.compile(r"[^\W\d_]")
 # Scripts that rarely meet in one line unless a model is emitting random tokens.
@@ -217,10 +218,12 @@ def degenerate_span(text: str) -> tuple[int, int] | None:
         m = pattern.search(text)
         if m:
             return m.span()
-    for pattern in (RUN_OF_CHUNK, RUN_OF_WORD):
-        for m in pattern.finditer(text):
-            if LETTER.search(m.group(1)):
-                return m.span()
+    for m in RUN_OF_CHUNK.finditer(text):
+        if LETTER.search(m.group(1)) and CHUNK_MIX.search(m.group(1)) and len(set(m.group(1))) > 1:
+            return m.span()
+    for m in RUN_OF_WORD.finditer(text):
+        if LETTER.search(m.group(1)):
+            return m.span()
     return None
 
 

@@ -185,3 +185,25 @@ def test_dev_split_accuracy_stays_above_its_measured_floor():
     assert len(entries) >= 50
     right = sum(classify(e["text"]).category == e["category"] for e in entries)
     assert right / len(entries) >= DEV_ACCURACY_FLOOR, f"{right}/{len(entries)}"
+
+
+def test_a_verdict_without_logits_calls_degenerate_text_numerical(tiny_cell):
+    from harness.verdict import judge
+    from harness.worker import WorkerResult
+
+    def result(text: str) -> WorkerResult:
+        generation = {"new_token_ids": [0, 0, 1, 0, 2, 0, 0, 3], "text": text, "nonfinite_steps": None}
+        return WorkerResult(ok=True, generation=generation, measurements={"peak_memory_mib": 1.0})
+
+    assert judge(tiny_cell(), result("。。。。。。。。。。。。。。。。")).category == "numerical"
+    assert judge(tiny_cell(), result("A red square on a white background.")).outcome == "passed"
+
+
+def test_a_failed_cell_gets_the_remedy_for_its_own_card(tiny_cell):
+    from harness.verdict import judge
+    from harness.worker import WorkerResult
+
+    cell = tiny_cell(device="v100", dtype="bfloat16")
+    failed = WorkerResult(error_type="RuntimeError", error_message="CUDA error: too many resources requested for launch")
+    verdict = judge(cell, failed)
+    assert verdict.category == "kernel-launch" and "run float16 or float32 on sm70" in verdict.remedy
