@@ -37,8 +37,19 @@ EVIDENCE_CHARS = 300
 # --- normalisation -------------------------------------------------------------------------------
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07|\x1b|(?<![\w\]])\[(?:\d{1,3};)*\d{1,3}m")
-LEVELS = {"DEBUG": "info", "TRACE": "info", "INFO": "info", "NOTICE": "info", "WARNING": "warning", "WARN": "warning",
-          "ERROR": "error", "ERR": "error", "CRITICAL": "error", "FATAL": "error", "EXCEPTION": "error"}
+LEVELS = {
+    "DEBUG": "info",
+    "TRACE": "info",
+    "INFO": "info",
+    "NOTICE": "info",
+    "WARNING": "warning",
+    "WARN": "warning",
+    "ERROR": "error",
+    "ERR": "error",
+    "CRITICAL": "error",
+    "FATAL": "error",
+    "EXCEPTION": "error",
+}
 _LEVEL = r"(?P<level>DEBUG|TRACE|INFO|NOTICE|WARNING|WARN|ERROR|ERR|CRITICAL|FATAL|EXCEPTION)"
 _TIME = r"\d{1,2}:\d{2}:\d{2}(?:[.,]\d+)?"
 _DATE = r"(?:\d{4}[-/]\d{1,2}[-/]\d{1,2}|\d{1,2}[-/]\d{1,2}(?:[-/]\d{2,4})?)"
@@ -55,7 +66,11 @@ PREFIXES = [
             r"^\[\d+,\d+\]<std(?:out|err)>:\s*",
             r"^\[TM\]\s*",
             # timestamps, optionally bracketed, with an SGLang-style TP tag
-            r"^\[?" + _DATE + r"[ T]" + _TIME + r"(?:\s*(?:Z|[+-]\d{2}:?\d{2}|UTC))?(?:\s+(?:TP|DP|PP|EP)\d+)*\]?[\s|:\-]*",
+            r"^\[?"
+            + _DATE
+            + r"[ T]"
+            + _TIME
+            + r"(?:\s*(?:Z|[+-]\d{2}:?\d{2}|UTC))?(?:\s+(?:TP|DP|PP|EP)\d+)*\]?[\s|:\-]*",
             r"^\[?" + _TIME + r"\]?[\s|:\-]+",
             # log levels: ERROR, [ERROR], ERROR:, | ERROR |, lmdeploy - ERROR -
             r"^(?:[\w.]+ - )?\[?" + _LEVEL + r"\]?(?:\s*[:|]\s*|\s+-\s+|\s+)",
@@ -205,9 +220,15 @@ RUN_OF_WORD = re.compile(r"(?<!\S)(\S{1,24})(?:\s+\1){9,}(?!\S)")
 LETTER = re.compile(r"[^\W\d_]")
 # Scripts that rarely meet in one line unless a model is emitting random tokens.
 SCRIPTS = {
-    "latin": r"[A-Za-z]", "cjk": r"[\u4e00-\u9fff]", "kana": r"[\u3040-\u30ff]", "hangul": r"[\uac00-\ud7af]",
-    "cyrillic": r"[\u0400-\u04ff]", "thai": r"[\u0e00-\u0e7f]", "arabic": r"[\u0600-\u06ff]",
-    "devanagari": r"[\u0900-\u097f]", "replacement": "\ufffd",
+    "latin": r"[A-Za-z]",
+    "cjk": r"[\u4e00-\u9fff]",
+    "kana": r"[\u3040-\u30ff]",
+    "hangul": r"[\uac00-\ud7af]",
+    "cyrillic": r"[\u0400-\u04ff]",
+    "thai": r"[\u0e00-\u0e7f]",
+    "arabic": r"[\u0600-\u06ff]",
+    "devanagari": r"[\u0900-\u097f]",
+    "replacement": "\ufffd",
 }
 GARBLED_SCRIPTS = 4
 

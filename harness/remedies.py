@@ -1,8 +1,9 @@
 """Remedies written for one cell: its GPU (name, compute capability, memory), dtype, attention
 implementation, resolution and pixel budget turn the catalog's general advice into the step to take.
 
-The out-of-memory remedy asks the memory planner for the largest max_pixels that fits the card, so it
-needs the model (a cell, or `--model` on the command line); without one it says what to pass.
+The out-of-memory remedy names the largest max_pixels the memory planner predicts fits the card. The
+planner needs transformers (torch), which the pytest process never imports: for a failed cell the
+worker computes the plan (`memory_plan`) and the verdict passes it in; `explain --model` plans here.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .errors import UserError
+from .families import FAMILIES
 from .gpus import Gpu, table
 
 if TYPE_CHECKING:
@@ -27,10 +29,12 @@ class Context:
     max_pixels: int | None = None
     model: str | None = None  # the cell's model id, or a shipped architecture / tiny family name
     family: str | None = None
-    cell: Cell | None = None  # what the memory planner needs
+    memory_plan: dict | None = None  # `memory_plan(cell)`, computed where transformers is loaded
+    cell: Cell | None = None  # set where the planner may run in this process (the CLI)
 
     @classmethod
-    def from_cell(cls, cell: Cell) -> Context:
+    def from_cell(cls, cell: Cell, memory_plan: dict | None = None, plan_here: bool = False) -> Context:
+        """The context of a cell; `plan_here` lets the planner import transformers in this process."""
         return cls(
             gpu=cell.device,
             dtype=cell.dtype,
@@ -39,7 +43,8 @@ class Context:
             max_pixels=cell.max_pixels,
             model=cell.model,
             family=cell.family,
-            cell=cell,
+            memory_plan=memory_plan,
+            cell=cell if plan_here else None,
         )
 
     @classmethod
@@ -78,7 +83,6 @@ def _cell_for(model, gpu, dtype, attn, resolution, max_pixels) -> Cell:
 
     from .architectures import shipped
     from .cells import expand
-    from .families import FAMILIES
     from .matrix import Matrix
 
     if model in FAMILIES:
@@ -114,48 +118,49 @@ def _describe(gpu: Gpu) -> str:
     return f"{gpu.name} (sm{gpu.sm}{memory})" if gpu.sm else gpu.name
 
 
+def memory_plan(cell: Cell) -> dict:
+    """The planner's prediction for the cell and the largest max_pixels it predicts fits (imports transformers)."""
+    from .plan import largest_fitting_max_pixels, predict
+
+    return {**predict(cell).to_dict(), "largest_fitting_max_pixels": largest_fitting_max_pixels(cell)}
+
+
 def _out_of_memory(ctx: Context, gpu: Gpu | None) -> str | None:
     where = f" at {ctx.resolution}" if ctx.resolution else ""
     on = f" on the {_describe(gpu)}" if gpu else ""
-    if ctx.cell is None:
+    plan = ctx.memory_plan
+    if plan is None and ctx.cell is not None:
+        try:
+            plan = memory_plan(ctx.cell)
+        except Exception as exc:  # noqa: BLE001 - a plan is advice: a model the planner cannot read keeps the general remedy
+            return f"Out of memory{where}{on} (no memory plan for this model: {type(exc).__name__})."
+    if plan is None or "largest_fitting_max_pixels" not in plan:
         return (
-            f"Out of memory{where}{on}: lower max_pixels; pass --model (a shipped architecture) to get the "
-            "largest max_pixels the memory planner predicts fits this card."
+            f"Out of memory{where}{on}: lower max_pixels; `qwen-compat explain` with --model (a shipped "
+            "architecture) and this context names the largest max_pixels the memory planner predicts fits."
             if gpu or ctx.resolution
             else None
         )
-    from .plan import largest_fitting_max_pixels, predict
-
-    try:
-        whole = predict(ctx.cell)
-        best = largest_fitting_max_pixels(ctx.cell)
-    except Exception as exc:  # noqa: BLE001 - a plan is advice: a model the planner cannot read keeps the general remedy
-        return f"Out of memory{where}{on} (no memory plan for this model: {type(exc).__name__})."
-    budget = f"{whole.budget_mib:.0f} MiB" if whole.budget_mib else "the host's memory"
+    best = plan["largest_fitting_max_pixels"]
+    budget = f"{plan['budget_mib']:.0f} MiB" if plan["budget_mib"] else "the host's memory"
     if best is None:
         return (
             f"Out of memory{where}{on}: the memory planner predicts that no max_pixels fits {budget} "
-            f"in {ctx.dtype} (weights alone {whole.parts['weights_mib']:.0f} MiB): use a card with more memory, "
+            f"in {ctx.dtype} (weights alone {plan['parts']['weights_mib']:.0f} MiB): use a card with more memory, "
             "a quantized checkpoint, or shard the model."
         )
-    if whole.verdict == "fits":
+    if plan["verdict"] == "fits":
         return (
             f"Out of memory{where}{on}, although the memory planner predicts this cell fits "
-            f"({whole.predicted_peak_mib:.0f} of {budget}): look for other processes on the card or a "
+            f"({plan['predicted_peak_mib']:.0f} of {budget}): look for other processes on the card or a "
             "fragmented allocator before lowering max_pixels."
         )
-    factor = _factor(ctx.cell)
+    factor = FAMILIES[ctx.family].factor if ctx.family in FAMILIES else 28
     return (
         f"Out of memory{where}{on}: set max_pixels to {best} ({best // factor**2}*{factor}*{factor}) or "
         f"less, the largest the memory planner predicts fits {budget} with {ctx.attn_implementation} "
-        f"in {ctx.dtype} (it predicts {whole.predicted_peak_mib:.0f} MiB for the cell as it stands)."
+        f"in {ctx.dtype} (it predicts {plan['predicted_peak_mib']:.0f} MiB for the cell as it stands)."
     )
-
-
-def _factor(cell: Cell) -> int:
-    from .families import FAMILIES
-
-    return FAMILIES[cell.family].factor
 
 
 def _without_native_bf16(ctx: Context, gpu: Gpu | None) -> str | None:

@@ -68,7 +68,9 @@ def judge(cell: Cell, result: WorkerResult) -> Verdict:
         text = "\n".join(t for t in (result.error_message, result.traceback) if t)
         if result.error_type in HARNESS_ERRORS:
             return Verdict("error", "harness", result.error_message, "fix the input named in the message")
-        found = classify(result.error_message if result.died else text, Context.from_cell(cell))
+        found = classify(
+            result.error_message if result.died else text, Context.from_cell(cell, result.prediction or None)
+        )
         prefix = f"{result.error_type}: " if result.error_type else ""
         return Verdict("failed", found.category, f"{prefix}{result.error_message}".strip(), found.remedy, found.matched)
     gen, m = result.generation, result.measurements

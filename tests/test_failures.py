@@ -14,7 +14,7 @@ from harness import plan
 from harness.cli import main
 from harness.failures import catalog, classify, is_degenerate_text, is_sticky, normalise, rules
 from harness.matrix import CATEGORIES
-from harness.remedies import Context
+from harness.remedies import Context, memory_plan
 
 REPO = Path(__file__).resolve().parents[1]
 ENTRIES = catalog()
@@ -47,7 +47,11 @@ def test_unknown_text_is_other_and_keeps_its_first_line(capsys):
 
 
 def test_a_long_one_line_text_is_a_text_not_a_path(capsys):
-    text = "在 V100 上跑 Qwen2-VL-7B 报错了，" + "x" * 240 + " RuntimeError: CUDA error: too many resources requested for launch"
+    text = (
+        "在 V100 上跑 Qwen2-VL-7B 报错了，"
+        + "x" * 240
+        + " RuntimeError: CUDA error: too many resources requested for launch"
+    )
     assert len(text) > 300 and "\n" not in text
     assert main(["explain", text, "--json"]) == 0
     found = json.loads(capsys.readouterr().out)
@@ -95,7 +99,7 @@ def test_prefixes_timestamps_ansi_and_levels_are_stripped():
 
 
 def test_the_last_exception_of_a_traceback_decides_over_a_warning_and_a_wrapper():
-    text = """WARNING 11-25 10:00:00 [config.py:1] Your device 'Tesla T4' doesn't support torch.bfloat16. Falling back to torch.float16
+    text = """WARNING 11-25 10:00:00 [config.py:1] Your device 'Tesla T4' doesn't support torch.bfloat16. Falling back
 Traceback (most recent call last):
   File "/x/flash_attn/flash_attn_interface.py", line 51, in _flash_attn_forward
     out = flash_attn_cuda.fwd(q, k, v)
@@ -111,9 +115,13 @@ RuntimeError: Engine core initialization failed. See root cause above. Failed co
 
 
 def test_explicit_priorities_when_several_categories_match():
-    nan_then_assert = "RuntimeError: probability tensor contains either `inf`, `nan` or element < 0\ndevice-side assert triggered"
+    nan_then_assert = (
+        "RuntimeError: probability tensor contains either `inf`, `nan` or element < 0\ndevice-side assert triggered"
+    )
     assert classify(nan_then_assert).category == "numerical"
-    triton = "triton.runtime.errors.OutOfResources: out of resource: shared memory, Required: 98304, Hardware limit: 65536"
+    triton = (
+        "triton.runtime.errors.OutOfResources: out of resource: shared memory, Required: 98304, Hardware limit: 65536"
+    )
     assert classify(triton + "\ntorch.OutOfMemoryError: CUDA out of memory").category == "kernel-launch"
     arch_import = "ImportError: libcuda.so.1: cannot open shared object file: No such file or directory"
     assert classify(arch_import).category == "driver-or-arch"
@@ -128,14 +136,17 @@ def test_chinese_prose_and_issue_style_text():
     assert classify(issue).category == "missing-package"
 
 
-@pytest.mark.parametrize("text", ["!!!!!!!!!!!!!!!!!!!!", "。。。。。。。。。。。。。。。", "the the the the the the the the the the the"])
+@pytest.mark.parametrize(
+    "text", ["!!!!!!!!!!!!!!!!!!!!", "。。。。。。。。。。。。。。。", "the the the the the the the the the the the"]
+)
 def test_degenerate_generated_text_is_numerical(text):
     assert is_degenerate_text(text)
     assert classify(f"Qwen2-VL output:\n{text}").category == "numerical"
 
 
 @pytest.mark.parametrize(
-    "text", ["A cat sits on a red mat.", "========== summary ==========", "tensor([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])", "ok"]
+    "text",
+    ["A cat sits on a red mat.", "========== summary ==========", "tensor([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])", "ok"],
 )
 def test_ordinary_text_and_log_separators_are_not_degenerate(text):
     assert not is_degenerate_text(text)
@@ -157,22 +168,45 @@ def test_flash_attention_2_on_a_t4_says_sdpa():
     assert "attn_implementation=sdpa" in found.remedy
 
 
-def test_out_of_memory_at_1480_on_a_24_gib_card_names_the_planned_max_pixels(tiny_cell):
-    cell = Context.from_options(
-        gpu="a10g", dtype="bfloat16", attn="eager", resolution="1480x1480", model="Qwen2.5-VL-7B-Instruct"
-    ).cell
+def test_out_of_memory_at_1480_on_a_24_gib_card_names_the_planned_max_pixels(capsys):
+    args = ["--gpu", "a10g", "--dtype", "bfloat16", "--attn", "eager", "--resolution", "1480x1480"]
+    cell = Context.from_options(*args[1::2], model="Qwen2.5-VL-7B-Instruct").cell
     assert plan.predict(cell).verdict == "over"
-    found = classify("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 8.00 GiB", Context.from_cell(cell))
     best = plan.largest_fitting_max_pixels(cell)
-    assert f"set max_pixels to {best} ({best // 784}*28*28)" in found.remedy and "NVIDIA A10G" in found.remedy
     assert best % 784 == 0
     assert plan.predict(dataclasses.replace(cell, max_pixels=best)).verdict == "fits"
     assert plan.predict(dataclasses.replace(cell, max_pixels=best + 784)).verdict != "fits"
+    oom = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 8.00 GiB"
+    assert main(["explain", oom, *args, "--model", "Qwen2.5-VL-7B-Instruct", "--json"]) == 0
+    remedy = json.loads(capsys.readouterr().out)["remedy"]
+    assert remedy.startswith(f"Out of memory at 1480x1480 on the NVIDIA A10G (sm86, 24 GB): set max_pixels to {best} ")
+    # A failed cell: the worker plans (it has transformers loaded), the verdict quotes the plan.
+    from harness.verdict import judge
+    from harness.worker import WorkerResult
+
+    failed = WorkerResult(error_type="OutOfMemoryError", error_message=oom, prediction=memory_plan(cell))
+    assert f"set max_pixels to {best} ({best // 784}*28*28)" in judge(cell, failed).remedy
 
 
 def test_out_of_memory_without_a_model_asks_for_one():
     found = classify("CUDA out of memory", Context.from_options(gpu="a10g", resolution="1480x1480"))
-    assert "pass --model" in found.remedy and "NVIDIA A10G" in found.remedy
+    assert "--model" in found.remedy and "NVIDIA A10G" in found.remedy
+
+
+def test_judging_an_out_of_memory_cell_does_not_import_torch_in_the_pytest_process():
+    script = """
+import sys
+from harness.cells import expand
+from harness.matrix import Matrix
+from harness.verdict import judge
+from harness.worker import WorkerResult
+cell = expand(Matrix.model_validate({"models": [{"tiny": "qwen2_vl"}], "devices": ["a10g"]}), "m.yaml")[0]
+verdict = judge(cell, WorkerResult(error_type="OutOfMemoryError", error_message="CUDA out of memory."))
+assert verdict.category == "out-of-memory" and "max_pixels" in verdict.remedy, verdict
+assert "torch" not in sys.modules and "transformers" not in sys.modules
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert done.returncode == 0, done.stderr
 
 
 def test_sticky_errors_are_recognised():
@@ -204,6 +238,8 @@ def test_a_failed_cell_gets_the_remedy_for_its_own_card(tiny_cell):
     from harness.worker import WorkerResult
 
     cell = tiny_cell(device="v100", dtype="bfloat16")
-    failed = WorkerResult(error_type="RuntimeError", error_message="CUDA error: too many resources requested for launch")
+    failed = WorkerResult(
+        error_type="RuntimeError", error_message="CUDA error: too many resources requested for launch"
+    )
     verdict = judge(cell, failed)
     assert verdict.category == "kernel-launch" and "run float16 or float32 on sm70" in verdict.remedy
