@@ -16,7 +16,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from functools import cache
 from importlib import resources
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import yaml
 
@@ -31,6 +31,7 @@ STICKY = re.compile(
 )
 
 PRIORITY = {"specific": 60, "family": 40, "hint": 20}
+VETO = 60  # what overrules an unexplained deciding exception: a specific rule, or a family on an error line
 CLOSE = 15  # a runner-up category scoring within this margin of the winner is reported
 EVIDENCE_CHARS = 300
 
@@ -102,6 +103,7 @@ WEIGHTS = {"decisive": 30, "exception": 22, "error": 20, "plain": 10, "wrapper":
 class Line:
     text: str
     role: str  # decisive | exception | error | plain | wrapper | warning | info | frame
+    after_gap: bool = False  # a blank line comes before it
 
 
 def _strip_prefixes(line: str) -> tuple[str, str | None]:
@@ -124,9 +126,11 @@ def normalise(text: str) -> list[Line]:
     """The text's non-empty lines, cleaned of log decoration, each with the role it plays."""
     lines: list[Line] = []
     after_frame = False
+    gap = False
     for raw in ANSI.sub("", text.replace("\r\n", "\n").replace("\r", "\n")).split("\n"):
         stripped, level = _strip_prefixes(raw.rstrip())
         if not stripped:
+            gap = True
             continue
         exc = EXCEPTION.search(stripped)
         code_line, after_frame = after_frame and not (exc and exc.start() == 0), bool(FRAME.match(stripped))
@@ -144,19 +148,29 @@ def normalise(text: str) -> list[Line]:
             role = "error"
         else:
             role = "plain"
-        lines.append(Line(stripped, role))
+        lines.append(Line(stripped, role, gap))
+        gap = False
     _mark_decisive(lines)
     return lines
 
 
+MESSAGE_LINES = 4  # lines of an exception's message that may follow its first line
+
+
 def _mark_decisive(lines: list[Line]) -> None:
-    """The last exception line of a traceback, else the first error line of a log, decides."""
-    exceptions = [line for line in lines if line.role == "exception"]
-    errors = [line for line in lines if line.role == "error"]
+    """The last exception line of a traceback (with the lines its message continues on), else the
+    first error line of a log, decides."""
+    exceptions = [i for i, line in enumerate(lines) if line.role == "exception"]
+    errors = [i for i, line in enumerate(lines) if line.role == "error"]
     if exceptions:
-        exceptions[-1].role = "decisive"
+        first = exceptions[-1]
+        lines[first].role = "decisive"
+        for line in lines[first + 1 : first + 1 + MESSAGE_LINES]:
+            if line.after_gap or line.role not in ("plain", "error"):
+                break
+            line.role = "decisive"
     elif errors:
-        errors[0].role = "decisive"
+        lines[errors[0]].role = "decisive"
 
 
 # --- rules ---------------------------------------------------------------------------------------
@@ -211,7 +225,7 @@ def rules() -> tuple[Rule, ...]:
 # One character again and again (not the separators logs draw lines with), one short chunk repeated
 # without spaces ("口口口", "<unk><unk>"), or one word repeated: what fp16 overflow and broken kernels
 # produce when there are no logits to look at.
-_SEPARATORS = r"\s\w=\-_#*.~+^|/\\<>()\[\]{}'\"`:;,─━═│┃║█▏▎▍▌▋▊▉░▒▓"
+_SEPARATORS = r"\s\w=\-_#*.~+^|/\\<>()\[\]{}'\"`:;,─━═│┃║█▏▎▍▌▋▊▉░▒▓■□▇▆▅▄▃▂▁·•"
 RUN_OF_CHAR = re.compile(rf"([^{_SEPARATORS}])(?:\s?\1){{11,}}")
 RUN_OF_CJK = re.compile(r"([\u3000-\u303f\u4e00-\u9fff\uff00-\uffef])(?:\s?\1){11,}")
 RUN_OF_CHUNK = re.compile(r"(\S{2,16}?)\1{7,}")  # a chunk with a letter and a non-ASCII or symbol character
@@ -291,56 +305,80 @@ def _excerpt(line: str, span: tuple[int, int]) -> str:
     return line[start : start + EVIDENCE_CHARS].strip()
 
 
-def _matches(lines: list[Line]) -> dict[str, tuple[int, Rule, str]]:
-    """Best (score, rule, evidence) per rule id."""
-    best: dict[str, tuple[int, Rule, str]] = {}
+class Match(NamedTuple):
+    score: int
+    rule: Rule
+    evidence: str
+    role: str  # the role of the line it matched
+
+
+def _matches(lines: list[Line]) -> dict[str, Match]:
+    """The best match of each rule that matched."""
+    best: dict[str, Match] = {}
     for rule in rules():
         for line in lines:
             m = rule.search(line.text)
             if not m:
                 continue
             score = rule.priority + WEIGHTS[line.role]
-            if rule.id not in best or score > best[rule.id][0]:
+            if rule.id not in best or score > best[rule.id].score:
                 span = m.span() if isinstance(m, re.Match) else m
-                best[rule.id] = (score, rule, _excerpt(line.text, span))
+                best[rule.id] = Match(score, rule, _excerpt(line.text, span), line.role)
     return best
 
 
-def _apply_beats(found: dict[str, tuple[int, Rule, str]]) -> None:
+def _apply_beats(found: dict[str, Match]) -> None:
     """A rule that matched outside warnings, info lines and frames silences the rules (or categories) it beats."""
-    silenced = {b for score, rule, _ in found.values() if score > rule.priority for b in rule.beats}
+    silenced = {b for m in found.values() if m.score > m.rule.priority for b in m.rule.beats}
     for rid in list(found):
-        if rid in silenced or f"category:{found[rid][1].category}" in silenced:
+        if rid in silenced or f"category:{found[rid].rule.category}" in silenced:
             del found[rid]
+
+
+def _unexplained(lines: list[Line]) -> str:
+    return next((line.text for line in lines if line.role == "decisive"), lines[0].text if lines else "")
 
 
 def classify(text: str, context: Context | None = None) -> Classification:
     """Classify an error message, traceback, log or issue text; unknown text is `other`.
 
-    With a context (the cell's GPU, dtype, attention, resolution, pixel budget), the remedy is
-    written for that cell.
+    The deciding line has a veto: when it is an exception that no rule explains, only strong evidence
+    elsewhere (a specific failure, or a family on another error line) overrules `other`; a package
+    list or a code sample in an issue is not evidence. With a context (the cell's GPU, dtype,
+    attention, resolution, pixel budget), the remedy is written for that cell.
     """
     lines = normalise(text)
     found = _matches(lines)
     _apply_beats(found)
-    ranked = sorted(found.values(), key=lambda f: (f[0], f[1].priority), reverse=True)
-    if not ranked:
-        first = next((line.text for line in lines if line.role == "decisive"), lines[0].text if lines else "")
+    ranked = sorted(found.values(), key=lambda m: (m.score, m.rule.priority), reverse=True)
+    decisive = next((line for line in lines if line.role == "decisive"), None)
+    vetoed = (
+        ranked
+        and decisive is not None
+        and EXCEPTION.match(decisive.text)
+        and ranked[0].role != "decisive"
+        and ranked[0].score < VETO
+    )
+    if not ranked or vetoed:
+        first = _unexplained(lines)
         result = Classification(
             "other",
             f"not in the failure catalog: {first}" if first else "no error text",
             "read the stderr tail; if this is a recurring failure, add an entry to harness/data/failure-catalog.yaml",
             None,
             first[:EVIDENCE_CHARS],
+            [{"category": m.rule.category, "matched": m.rule.id, "evidence": m.evidence} for m in ranked[:1]],
         )
     else:
-        score, rule, evidence = ranked[0]
-        alternatives, seen = [], {rule.category}
-        for s, r, ev in ranked[1:]:
-            if r.category not in seen and s >= score - CLOSE:
-                alternatives.append({"category": r.category, "matched": r.id, "evidence": ev})
-                seen.add(r.category)
-        result = Classification(rule.category, rule.cause, rule.remedy, rule.id, evidence, alternatives)
+        top = ranked[0]
+        alternatives, seen = [], {top.rule.category}
+        for m in ranked[1:]:
+            if m.rule.category not in seen and m.score >= top.score - CLOSE:
+                alternatives.append({"category": m.rule.category, "matched": m.rule.id, "evidence": m.evidence})
+                seen.add(m.rule.category)
+        result = Classification(
+            top.rule.category, top.rule.cause, top.rule.remedy, top.rule.id, top.evidence, alternatives
+        )
     if context is not None:
         from .remedies import remedy_for
 
