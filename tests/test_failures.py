@@ -114,6 +114,33 @@ RuntimeError: Engine core initialization failed. See root cause above. Failed co
     assert found.evidence == "RuntimeError: FlashAttention only supports Ampere GPUs or newer."
 
 
+VLLM_V1_LOG = """\
+(VllmWorker rank=1 pid=2222) ERROR 07-01 10:00:00 [multiproc_executor.py:487] WorkerProc hit an exception.
+(VllmWorker rank=0 pid=2221) ERROR 07-01 10:00:00 [multiproc_executor.py:487] Traceback (most recent call last):
+(VllmWorker rank=1 pid=2222) ERROR 07-01 10:00:00 [multiproc_executor.py:487] Traceback (most recent call last):
+(VllmWorker rank=0 pid=2221) ERROR 07-01 10:00:00 [multiproc_executor.py:487]   File "/vllm/worker.py", line 48, in run
+(VllmWorker rank=1 pid=2222) ERROR 07-01 10:00:00 [multiproc_executor.py:487]   File "/vllm/worker.py", line 48, in run
+(VllmWorker rank=0 pid=2221) ERROR 07-01 10:00:00 [multiproc_executor.py:487]     import flash_attn
+(VllmWorker rank=1 pid=2222) ERROR 07-01 10:00:00 [multiproc_executor.py:487]     import flash_attn
+(VllmWorker rank=0 pid=2221) ERROR 07-01 10:00:00 [multiproc_executor.py:487] torch.OutOfMemoryError: CUDA out of memory.
+(VllmWorker rank=1 pid=2222) ERROR 07-01 10:00:00 [multiproc_executor.py:487] torch.OutOfMemoryError: CUDA out of memory.
+ERROR 07-01 10:00:01 [core.py:586] EngineCore failed to start.
+RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}
+"""
+
+
+def test_interleaved_worker_logs_are_decided_by_the_root_cause_not_the_wrapper():
+    found = classify(VLLM_V1_LOG)
+    assert found.category == "out-of-memory" and found.evidence == "torch.OutOfMemoryError: CUDA out of memory."
+
+
+def test_a_close_runner_up_category_is_reported():
+    found = classify("ERROR: No module named 'flash_attn'\nERROR: CUDA out of memory while loading the vision tower")
+    assert found.category == "missing-package"
+    assert [a["category"] for a in found.alternatives] == ["out-of-memory"]
+    assert found.alternatives[0]["evidence"] == "CUDA out of memory while loading the vision tower"
+
+
 def test_explicit_priorities_when_several_categories_match():
     nan_then_assert = (
         "RuntimeError: probability tensor contains either `inf`, `nan` or element < 0\ndevice-side assert triggered"
