@@ -12,6 +12,7 @@ margin are returned as alternatives.
 
 from __future__ import annotations
 
+import html
 import re
 from dataclasses import asdict, dataclass, field
 from functools import cache
@@ -37,8 +38,10 @@ EVIDENCE_CHARS = 300
 
 # --- normalisation -------------------------------------------------------------------------------
 
-ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07|\x1b|(?<![\w\]])\[(?:\d{1,3};)*\d{1,3}m")
+# ANSI escapes, their remnants once the ESC byte is lost ("[36m"), and box-drawing borders (rich tracebacks)
+DECORATION = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07|\x1b|\[(?:\d{1,3};)*\d{1,3}m|[\u2500-\u257f]")
 LEVELS = {
+    "NOTE": "info",
     "DEBUG": "info",
     "TRACE": "info",
     "INFO": "info",
@@ -49,39 +52,38 @@ LEVELS = {
     "ERR": "error",
     "CRITICAL": "error",
     "FATAL": "error",
-    "EXCEPTION": "error",
 }
-_LEVEL = r"(?P<level>DEBUG|TRACE|INFO|NOTICE|WARNING|WARN|ERROR|ERR|CRITICAL|FATAL|EXCEPTION)"
+_LEVEL_NAMES = "DEBUG|TRACE|INFO|NOTICE|WARNING|WARN|ERROR|ERR|CRITICAL|FATAL"
 _TIME = r"\d{1,2}:\d{2}:\d{2}(?:[.,]\d+)?"
 _DATE = r"(?:\d{4}[-/]\d{1,2}[-/]\d{1,2}|\d{1,2}[-/]\d{1,2}(?:[-/]\d{2,4})?)"
 PREFIXES = [
-    re.compile(p, re.IGNORECASE if i else 0)
-    for i, p in enumerate(
-        [
-            # glog: E1125 10:00:00.123456 1234 file.cc:12]
-            r"^(?P<glog>[IWEF])\d{4} " + _TIME + r"\s+\d+\s+[\w./-]+:\d+\]\s*",
-            # worker prefixes: (VllmWorker rank=0 pid=123), (EngineCore_0 pid=1), (RayWorkerWrapper pid=1, ip=..)
-            r"^\((?:[\w.\-]+(?:\s+[\w.\-]+=[\w.\-:]+)*\s+)?pid=\d+(?:,\s*ip=[\w.:]+)?\)\s*",
-            # [rank0]:  [default3]:  [1,0]<stderr>:  [TP0] [TM] and similar bracketed tags
-            r"^\[(?:rank|default|local_rank|node|worker|gpu|tp|dp|pp|ep)\s*\d+\]\s*:?\s*",
-            r"^\[\d+,\d+\]<std(?:out|err)>:\s*",
-            r"^\[TM\]\s*",
-            # timestamps, optionally bracketed, with an SGLang-style TP tag
-            r"^\[?"
-            + _DATE
-            + r"[ T]"
-            + _TIME
-            + r"(?:\s*(?:Z|[+-]\d{2}:?\d{2}|UTC))?(?:\s+(?:TP|DP|PP|EP)\d+)*\]?[\s|:\-]*",
-            r"^\[?" + _TIME + r"\]?[\s|:\-]+",
-            # log levels: ERROR, [ERROR], ERROR:, | ERROR |, lmdeploy - ERROR -
-            r"^(?:[\w.]+ - )?\[?" + _LEVEL + r"\]?(?:\s*[:|]\s*|\s+-\s+|\s+)",
-            # vLLM's source location after the level: [core.py:123]
-            r"^\[[\w./-]+\.py:\d+\]\s*",
-            r"^[\w./-]+\.py:\d+\]?\s*-\s*",
-            # pytest's failure marker
-            r"^E {2,}",
-        ]
-    )
+    re.compile(p)
+    for p in [
+        # glog: E1125 10:00:00.123456 1234 file.cc:12]
+        r"^(?P<glog>[IWEF])\d{4} " + _TIME + r"\s+\d+\s+[\w./-]+:\d+\]\s*",
+        # journald: Nov 25 10:00:00 host vllm[1234]:
+        r"^[A-Z][a-z]{2} {1,2}\d{1,2} " + _TIME + r" [\w.\-]+ [\w.\-/@]+(?:\[\d+\])?:\s*",
+        # docker compose: vllm-1  | ...
+        r"^[\w.\-]+\s+\|\s",
+        # worker prefixes: (VllmWorker rank=0 pid=123), (EngineCore_0 pid=1), (RayWorkerWrapper pid=1, ip=..)
+        r"^\((?:[\w.\-]+(?:\s+[\w.\-]+=[\w.\-:]+)*\s+)?pid=\d+(?:,\s*ip=[\w.:]+)?\)\s*",
+        # [rank0]:  [default3]:  [1,0]<stderr>:  [TM] and similar bracketed tags
+        r"^\[(?i:rank|default|local_rank|node|worker|gpu|tp|dp|pp|ep)\s*\d+\]\s*:?\s*",
+        r"^\[\d+,\d+\]<std(?:out|err)>:\s*",
+        r"^\[TM\]\s*",
+        # timestamps, optionally bracketed, with an SGLang-style TP tag
+        r"^\[?" + _DATE + r"[ T]" + _TIME + r"(?:\s*(?:Z|[+-]\d{2}:?\d{2}|UTC))?(?:\s+(?:TP|DP|PP|EP)\d+)*\]?[\s|:\-]*",
+        r"^\[?" + _TIME + r"\]?[\s|:\-]+",
+        # log levels: ERROR, [error], ERROR:, | ERROR |, lmdeploy - ERROR - (upper case, or bracketed in any case)
+        rf"^(?:[\w.]+ - )?(?:(?P<level>{_LEVEL_NAMES})|\[(?P<bracketed>(?i:{_LEVEL_NAMES}))\])"
+        r"(?:\s*[:|]\s*|\s+-\s+|\s+)",
+        r"^(?P<capitalised>Warning|Info|Debug|Note):\s*",
+        # vLLM's source location after the level: [core.py:123]
+        r"^\[?[\w./-]+\.py:\d+\]\s*",
+        r"^[\w./-]+\.py:\d+\s+-\s*",
+        # pytest's failure marker
+        r"^E {2,}",
+    ]
 ]
 FRAME = re.compile(r'^File "[^"]*", line \d+|^at [\w.$<>]+\(|^[~^]{3,}\s*$|^#\d+\s+0x[0-9a-f]+ in ')
 EXCEPTION = re.compile(
@@ -109,11 +111,11 @@ class Line:
 def _strip_prefixes(line: str) -> tuple[str, str | None]:
     level = None
     for _ in range(8):
-        before = line
+        before = line = line.lstrip()
         for prefix in PREFIXES:
             m = prefix.match(line)
             if m:
-                found = m.groupdict().get("level") or m.groupdict().get("glog")
+                found = next((v for v in m.groupdict().values() if v), None)
                 if found:
                     level = level or LEVELS.get(found.upper(), {"I": "info", "W": "warning"}.get(found, "error"))
                 line = line[m.end() :]
@@ -127,7 +129,8 @@ def normalise(text: str) -> list[Line]:
     lines: list[Line] = []
     after_frame = False
     gap = False
-    for raw in ANSI.sub("", text.replace("\r\n", "\n").replace("\r", "\n")).split("\n"):
+    text = DECORATION.sub("", html.unescape(text.replace("\r\n", "\n").replace("\r", "\n")))
+    for raw in text.split("\n"):
         stripped, level = _strip_prefixes(raw.rstrip())
         if not stripped:
             gap = True

@@ -98,6 +98,21 @@ def test_prefixes_timestamps_ansi_and_levels_are_stripped():
     assert found.category == "out-of-memory" and found.evidence == "torch.OutOfMemoryError: CUDA out of memory."
 
 
+def test_stored_copies_of_logs_are_cleaned_too():
+    text = (
+        "vllm-1  | [36m(VllmWorkerProcess pid=81)[0m ERROR 01-02 03:04:05 worker.py:1] boom\n"
+        "Nov 25 10:00:00 gpu-host vllm[1234]: Warning: slow tokenizer\n"
+        "│ /x/model.py:12 in forward                                │\n"
+        "ValueError: height:20 and width:500 must be larger than factor:28 &gt; see &quot;smart_resize&quot;\n"
+    )
+    assert [(line.text, line.role) for line in normalise(text)] == [
+        ("boom", "error"),
+        ("slow tokenizer", "warning"),
+        ("/x/model.py:12 in forward", "plain"),
+        ('ValueError: height:20 and width:500 must be larger than factor:28 > see "smart_resize"', "decisive"),
+    ]
+
+
 def test_the_last_exception_of_a_traceback_decides_over_a_warning_and_a_wrapper():
     text = """WARNING 11-25 10:00:00 [config.py:1] Your device 'Tesla T4' doesn't support torch.bfloat16. Falling back
 Traceback (most recent call last):
@@ -115,15 +130,15 @@ RuntimeError: Engine core initialization failed. See root cause above. Failed co
 
 
 VLLM_V1_LOG = """\
-(VllmWorker rank=1 pid=2222) ERROR 07-01 10:00:00 [multiproc_executor.py:487] WorkerProc hit an exception.
-(VllmWorker rank=0 pid=2221) ERROR 07-01 10:00:00 [multiproc_executor.py:487] Traceback (most recent call last):
-(VllmWorker rank=1 pid=2222) ERROR 07-01 10:00:00 [multiproc_executor.py:487] Traceback (most recent call last):
-(VllmWorker rank=0 pid=2221) ERROR 07-01 10:00:00 [multiproc_executor.py:487]   File "/vllm/worker.py", line 48, in run
-(VllmWorker rank=1 pid=2222) ERROR 07-01 10:00:00 [multiproc_executor.py:487]   File "/vllm/worker.py", line 48, in run
-(VllmWorker rank=0 pid=2221) ERROR 07-01 10:00:00 [multiproc_executor.py:487]     import flash_attn
-(VllmWorker rank=1 pid=2222) ERROR 07-01 10:00:00 [multiproc_executor.py:487]     import flash_attn
-(VllmWorker rank=0 pid=2221) ERROR 07-01 10:00:00 [multiproc_executor.py:487] torch.OutOfMemoryError: CUDA out of memory.
-(VllmWorker rank=1 pid=2222) ERROR 07-01 10:00:00 [multiproc_executor.py:487] torch.OutOfMemoryError: CUDA out of memory.
+(VllmWorker rank=1 pid=2222) ERROR 07-01 10:00:00 [multiproc.py:487] WorkerProc hit an exception.
+(VllmWorker rank=0 pid=2221) ERROR 07-01 10:00:00 [multiproc.py:487] Traceback (most recent call last):
+(VllmWorker rank=1 pid=2222) ERROR 07-01 10:00:00 [multiproc.py:487] Traceback (most recent call last):
+(VllmWorker rank=0 pid=2221) ERROR 07-01 10:00:00 [multiproc.py:487]   File "/vllm/worker.py", line 48, in run
+(VllmWorker rank=1 pid=2222) ERROR 07-01 10:00:00 [multiproc.py:487]   File "/vllm/worker.py", line 48, in run
+(VllmWorker rank=0 pid=2221) ERROR 07-01 10:00:00 [multiproc.py:487]     import flash_attn
+(VllmWorker rank=1 pid=2222) ERROR 07-01 10:00:00 [multiproc.py:487]     import flash_attn
+(VllmWorker rank=0 pid=2221) ERROR 07-01 10:00:00 [multiproc.py:487] torch.OutOfMemoryError: CUDA out of memory.
+(VllmWorker rank=1 pid=2222) ERROR 07-01 10:00:00 [multiproc.py:487] torch.OutOfMemoryError: CUDA out of memory.
 ERROR 07-01 10:00:01 [core.py:586] EngineCore failed to start.
 RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}
 """
