@@ -189,7 +189,6 @@ class Rule:
     regex: re.Pattern | None
     detector: str | None = None
     beats: tuple[str, ...] = ()
-    entry: dict = field(default_factory=dict, repr=False)
 
     def search(self, line: str) -> re.Match | tuple[int, int] | None:
         if self.detector:
@@ -206,18 +205,16 @@ def catalog() -> list[dict]:
 def rules() -> tuple[Rule, ...]:
     out = []
     for entry in catalog():
-        prio = entry.get("priority", "specific")
         out.append(
             Rule(
                 id=entry["id"],
                 category=entry["category"],
-                priority=PRIORITY[prio] if isinstance(prio, str) else int(prio),
+                priority=PRIORITY[entry.get("priority", "specific")],
                 cause=" ".join(entry["cause"].split()),
                 remedy=" ".join(entry["remedy"].split()),
                 regex=re.compile(entry["signature"], re.IGNORECASE) if entry.get("signature") else None,
                 detector=entry.get("detector"),
                 beats=tuple(entry.get("beats", ())),
-                entry=entry,
             )
         )
     return tuple(out)

@@ -34,9 +34,14 @@ def test_explain_classifies_every_catalog_example(entry, capsys):
     assert isinstance(found["alternatives"], list)
 
 
-def test_every_catalog_entry_has_sources_and_a_known_category():
+def test_every_catalog_entry_has_sources_a_known_category_and_valid_references():
+    ids = {e["id"] for e in ENTRIES}
+    assert len(ids) == len(ENTRIES)
     for entry in ENTRIES:
         assert entry["sources"] and entry["category"] in CATEGORIES, entry["id"]
+        assert bool(entry.get("signature")) != bool(entry.get("detector")), entry["id"]
+        for beaten in entry.get("beats", []):
+            assert beaten in ids or beaten.removeprefix("category:") in CATEGORIES, (entry["id"], beaten)
 
 
 def test_unknown_text_is_other_and_keeps_its_first_line(capsys):
