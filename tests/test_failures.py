@@ -235,6 +235,13 @@ def test_out_of_memory_at_1480_on_a_24_gib_card_names_the_planned_max_pixels(cap
     assert f"set max_pixels to {best} ({best // 784}*28*28)" in judge(cell, failed).remedy
 
 
+def test_out_of_memory_where_no_pixel_budget_fits_says_so():
+    ctx = Context.from_options(gpu="t4", dtype="float32", resolution="1480x1480", model="Qwen2.5-VL-7B-Instruct")
+    assert plan.largest_fitting_max_pixels(ctx.cell) is None
+    remedy = classify("torch.OutOfMemoryError: CUDA out of memory.", ctx).remedy
+    assert "predicts that no max_pixels fits 16384 MiB in float32" in remedy
+
+
 def test_out_of_memory_without_a_model_asks_for_one():
     found = classify("CUDA out of memory", Context.from_options(gpu="a10g", resolution="1480x1480"))
     assert "--model" in found.remedy and "NVIDIA A10G" in found.remedy
