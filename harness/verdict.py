@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import psutil
 
 from .cells import Cell
-from .failures import classify
+from .failures import classify, is_degenerate_text
 from .gpus import table
+from .remedies import Context
 from .worker import WorkerResult
 
 HARNESS_ERRORS = {"UserError"}  # raised by the harness for bad input: an error, not a failure of the model
@@ -76,7 +77,9 @@ def judge(cell: Cell, result: WorkerResult) -> Verdict:
                 "storage, or check the stderr tail for a stalled download",
                 "load-timeout",
             )
-        found = classify(result.error_message if result.died else text)
+        found = classify(
+            result.error_message if result.died else text, Context.from_cell(cell, result.prediction or None)
+        )
         prefix = f"{result.error_type}: " if result.error_type else ""
         return Verdict("failed", found.category, f"{prefix}{result.error_message}".strip(), found.remedy, found.matched)
     gen, m = result.generation, result.measurements
@@ -88,6 +91,8 @@ def judge(cell: Cell, result: WorkerResult) -> Verdict:
         return _numerical(
             f"degenerate output: all {len(gen['new_token_ids'])} new tokens are token {gen['new_token_ids'][0]}"
         )
+    if cell.degenerate_check and gen["nonfinite_steps"] is None and is_degenerate_text(gen["text"]):
+        return _numerical(f"degenerate output (no logits to check): {gen['text'][:80]!r}")
     if m.get("drift") == "measured":
         relative = m.get("drift_relative_diff")
         if relative is None or relative > cell.drift_max_abs_diff:

@@ -409,6 +409,21 @@ def _predict(cell: Cell, **kwargs):
         return None
 
 
+def _memory_plan_if_out_of_memory(cell: Cell, message: str) -> dict:
+    """For an out-of-memory failure, the plan the verdict's remedy quotes (the parent cannot plan: no torch)."""
+    from .failures import classify
+
+    if classify(message).category != "out-of-memory":
+        return {}
+    from .remedies import memory_plan
+
+    try:
+        return memory_plan(cell)
+    except Exception as exc:  # noqa: BLE001 - a plan is advice
+        print(f"qwen-compat: no memory plan for {cell.id}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return {}
+
+
 def _exit_with_parent() -> None:
     """End this worker if the process driving it dies (even by SIGKILL), whatever the cell is doing."""
     import threading
@@ -454,6 +469,7 @@ def main() -> None:
                 "error_type": type(exc).__name__,
                 "error_message": str(exc),
                 "traceback": traceback.format_exc()[-STDERR_TAIL_CHARS:],
+                "prediction": _memory_plan_if_out_of_memory(cell, str(exc)),
             }
         worker.emit(reply)
 
