@@ -2,7 +2,7 @@
 
 qwen-compat run [PYTEST ARGS]     run a matrix (pytest with the plugin; defaults to the default matrix)
 qwen-compat schema                JSON Schema of matrix files
-qwen-compat explain TEXT-OR-FILE  classify an error text or log
+qwen-compat explain TEXT|FILE|-   classify an error text, log file or standard input [--gpu --dtype --attn ...]
 qwen-compat gate --baseline DIR|NAME --current DIR   compare a run with a baseline (exit 1 on regression)
 qwen-compat report DIR...         merge many runners' reports into one fleet view
 qwen-compat plan MATRIX --device KEY [--json]   predicted peak memory of every cell of that device
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -21,20 +22,55 @@ from .errors import UserError
 from .reports import ReportWriteError
 
 
+def _is_file(text: str) -> bool:
+    """A one-line argument naming an existing file; a long text is never taken for a path."""
+    try:
+        return "\n" not in text and Path(text).is_file()
+    except (OSError, ValueError):  # File name too long, embedded NUL: a text, not a path
+        return False
+
+
+def _explain_input(arg: str | None) -> str:
+    if arg == "-" or (arg is None and not sys.stdin.isatty()):
+        return sys.stdin.read()
+    if arg is None:
+        raise UserError(
+            "explain needs an error text.", key="TEXT", fix="pass the text, a log file, or '-' to read standard input."
+        )
+    if _is_file(arg):
+        try:
+            return Path(arg).read_text(errors="replace")
+        except OSError as err:
+            raise UserError(f"cannot read {arg}: {err.strerror}.", file=arg, fix="check the path.") from None
+    return arg
+
+
+def _pixel_count(value: str) -> int:
+    from .matrix import PIXELS_PATTERN, _pixels
+
+    if not re.fullmatch(PIXELS_PATTERN, value):
+        raise argparse.ArgumentTypeError(f"'{value}' is not a pixel count (e.g. 1003520 or 1280*28*28)")
+    return _pixels(value)
+
+
 def _explain(args) -> int:
     from .failures import classify
+    from .remedies import Context
 
-    text = args.text
-    if "\n" not in text and len(text) < 1024 and Path(text).is_file():
-        text = Path(text).read_text(errors="replace")
-    found = classify(text)
+    text = _explain_input(args.text)
+    options = (args.gpu, args.dtype, args.attn, args.resolution, args.max_pixels, args.model)
+    context = Context.from_options(*options) if any(o is not None for o in options) else None
+    found = classify(text, context)
     if args.json:
-        print(json.dumps(found.to_dict(), indent=2))
-    else:
-        print(f"category: {found.category}")
-        print(f"matched: {found.matched or '(none)'}")
-        print(f"cause: {found.cause}")
-        print(f"remedy: {found.remedy}")
+        print(json.dumps(found.to_dict(), indent=2, ensure_ascii=False))
+        return 0
+    print(f"category: {found.category}")
+    print(f"matched: {found.matched or '(none)'}")
+    print(f"evidence: {found.evidence}")
+    print(f"cause: {found.cause}")
+    print(f"remedy: {found.remedy}")
+    for alt in found.alternatives:
+        print(f"runner-up: {alt['category']} ({alt['matched']}): {alt['evidence']}")
     return 0
 
 
@@ -167,9 +203,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_run)
     p = sub.add_parser("schema", help="print the JSON Schema of matrix files")
     p.set_defaults(func=_schema)
-    p = sub.add_parser("explain", help="classify an error text or a log file")
-    p.add_argument("text", help="the error text, or a path to a log file")
+    p = sub.add_parser("explain", help="classify an error text, a log file or standard input")
+    p.add_argument("text", nargs="?", help="the error text, a path to a log file, or - for standard input")
     p.add_argument("--json", action="store_true", help="print a JSON object")
+    p.add_argument("--gpu", help="GPU table key of the card that failed (e.g. v100, t4, a10g)")
+    p.add_argument("--dtype", help="float32, bfloat16 or float16")
+    p.add_argument("--attn", help="attention implementation: sdpa, eager or flash_attention_2")
+    p.add_argument("--resolution", help="image resolution WxH")
+    p.add_argument("--max-pixels", type=_pixel_count, help="the pixel budget, e.g. 1003520 or 1280*28*28")
+    p.add_argument("--model", help="shipped architecture or tiny family, for the memory planner's max_pixels")
     p.set_defaults(func=_explain)
     p = sub.add_parser("gate", help="compare a run with a baseline; exit 1 on any regression, 2 on bad input")
     p.add_argument("--baseline", required=True, help="reports folder, or a name saved with --compat-save-baseline")

@@ -231,3 +231,28 @@ def predict(
         "overhead_mib": round(overhead / MIB, 1),
     }
     return Prediction(cell.id, round(peak, 1), verdict, round(budget, 1) if budget else None, parts, visual, cached)
+
+
+def largest_fitting_max_pixels(cell: Cell) -> int | None:
+    """The largest max_pixels (a multiple of the family's factor squared) at which the planner predicts
+    the cell `fits` its budget (or the card) with the planner's margin; None when not even min_pixels does.
+
+    Bisection: the predicted peak only grows with max_pixels. The search stops at the cell's own pixel
+    count, beyond which max_pixels no longer changes the visual tokens.
+    """
+    import dataclasses
+
+    family = FAMILIES[cell.family]
+    unit = family.factor**2
+    min_pixels = cell.min_pixels or family.min_pixels
+
+    def fits(k: int) -> bool:
+        return predict(dataclasses.replace(cell, max_pixels=k * unit)).verdict == "fits"
+
+    lo, hi = math.ceil(min_pixels / unit), max(math.ceil(min_pixels / unit), math.ceil(cell.width * cell.height / unit))
+    if not fits(lo):
+        return None
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo * unit

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import psutil
 
 from .cells import Cell
-from .failures import classify
+from .failures import classify, is_degenerate_text
 from .gpus import table
+from .remedies import Context
 from .runner import WorkerResult
 
 HARNESS_ERRORS = {"UserError"}  # raised by the harness for bad input: an error, not a failure of the model
@@ -42,12 +43,6 @@ def parse_budget_mib(budget: str, device: str) -> float:
 def is_degenerate(new_token_ids: list[int]) -> bool:
     """Degenerate: two or more new tokens, all the same token (fp16 overflow's '!!!!!!!!')."""
     return len(new_token_ids) >= 2 and len(set(new_token_ids)) == 1
-
-
-def is_degenerate_text(text: str, output_tokens: int | None) -> bool:
-    """The same check without token ids (a served answer): two or more tokens whose text is one short unit
-    repeated ('!!!!!!!!', 'the the the ')."""
-    return (output_tokens or 0) >= 2 and re.fullmatch(r"(.{1,8}?)\1+", text, re.DOTALL) is not None
 
 
 def _numerical(message: str) -> Verdict:
@@ -105,7 +100,9 @@ def judge(cell: Cell, result: WorkerResult) -> Verdict:
                 "storage, or check the stderr tail for a stalled download",
                 "load-timeout",
             )
-        found = classify(result.error_message if result.died else text)
+        found = classify(
+            result.error_message if result.died else text, Context.from_cell(cell, result.prediction or None)
+        )
         prefix = f"{result.error_type}: " if result.error_type else ""
         return Verdict("failed", found.category, f"{prefix}{result.error_message}".strip(), found.remedy, found.matched)
     gen, m = result.generation, result.measurements
@@ -114,12 +111,12 @@ def judge(cell: Cell, result: WorkerResult) -> Verdict:
         return _numerical("no new token was generated")
     if gen.get("nonfinite_steps"):
         return _numerical(f"NaN or inf in the logits at decoding steps {gen['nonfinite_steps']}")
-    if cell.degenerate_check and served and is_degenerate_text(gen["text"], gen["output_tokens"]):
-        return _numerical(f"degenerate output: {gen['output_tokens']} new tokens repeat one text, {gen['text']!r}")
     if cell.degenerate_check and not served and is_degenerate(gen["new_token_ids"]):
         return _numerical(
             f"degenerate output: all {len(gen['new_token_ids'])} new tokens are token {gen['new_token_ids'][0]}"
         )
+    if cell.degenerate_check and gen.get("nonfinite_steps") is None and is_degenerate_text(gen["text"]):
+        return _numerical(f"degenerate output (no logits to check): {gen['text'][:80]!r}")
     if m.get("drift") == "measured":
         relative = m.get("drift_relative_diff")
         if relative is None or relative > cell.drift_max_abs_diff:

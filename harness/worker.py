@@ -74,6 +74,21 @@ class Worker:
         return self.backend(cell, context.server_logs).run(cell, context)
 
 
+def _memory_plan_if_out_of_memory(cell: Cell, message: str) -> dict:
+    """For an out-of-memory failure, the plan the verdict's remedy quotes (the parent cannot plan: no torch)."""
+    from .failures import classify
+
+    if classify(message).category != "out-of-memory":
+        return {}
+    from .remedies import memory_plan
+
+    try:
+        return memory_plan(cell)
+    except Exception as exc:  # noqa: BLE001 - a plan is advice
+        print(f"qwen-compat: no memory plan for {cell.id}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return {}
+
+
 def _exit_with_parent() -> None:
     """End this worker if the process driving it dies (even by SIGKILL), whatever the cell is doing."""
     import threading
@@ -109,14 +124,16 @@ def main() -> None:
             request = json.loads(line)
             if request["op"] == "exit":
                 break
+            cell = Cell.from_dict(request["cell"])
             try:
-                reply = worker.run(Cell.from_dict(request["cell"]), request)
+                reply = worker.run(cell, request)
             except BaseException as exc:  # every failure of a cell is data for the verdict
                 reply = {
                     "ok": False,
                     "error_type": type(exc).__name__,
                     "error_message": str(exc),
                     "traceback": traceback.format_exc()[-STDERR_TAIL_CHARS:],
+                    "prediction": _memory_plan_if_out_of_memory(cell, str(exc)),
                 }
             worker.emit(reply)
     finally:

@@ -1,23 +1,47 @@
-"""The failure catalog classifies every recorded example; `qwen-compat explain` prints it."""
+"""The failure classifier: catalog examples, real texts it was not written from, context-aware remedies,
+and `qwen-compat explain` reading a text, a file or standard input."""
 
+import dataclasses
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import yaml
 
+from harness import plan
 from harness.cli import main
-from harness.failures import catalog, classify, is_sticky
+from harness.failures import catalog, classify, is_degenerate_text, is_sticky, normalise, rules
 from harness.matrix import CATEGORIES
+from harness.remedies import Context, memory_plan
 
+REPO = Path(__file__).resolve().parents[1]
 ENTRIES = catalog()
+CORPUS = REPO / "tests" / "data" / "failure-corpus"
+# Measured on the dev split when the rules were written (see README "Failure classification"),
+# minus a margin: a regression guard, not a target. The held-out split is never asserted on.
+DEV_ACCURACY_FLOOR = 0.93
 
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=[e["id"] for e in ENTRIES])
 def test_explain_classifies_every_catalog_example(entry, capsys):
     assert main(["explain", entry["example"], "--json"]) == 0
     found = json.loads(capsys.readouterr().out)
-    assert found["matched"] == entry["id"]
     assert found["category"] == entry["category"] in CATEGORIES
-    assert found["cause"] and found["remedy"]
+    assert found["matched"] in {r.id for r in rules() if r.category == entry["category"]}
+    assert found["cause"] and found["remedy"] and found["evidence"]
+    assert isinstance(found["alternatives"], list)
+
+
+def test_every_catalog_entry_has_sources_a_known_category_and_valid_references():
+    ids = {e["id"] for e in ENTRIES}
+    assert len(ids) == len(ENTRIES)
+    for entry in ENTRIES:
+        assert entry["sources"] and entry["category"] in CATEGORIES, entry["id"]
+        assert bool(entry.get("signature")) != bool(entry.get("detector")), entry["id"]
+        for beaten in entry.get("beats", []):
+            assert beaten in ids or beaten.removeprefix("category:") in CATEGORIES, (entry["id"], beaten)
 
 
 def test_unknown_text_is_other_and_keeps_its_first_line(capsys):
@@ -27,19 +51,249 @@ def test_unknown_text_is_other_and_keeps_its_first_line(capsys):
     assert any("Something odd happened in layer 3" in line for line in lines)
 
 
+def test_a_long_one_line_text_is_a_text_not_a_path(capsys):
+    text = (
+        "在 V100 上跑 Qwen2-VL-7B 报错了，"
+        + "x" * 240
+        + " RuntimeError: CUDA error: too many resources requested for launch"
+    )
+    assert len(text) > 300 and "\n" not in text
+    assert main(["explain", text, "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert found["category"] == "kernel-launch" and "too many resources" in found["evidence"]
+
+
 def test_explain_reads_a_log_file(tmp_path, capsys):
     log = tmp_path / "run.log"
     log.write_text("loading...\nRuntimeError: CUDA error: too many resources requested for launch\n")
     assert main(["explain", str(log)]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("category: kernel-launch\n") and "remedy:" in out
+    assert out.startswith("category: kernel-launch\n") and "remedy:" in out and "evidence: RuntimeError" in out
 
 
-def test_specific_entries_win_over_generic_ones():
-    text = "RuntimeError: probability tensor contains either `inf`, `nan` or element < 0\ndevice-side assert triggered"
-    assert classify(text).category == "numerical"
+def test_explain_reads_standard_input_with_a_dash_or_a_pipe():
+    text = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB.\n"
+    cli = [sys.executable, "-m", "harness.cli", "explain"]
+    for args in (["-", "--json"], ["--json"]):
+        done = subprocess.run(cli + args, input=text, capture_output=True, text=True, cwd=REPO, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["category"] == "out-of-memory"
+
+
+def test_bad_explain_options_are_one_paragraph_not_a_traceback(capsys):
+    assert main(["explain", "x", "--gpu", "gtx9999"]) == 2
+    err = capsys.readouterr().err
+    assert "--gpu" in err and "t4" in err and "Traceback" not in err
+
+
+def test_prefixes_timestamps_ansi_and_levels_are_stripped():
+    text = (
+        "\x1b[1;36m(VllmWorker rank=0 pid=4120)\x1b[0;0m INFO 11-25 10:00:01 [core.py:58] loading weights\n"
+        "(EngineCore_0 pid=77) [rank0]: 2025-11-25 10:00:02,123 ERROR: torch.OutOfMemoryError: CUDA out of memory.\n"
+        "[2025-11-25 10:00:03 TP0] WARNING Falling back\n"
+    )
+    lines = normalise(text)
+    assert [line.text for line in lines] == [
+        "loading weights",
+        "torch.OutOfMemoryError: CUDA out of memory.",
+        "Falling back",
+    ]
+    assert [line.role for line in lines] == ["info", "decisive", "warning"]
+    found = classify(text)
+    assert found.category == "out-of-memory" and found.evidence == "torch.OutOfMemoryError: CUDA out of memory."
+
+
+def test_stored_copies_of_logs_are_cleaned_too():
+    text = (
+        "vllm-1  | [36m(VllmWorkerProcess pid=81)[0m ERROR 01-02 03:04:05 worker.py:1] boom\n"
+        "Nov 25 10:00:00 gpu-host vllm[1234]: Warning: slow tokenizer\n"
+        "│ /x/model.py:12 in forward                                │\n"
+        "ValueError: height:20 and width:500 must be larger than factor:28 &gt; see &quot;smart_resize&quot;\n"
+    )
+    assert [(line.text, line.role) for line in normalise(text)] == [
+        ("boom", "error"),
+        ("slow tokenizer", "warning"),
+        ("/x/model.py:12 in forward", "plain"),
+        ('ValueError: height:20 and width:500 must be larger than factor:28 > see "smart_resize"', "decisive"),
+    ]
+
+
+def test_the_last_exception_of_a_traceback_decides_over_a_warning_and_a_wrapper():
+    text = """WARNING 11-25 10:00:00 [config.py:1] Your device 'Tesla T4' doesn't support torch.bfloat16. Falling back
+Traceback (most recent call last):
+  File "/x/flash_attn/flash_attn_interface.py", line 51, in _flash_attn_forward
+    out = flash_attn_cuda.fwd(q, k, v)
+RuntimeError: FlashAttention only supports Ampere GPUs or newer.
+
+The above exception was the direct cause of the following exception:
+
+RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}
+"""
+    found = classify(text)
+    assert found.category == "attention-backend-unsupported"
+    assert found.evidence == "RuntimeError: FlashAttention only supports Ampere GPUs or newer."
+
+
+VLLM_V1_LOG = """\
+(VllmWorker rank=1 pid=2222) ERROR 07-01 10:00:00 [multiproc.py:487] WorkerProc hit an exception.
+(VllmWorker rank=0 pid=2221) ERROR 07-01 10:00:00 [multiproc.py:487] Traceback (most recent call last):
+(VllmWorker rank=1 pid=2222) ERROR 07-01 10:00:00 [multiproc.py:487] Traceback (most recent call last):
+(VllmWorker rank=0 pid=2221) ERROR 07-01 10:00:00 [multiproc.py:487]   File "/vllm/worker.py", line 48, in run
+(VllmWorker rank=1 pid=2222) ERROR 07-01 10:00:00 [multiproc.py:487]   File "/vllm/worker.py", line 48, in run
+(VllmWorker rank=0 pid=2221) ERROR 07-01 10:00:00 [multiproc.py:487]     import flash_attn
+(VllmWorker rank=1 pid=2222) ERROR 07-01 10:00:00 [multiproc.py:487]     import flash_attn
+(VllmWorker rank=0 pid=2221) ERROR 07-01 10:00:00 [multiproc.py:487] torch.OutOfMemoryError: CUDA out of memory.
+(VllmWorker rank=1 pid=2222) ERROR 07-01 10:00:00 [multiproc.py:487] torch.OutOfMemoryError: CUDA out of memory.
+ERROR 07-01 10:00:01 [core.py:586] EngineCore failed to start.
+RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}
+"""
+
+
+def test_interleaved_worker_logs_are_decided_by_the_root_cause_not_the_wrapper():
+    found = classify(VLLM_V1_LOG)
+    assert found.category == "out-of-memory" and found.evidence == "torch.OutOfMemoryError: CUDA out of memory."
+
+
+def test_a_close_runner_up_category_is_reported():
+    found = classify("ERROR: No module named 'flash_attn'\nERROR: CUDA out of memory while loading the vision tower")
+    assert found.category == "missing-package"
+    assert [a["category"] for a in found.alternatives] == ["out-of-memory"]
+    assert found.alternatives[0]["evidence"] == "CUDA out of memory while loading the vision tower"
+
+
+def test_explicit_priorities_when_several_categories_match():
+    nan_then_assert = (
+        "RuntimeError: probability tensor contains either `inf`, `nan` or element < 0\ndevice-side assert triggered"
+    )
+    assert classify(nan_then_assert).category == "numerical"
+    triton = (
+        "triton.runtime.errors.OutOfResources: out of resource: shared memory, Required: 98304, Hardware limit: 65536"
+    )
+    assert classify(triton + "\ntorch.OutOfMemoryError: CUDA out of memory").category == "kernel-launch"
+    arch_import = "ImportError: libcuda.so.1: cannot open shared object file: No such file or directory"
+    assert classify(arch_import).category == "driver-or-arch"
+
+
+def test_chinese_prose_and_issue_style_text():
+    assert classify("我在T4上部署Qwen2-VL，一推理就显存不足，请问怎么办？").category == "out-of-memory"
+    issue = (
+        "### Describe the bug\nWhen I run the 7B model on our cluster the job fails after loading with "
+        "ModuleNotFoundError: No module named 'qwen_vl_utils' even though I followed the README.\n"
+    )
+    assert classify(issue).category == "missing-package"
+
+
+@pytest.mark.parametrize(
+    "text", ["!!!!!!!!!!!!!!!!!!!!", "。。。。。。。。。。。。。。。", "the the the the the the the the the the the"]
+)
+def test_degenerate_generated_text_is_numerical(text):
+    assert is_degenerate_text(text)
+    assert classify(f"Qwen2-VL output:\n{text}").category == "numerical"
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["A cat sits on a red mat.", "========== summary ==========", "tensor([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])", "ok"],
+)
+def test_ordinary_text_and_log_separators_are_not_degenerate(text):
+    assert not is_degenerate_text(text)
+
+
+def test_kernel_launch_on_a_v100_in_bfloat16_says_float16_or_float32_on_sm70(capsys):
+    args = ["explain", "RuntimeError: CUDA error: too many resources requested for launch", "--json"]
+    assert main([*args, "--gpu", "v100", "--dtype", "bfloat16"]) == 0
+    remedy = json.loads(capsys.readouterr().out)["remedy"]
+    assert remedy.startswith("The Tesla V100 32GB (sm70, 32 GB) has no native bfloat16: run float16 or float32 on sm70")
+
+
+def test_flash_attention_2_on_a_t4_says_sdpa():
+    found = classify(
+        "RuntimeError: FlashAttention only supports Ampere GPUs or newer.",
+        Context.from_options(gpu="t4", dtype="float16", attn="flash_attention_2"),
+    )
+    assert found.remedy.startswith("flash_attention_2 needs sm80+, which the Tesla T4 (sm75, 16 GB) is not")
+    assert "attn_implementation=sdpa" in found.remedy
+
+
+def test_out_of_memory_at_1480_on_a_24_gib_card_names_the_planned_max_pixels(capsys):
+    args = ["--gpu", "a10g", "--dtype", "bfloat16", "--attn", "eager", "--resolution", "1480x1480"]
+    cell = Context.from_options(*args[1::2], model="Qwen2.5-VL-7B-Instruct").cell
+    assert plan.predict(cell).verdict == "over"
+    best = plan.largest_fitting_max_pixels(cell)
+    assert best % 784 == 0
+    assert plan.predict(dataclasses.replace(cell, max_pixels=best)).verdict == "fits"
+    assert plan.predict(dataclasses.replace(cell, max_pixels=best + 784)).verdict != "fits"
+    oom = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 8.00 GiB"
+    assert main(["explain", oom, *args, "--model", "Qwen2.5-VL-7B-Instruct", "--json"]) == 0
+    remedy = json.loads(capsys.readouterr().out)["remedy"]
+    assert remedy.startswith(f"Out of memory at 1480x1480 on the NVIDIA A10G (sm86, 24 GB): set max_pixels to {best} ")
+    # A failed cell: the worker plans (it has transformers loaded), the verdict quotes the plan.
+    from harness.runner import WorkerResult
+    from harness.verdict import judge
+
+    failed = WorkerResult(error_type="OutOfMemoryError", error_message=oom, prediction=memory_plan(cell))
+    assert f"set max_pixels to {best} ({best // 784}*28*28)" in judge(cell, failed).remedy
+
+
+def test_out_of_memory_where_no_pixel_budget_fits_says_so():
+    ctx = Context.from_options(gpu="t4", dtype="float32", resolution="1480x1480", model="Qwen2.5-VL-7B-Instruct")
+    assert plan.largest_fitting_max_pixels(ctx.cell) is None
+    remedy = classify("torch.OutOfMemoryError: CUDA out of memory.", ctx).remedy
+    assert "predicts that no max_pixels fits 15360 MiB in float32" in remedy  # the T4's physical memory
+
+
+def test_out_of_memory_without_a_model_asks_for_one():
+    found = classify("CUDA out of memory", Context.from_options(gpu="a10g", resolution="1480x1480"))
+    assert "--model" in found.remedy and "NVIDIA A10G" in found.remedy
+
+
+def test_judging_an_out_of_memory_cell_does_not_import_torch_in_the_pytest_process():
+    script = """
+import sys
+from harness.cells import expand
+from harness.matrix import Matrix
+from harness.verdict import judge
+from harness.runner import WorkerResult
+cell = expand(Matrix.model_validate({"models": [{"tiny": "qwen2_vl"}], "devices": ["a10g"]}), "m.yaml")[0]
+verdict = judge(cell, WorkerResult(error_type="OutOfMemoryError", error_message="CUDA out of memory."))
+assert verdict.category == "out-of-memory" and "max_pixels" in verdict.remedy, verdict
+assert "torch" not in sys.modules and "transformers" not in sys.modules
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert done.returncode == 0, done.stderr
 
 
 def test_sticky_errors_are_recognised():
     assert is_sticky("RuntimeError: CUDA error: an illegal memory access was encountered")
     assert not is_sticky("ValueError: Image features and image tokens do not match")
+
+
+def test_dev_split_accuracy_stays_above_its_measured_floor():
+    entries = yaml.safe_load((CORPUS / "dev.yaml").read_text())
+    assert len(entries) >= 50
+    right = sum(classify(e["text"]).category == e["category"] for e in entries)
+    assert right / len(entries) >= DEV_ACCURACY_FLOOR, f"{right}/{len(entries)}"
+
+
+def test_a_verdict_without_logits_calls_degenerate_text_numerical(tiny_cell):
+    from harness.runner import WorkerResult
+    from harness.verdict import judge
+
+    def result(text: str) -> WorkerResult:
+        generation = {"new_token_ids": [0, 0, 1, 0, 2, 0, 0, 3], "text": text, "nonfinite_steps": None}
+        return WorkerResult(ok=True, generation=generation, measurements={"peak_memory_mib": 1.0})
+
+    assert judge(tiny_cell(), result("。。。。。。。。。。。。。。。。")).category == "numerical"
+    assert judge(tiny_cell(), result("A red square on a white background.")).outcome == "passed"
+
+
+def test_a_failed_cell_gets_the_remedy_for_its_own_card(tiny_cell):
+    from harness.runner import WorkerResult
+    from harness.verdict import judge
+
+    cell = tiny_cell(device="v100", dtype="bfloat16")
+    failed = WorkerResult(
+        error_type="RuntimeError", error_message="CUDA error: too many resources requested for launch"
+    )
+    verdict = judge(cell, failed)
+    assert verdict.category == "kernel-launch" and "run float16 or float32 on sm70" in verdict.remedy
