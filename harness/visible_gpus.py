@@ -1,4 +1,4 @@
-"""Which GPU each pytest-xdist worker drives under `--gpu-per-worker`, from what CUDA_VISIBLE_DEVICES already holds.
+"""Which GPU each pytest-xdist worker drives under `--compat-gpu-per-worker`, from what CUDA_VISIBLE_DEVICES already holds.
 
 CUDA reads the variable as a list of indices, `GPU-<uuid>` or `MIG-<uuid>` names and stops at the first entry
 that names no device (harness/nvml.py reads it the same way); unset, every GPU is visible. A worker's value is
@@ -24,9 +24,9 @@ def visible(value: str | None, nvml) -> list[str]:
         return entries if nvml is None else entries[: len(nvml_mod.visible_handles(nvml, value))]
     if nvml is None:
         raise UserError(
-            "--gpu-per-worker needs to know this host's GPUs, and CUDA_VISIBLE_DEVICES is unset and NVML is not "
+            "--compat-gpu-per-worker needs to know this host's GPUs, and CUDA_VISIBLE_DEVICES is unset and NVML is not "
             "installed.",
-            key="--gpu-per-worker",
+            key="--compat-gpu-per-worker",
             fix="install the nvml extra (`pip install 'qwen-compat[nvml]'`), or set CUDA_VISIBLE_DEVICES to the "
             "GPUs this job may use (indices or GPU-/MIG- UUIDs).",
         )
@@ -49,11 +49,11 @@ def worker_value(current: str | None, worker_id: str, worker_count: int, nvml) -
             if len(devices) < len(entries)
             else ""
         )
-        first = f"run with -n {len(devices)} or fewer" if devices else "run on a GPU host, or drop --gpu-per-worker"
+        first = f"run with -n {len(devices)} or fewer" if devices else "run on a GPU host, or drop --compat-gpu-per-worker"
         raise UserError(
-            f"--gpu-per-worker gives each of the {worker_count} xdist workers its own GPU, and this job sees "
+            f"--compat-gpu-per-worker gives each of the {worker_count} xdist workers its own GPU, and this job sees "
             f"{len(devices)}: CUDA_VISIBLE_DEVICES is {given}{ignored}.",
-            key="--gpu-per-worker",
+            key="--compat-gpu-per-worker",
             fix=f"{first}, or give the job more GPUs (through CUDA_VISIBLE_DEVICES or the scheduler).",
         )
     return devices[int(worker_id.removeprefix("gw"))]
