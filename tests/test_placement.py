@@ -3,7 +3,6 @@ split against the map transformers produced, offload advice, and CUDA_VISIBLE_DE
 
 import dataclasses
 import json
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -290,9 +289,12 @@ defaults:
 """
 
 
-def test_a_placed_cell_runs_through_the_harness_with_its_map_peaks_and_slowdown(suite, matrix_file):
+def test_a_placed_cell_runs_through_the_harness_with_its_map_peaks_and_slowdown(suite, matrix_file, monkeypatch):
     """The real path: matrix axis -> cells -> worker -> from_pretrained(device_map, max_memory, offload_folder)
     -> results.json and summary.md; a misspelt module is the matrix's error, naming the model's modules."""
+    scratch = suite.path / "worker-tmp"  # the worker's temporary folders, this test's alone
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
     result = suite.runpytest("--compat-matrix", str(matrix_file(PLACED)), "--compat-reports", "r")
     result.assert_outcomes(passed=2, errors=1, skipped=1)
     cells = {c["id"]: c for c in json.loads((suite.path / "r" / "cpu" / "results.json").read_text())["cells"]}
@@ -308,7 +310,7 @@ def test_a_placed_cell_runs_through_the_harness_with_its_map_peaks_and_slowdown(
     assert slowdown["single"] == single["id"] and slowdown["ttft"] > 0 and slowdown["decode"] > 0
     assert slowdown["ttft"] == round(m["prefill_s"] / single["measurements"]["prefill_s"], 2)
     assert disk["output_text"] == single["output_text"]  # the same weights, read back from disk
-    assert not list(Path(tempfile.gettempdir()).glob("qwen-compat-offload-*"))  # removed with its group
+    assert not list(scratch.glob("qwen-compat-offload-*"))  # removed with its group
     bad = cells["tiny-qwen2-vl-cpu-float32-sdpa-448x448-offload-vison"]
     assert bad["outcome"] == "error" and "model.visual, model.language_model, lm_head" in bad["message"]
     two = cells["tiny-qwen2-vl-cpu-float32-sdpa-448x448-auto-2gpu"]
