@@ -12,6 +12,7 @@ import importlib.util
 
 from .cells import Cell, Expectation
 from .gpus import Gpu, table
+from .placement import pins_modules_off_gpu
 
 
 @functools.cache
@@ -31,8 +32,24 @@ def capability_expectation(cell: Cell, gpu: Gpu, *, flash_attn: bool | None = No
             source="capability",
         )
     if cell.backend == "openai":
+        if cell.placement != "single":
+            return Expectation(
+                "skip",
+                ["other"],
+                f"placement {cell.placement_id} places a model loaded in the worker (device_map); a served model "
+                "is placed by its server (e.g. vLLM's --tensor-parallel-size or --cpu-offload-gb in `launch:`)",
+                source="capability",
+            )
         return serving_expectation(cell)
     if cell.attn_implementation == "flash_attention_2":
+        if pins_modules_off_gpu(cell.placement):
+            return Expectation(
+                "skip",
+                ["attention-backend-unsupported"],
+                f"flash_attention_2 with modules kept off the GPU (placement {cell.placement_id}): flash-attn runs "
+                "on CUDA tensors only; use sdpa or eager with this placement",
+                source="capability",
+            )
         if not gpu.is_gpu:
             return Expectation(
                 "skip",

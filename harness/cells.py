@@ -19,6 +19,7 @@ from .architectures import shipped, shipped_family
 from .errors import UserError
 from .families import FAMILIES
 from .matrix import AXIS_FIELDS, ExpectRule, Launch, Matrix, ModelEntry, Rule, Section
+from .placement import cell_id_part, normalize
 
 DTYPE_ORDER = {"float32": 0, "bfloat16": 1, "float16": 2}  # float32 first: reduced dtypes compare against it
 
@@ -47,6 +48,7 @@ class Cell:
     min_pixels: int | None
     max_pixels: int | None
     backend: str
+    placement: Any  # "single" | "auto" | a placement mapping (see harness/placement.py), as JSON
     extra: dict[str, Any]
     budget: str | None
     prompt: str
@@ -64,6 +66,7 @@ class Cell:
     fault: Any = None
     matrix_file: str = ""
     serving: dict | None = None  # backend openai: how the server is reached (backends.openai.Target's fields)
+    single_twin: str | None = None  # the id of the same cell with `single` placement (what slowdown compares to)
 
     @property
     def width(self) -> int:
@@ -74,9 +77,19 @@ class Cell:
         return int(self.resolution.split("x")[1])
 
     @property
-    def group(self) -> str:
-        """Cells sharing a loaded model: model, dtype, attention implementation and backend."""
+    def placement_id(self) -> str:
+        """The placement as ids and selectors name it: single, auto, offload-vision, maxmem-cpu6gib, ..."""
+        return cell_id_part(self.placement) or "single"
+
+    @property
+    def xdist_group(self) -> str:
+        """Cells that run on one xdist worker: a model's placements together, so each can compare to `single`."""
         return f"{self.model}/{self.dtype}/{self.attn_implementation}/{self.backend}"
+
+    @property
+    def group(self) -> str:
+        """Cells sharing a loaded model: model, dtype, attention implementation, backend and placement."""
+        return self.xdist_group + ("" if self.placement == "single" else f"/{self.placement_id}")
 
     @property
     def drift_twin(self) -> str:
@@ -87,6 +100,7 @@ class Cell:
         """What selectors (`when:`) match against."""
         return {
             **{f: getattr(self, f) for f in AXIS_FIELDS},
+            "placement": self.placement_id,
             "variant": self.source.get("variant", "default"),
             **self.extra,
         }
@@ -168,7 +182,16 @@ def model_identity(entry: ModelEntry, matrix_file: str) -> tuple[str, str, dict]
 
 
 def _cell_id(
-    model: str, device: str, dtype: str, attn: str, resolution: str, kind: str, budget, backend: str, extra: dict
+    model: str,
+    device: str,
+    dtype: str,
+    attn: str,
+    resolution: str,
+    kind: str,
+    budget,
+    backend: str,
+    placement,
+    extra: dict,
 ) -> str:
     parts = [model, device, dtype, attn, resolution]
     if kind != "image":
@@ -178,6 +201,7 @@ def _cell_id(
         parts += [f"max{budget.max_pixels}px"] if budget.max_pixels else []
     if backend != "transformers":
         parts.append(backend)
+    parts += [cell_id_part(placement)] if placement != "single" else []
     parts += [f"{k}={v}" for k, v in extra.items()]
     return "-".join(parts)
 
@@ -236,7 +260,7 @@ def _section_cells(matrix: Matrix, section: Section, matrix_file: str) -> list[C
     cells = []
     for entry in section.models:
         model, family, source = model_identity(entry, matrix_file)
-        for device, dtype, attn, resolution, kind, budget, backend, *extra_values in itertools.product(
+        for device, dtype, attn, resolution, kind, budget, backend, placed, *extra_values in itertools.product(
             section.devices,
             axes.dtype,
             axes.attn_implementation,
@@ -244,11 +268,14 @@ def _section_cells(matrix: Matrix, section: Section, matrix_file: str) -> list[C
             axes.input,
             axes.pixel_budget,
             axes.backend,
+            axes.placement,
             *axes.extra.values(),
         ):
             extra = dict(zip(extra_names, extra_values, strict=True))
+            placed = normalize(placed)
+            axes_of_id = (model, device, dtype, attn, resolution, kind, budget, backend)
             cell = Cell(
-                id=_cell_id(model, device, dtype, attn, resolution, kind, budget, backend, extra),
+                id=_cell_id(*axes_of_id, placed, extra),
                 model=model,
                 family=family,
                 source=source,
@@ -260,6 +287,7 @@ def _section_cells(matrix: Matrix, section: Section, matrix_file: str) -> list[C
                 min_pixels=budget.min_pixels if budget else None,
                 max_pixels=budget.max_pixels if budget else None,
                 backend=backend,
+                placement=placed,
                 extra=extra,
                 budget=budgets.get(device, budgets.get("default")),
                 prompt=defaults.prompt,
@@ -275,6 +303,7 @@ def _section_cells(matrix: Matrix, section: Section, matrix_file: str) -> list[C
                 degenerate_check=defaults.degenerate_check,
                 matrix_file=matrix_file,
                 serving=serving(entry, matrix_file) if backend == "openai" else None,
+                single_twin=None if placed == "single" else _cell_id(*axes_of_id, "single", extra),
             )
             values = cell.axis_values()
             if _first_rule(exclude, values):
@@ -326,8 +355,9 @@ def expand(matrix: Matrix, matrix_file: str) -> list[Cell]:
 
 
 def run_order(cells: list[Cell]) -> list[Cell]:
-    """Cells sharing a model, dtype, attention and backend run together; float32 before reduced dtypes,
-    in-process before served (a served cell is compared with its in-process twin)."""
+    """Cells sharing a loaded model run together; float32 before reduced dtypes (drift compares to it),
+    in-process before served (a served cell is compared with its in-process twin) and `single` before
+    other placements (slowdown compares to it)."""
     first_seen = {}
     for i, cell in enumerate(cells):
         first_seen.setdefault(cell.model, i)
@@ -339,5 +369,7 @@ def run_order(cells: list[Cell]) -> list[Cell]:
             c.attn_implementation,
             c.backend != "transformers",
             c.backend,
+            c.placement != "single",
+            c.placement_id,
         ),
     )

@@ -278,11 +278,76 @@ def architecture_checkpoint(name: str) -> Path:
     return empty_weights_checkpoint(name, architectures.load_config(name))
 
 
-def checkpoint_for(source: dict) -> str:
-    """What `from_pretrained` is given for a cell's model: a built folder, a hub id or a local path."""
+SHARD_BYTES = 2**30
+
+
+def seeded_weights_checkpoint(source: dict, dtype: str) -> Path:
+    """An `arch:` model's folder with its seeded weights written out in `dtype`: the values `seed_weights` gives
+    the empty-weights load, so a cell loaded from here holds the same model as its `single` twin.
+
+    For placements that offload modules to disk: transformers 5 (5.24 checked) disk-offloads a module by
+    pointing at its weights in the checkpoint files; weights a checkpoint lacks are initialised in memory and
+    lost, and the first forward through them fails (KeyError in accelerate's OffloadedWeightsLoader).
+    Written one tensor at a time in 1 GiB shards, never the whole model in memory.
+    """
+    empty = architecture_checkpoint(source["arch"])
+    identity = weights_seed(source, str(empty))
+    recipe = {"kind": "seeded-weights", "identity": identity, "dtype": dtype}
+
+    def build(out: Path) -> None:
+        for item in empty.iterdir():
+            if item.is_file() and item.name not in ("model.safetensors", "qwen_compat_recipe.json"):
+                shutil.copy(item, out)
+        _write_seeded_weights(out, json.loads((empty / "config.json").read_text()), identity, dtype)
+
+    return _cached_build(f"arch-weights-{source['arch'].replace('/', '--')}-{dtype}", recipe, build)
+
+
+def _write_seeded_weights(out: Path, config_dict: dict, identity: str, dtype: str) -> None:
+    import torch
+    import transformers
+    from accelerate import init_empty_weights
+    from safetensors.torch import save_file
+
+    from .inference import seed_parameter, seed_std, seeded_parameters
+
+    config = getattr(transformers, get_family(config_dict["model_type"]).config_class).from_dict(config_dict)
+    with init_empty_weights():
+        model = transformers.AutoModelForImageTextToText.from_config(config, dtype=getattr(torch, dtype))
+    tied = dict(model.all_tied_weights_keys)  # lm_head.weight -> the embedding; a loaded model holds it once
+    std, weight_map, shard, sizes = seed_std(config), {}, {}, {"shard": 0, "total": 0}
+
+    def flush() -> None:
+        name = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"
+        save_file(shard, str(out / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+        shard.clear()
+        sizes["shard"] = 0
+
+    for name, param, norm in seeded_parameters(model):
+        if name in tied.values():
+            continue  # written under its tie's name below, which seed_weights fills last
+        tensor = torch.empty(param.shape, dtype=param.dtype)
+        seed_parameter(tensor, identity, name, std=std, norm=norm)
+        shard[tied.get(name, name)] = tensor
+        sizes["shard"] += tensor.numel() * tensor.element_size()
+        sizes["total"] += tensor.numel() * tensor.element_size()
+        if sizes["shard"] >= SHARD_BYTES:
+            flush()
+    if shard:
+        flush()
+    index = {"metadata": {"total_size": sizes["total"]}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+
+
+def checkpoint_for(source: dict, *, dtype: str | None = None, with_weights: bool = False) -> str:
+    """What `from_pretrained` is given for a cell's model: a built folder, a hub id or a local path.
+    `with_weights`: an `arch:` model's seeded weights written out in `dtype` (for disk offload)."""
     if "tiny" in source:
         return str(tiny_checkpoint(source["tiny"], source.get("variant", "default"), source.get("seed", 0)))
     if "arch" in source:
+        if with_weights:
+            return str(seeded_weights_checkpoint(source, dtype))
         return str(architecture_checkpoint(source["arch"]))
     return source.get("hub") or source["path"]
 

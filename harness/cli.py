@@ -114,6 +114,13 @@ def _quiet_transformers() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
+def _placement_cell(placed: dict | None) -> str:
+    if not placed:
+        return ""
+    peaks = ", ".join(f"{device} {mib:.0f}" for device, mib in placed["peaks_mib"].items())
+    return f"{placed['summary']}; {peaks}"
+
+
 def _plan(args) -> int:
     from . import cells, matrix
     from .cells import selector_matches
@@ -131,9 +138,18 @@ def _plan(args) -> int:
             key="devices",
             fix="pick a device the matrix lists.",
         )
+    from .placement_plan import offload_remedy, predict_placement, with_placement
+
     predictions = []
     for cell in chosen:
-        row = predict(cell).to_dict()
+        prediction = predict(cell)
+        if cell.placement != "single":
+            prediction = with_placement(prediction, predict_placement(cell, cell.placement))
+        row = prediction.to_dict()
+        if cell.placement == "single" and row["verdict"] == "over":
+            remedy = offload_remedy(cell, row["budget_mib"])
+            if remedy:
+                row["offload_remedy"] = {"placement": remedy[0], "says": remedy[1]}
         claim = next((c for c in m.claims if selector_matches(c.when, cell.axis_values())), None)
         if claim:
             row["claim"] = {"peak_gb": claim.peak_gb, "source": claim.source}
@@ -145,6 +161,7 @@ def _plan(args) -> int:
     from rich.table import Table
 
     table = Table(title=f"memory plan: {args.matrix} on {args.device}")
+    placed = "placement: map, peak MiB per device"
     for column in (
         "cell",
         "peak MiB",
@@ -156,8 +173,9 @@ def _plan(args) -> int:
         "vision act.",
         "text act.",
         "overhead",
+        placed,
     ):
-        table.add_column(column, justify="left" if column == "cell" else "right", overflow="fold")
+        table.add_column(column, justify="left" if column in ("cell", placed) else "right", overflow="fold")
     for r in predictions:
         p = r["parts"]
         claimed = f"{r['claim']['peak_gb']:.1f}" if "claim" in r else ""
@@ -172,8 +190,15 @@ def _plan(args) -> int:
             f"{p['vision_activations_mib']:.0f}",
             f"{p['text_activations_mib']:.0f}",
             f"{p['overhead_mib']:.0f}",
+            _placement_cell(r.get("placement")),
         )
-    Console(width=220).print(table)
+    Console(width=260).print(table)
+    for r in predictions:
+        if "offload_remedy" in r:
+            print(
+                f"{r['id']}: over its card; {r['offload_remedy']['says']}: "
+                f"placement {json.dumps(r['offload_remedy']['placement'])}"
+            )
     print("MiB = 2**20 bytes; GB = 1e9 bytes (as the claimed figures are usually given).")
     return 0
 

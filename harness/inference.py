@@ -50,12 +50,20 @@ def _check_source(source: dict, folder: str) -> None:
 
 
 def load(
-    folder: str, *, dtype: str, attn_implementation: str, device: str, source: dict | None = None, weights_seed=None
+    folder: str,
+    *,
+    dtype: str,
+    attn_implementation: str,
+    device: str,
+    source: dict | None = None,
+    weights_seed=None,
+    placement_kwargs: dict | None = None,
 ):
     """Processor and model through the same `from_pretrained` path a downloaded model takes.
 
     `weights_seed` (an identity string) makes an empty-weights folder's random weights a function of
-    that identity: see `seed_weights`.
+    that identity: see `seed_weights`. `placement_kwargs` (device_map, max_memory, offload_folder from
+    harness/placement.py) replace the single `device`.
     """
     source = source or {"path": folder}
     _check_attention(attn_implementation)
@@ -63,7 +71,10 @@ def load(
     try:
         processor = AutoProcessor.from_pretrained(folder)
         model = AutoModelForImageTextToText.from_pretrained(
-            folder, dtype=DTYPES[dtype], attn_implementation=attn_implementation, device_map=device
+            folder,
+            dtype=DTYPES[dtype],
+            attn_implementation=attn_implementation,
+            **(placement_kwargs or {"device_map": device}),
         )
     except OSError as exc:
         if "hub" not in source:
@@ -83,6 +94,36 @@ def _chunk_seed(identity: str, name: str, chunk: int) -> int:
     return int.from_bytes(digest[:8], "little")
 
 
+def seed_std(config) -> float:
+    return getattr(config, "initializer_range", None) or getattr(config.get_text_config(), "initializer_range", 0.02)
+
+
+@torch.no_grad()
+def seed_parameter(param: torch.Tensor, identity: str, name: str, *, std: float, norm: bool) -> None:
+    """Fill one parameter with the values (identity, name) give it: see `seed_weights`."""
+    if name.rpartition(".")[2] == "bias":
+        param.zero_()
+    elif norm:
+        param.fill_(1.0)
+    else:
+        half_width = std * math.sqrt(3)
+        flat = param.view(-1)
+        for chunk, start in enumerate(range(0, flat.numel(), SEED_CHUNK)):
+            end = min(start + SEED_CHUNK, flat.numel())
+            generator = torch.Generator().manual_seed(_chunk_seed(identity, name, chunk))
+            values = torch.rand(end - start, generator=generator).mul_(2 * half_width).sub_(half_width)
+            flat[start:end].copy_(values.to(param.dtype))
+
+
+def seeded_parameters(model):
+    """(name, parameter, is a norm weight) in the order `seed_weights` fills them; a tied weight comes once per
+    name that holds it, the last one seen giving its values."""
+    for module_name, module in model.named_modules():
+        norm = "norm" in type(module).__name__.lower()
+        for param_name, param in module.named_parameters(recurse=False):
+            yield (f"{module_name}.{param_name}" if module_name else param_name), param, norm
+
+
 @torch.no_grad()
 def seed_weights(model, identity: str) -> None:
     """Give every parameter values that depend on (identity, parameter name) only.
@@ -92,25 +133,9 @@ def seed_weights(model, identity: str) -> None:
     equals the float32 load cast to bfloat16. Norm weights are ones and biases zeros, as transformers
     initialises them; other weights are uniform with the config's `initializer_range` as std.
     """
-    std = getattr(model.config, "initializer_range", None) or getattr(
-        model.config.get_text_config(), "initializer_range", 0.02
-    )
-    half_width = std * math.sqrt(3)
-    for module_name, module in model.named_modules():
-        is_norm = "norm" in type(module).__name__.lower()
-        for param_name, param in module.named_parameters(recurse=False):
-            name = f"{module_name}.{param_name}" if module_name else param_name
-            if param_name == "bias":
-                param.zero_()
-            elif is_norm:
-                param.fill_(1.0)
-            else:
-                flat = param.view(-1)
-                for chunk, start in enumerate(range(0, flat.numel(), SEED_CHUNK)):
-                    end = min(start + SEED_CHUNK, flat.numel())
-                    generator = torch.Generator().manual_seed(_chunk_seed(identity, name, chunk))
-                    values = torch.rand(end - start, generator=generator).mul_(2 * half_width).sub_(half_width)
-                    flat[start:end].copy_(values.to(param.dtype))
+    std = seed_std(model.config)
+    for name, param, norm in seeded_parameters(model):
+        seed_parameter(param, identity, name, std=std, norm=norm)
 
 
 @dataclass

@@ -27,6 +27,7 @@ from pydantic import (
 from .errors import UserError
 from .families import FAMILIES
 from .gpus import table
+from .placement import PlacementValue
 
 Outcome = Literal["pass", "xfail", "skip"]
 CATEGORIES = [
@@ -174,6 +175,12 @@ class Axes(Strict):
         ["transformers"],
         description="transformers: in the worker; openai: over the model's `endpoint:` or `launch:` server",
     )
+    placement: list[PlacementValue] = Field(
+        ["single"],
+        description="where the model lives: single (one device), auto (device_map='auto'), {gpus: N}, "
+        "{max_memory: {gpu: 20GiB, cpu: 64GiB}} (accelerate's caps; beyond them, disk), "
+        "{offload: [vision, layers:N]} (modules kept on the CPU) or {disk: [...]} (kept on disk)",
+    )
     extra: dict[str, list[Union[str, int, float, bool]]] = Field(
         {}, description="user axes: name -> values; they appear in cell ids and selectors"
     )
@@ -297,6 +304,7 @@ AXIS_FIELDS = (
     "min_pixels",
     "max_pixels",
     "backend",
+    "placement",
 )
 SELECTOR_AXES = {*AXIS_FIELDS, "variant"}
 

@@ -274,3 +274,35 @@ class MemoryTracker:
         if self._samplers and measured and measured[0][0] != self._samplers[0][0]:
             result["peak_memory_note"] = f"{self._samplers[0][0]} stopped measuring during the cell"
         return result
+
+
+class DevicePeaks:
+    """Peaks on every device a placed model uses, each labelled, beside MemoryTracker's budget peak.
+
+    The host's resident memory (VmHWM, reset per cell: offloaded weights live there) and, for each GPU
+    besides the current one (whose peak MemoryTracker takes), the allocator's reserved peak plus the
+    CUDA context measured on the first GPU.
+    """
+
+    def __init__(self, other_gpus: list[int], context_mib: float | None):
+        self.other_gpus, self.context_mib = other_gpus, context_mib or 0.0
+        self.result: dict = {}
+
+    def __enter__(self):
+        _reset_peak_rss()
+        if self.other_gpus:
+            import torch
+
+            for index in self.other_gpus:
+                torch.cuda.reset_peak_memory_stats(index)
+        return self
+
+    def __exit__(self, *exc):
+        self.result = {"cpu": round(_peak_rss_mib(), 1)}
+        if self.other_gpus:
+            import torch
+
+            for index in self.other_gpus:
+                reserved = torch.cuda.max_memory_reserved(index) / MIB
+                self.result[f"cuda:{index}"] = round(reserved + self.context_mib, 1)
+        return False

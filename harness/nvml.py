@@ -28,21 +28,27 @@ def text(value) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def mig_handles(nvml, handle) -> list:
+    """The MIG devices of a physical GPU in MIG mode; [] for any other GPU."""
+    try:
+        slots = nvml.nvmlDeviceGetMaxMigDeviceCount(handle)
+    except Exception:  # NVMLError_NotSupported: no MIG on this card
+        slots = 0
+    found = []
+    for slot in range(slots):
+        try:
+            found.append(nvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, slot))
+        except Exception:  # NVMLError_NotFound: an empty slot
+            continue
+    return found
+
+
 def all_handles(nvml) -> list:
     """Every physical GPU, and every MIG device on a GPU in MIG mode."""
     handles = []
     for index in range(nvml.nvmlDeviceGetCount()):
         handle = nvml.nvmlDeviceGetHandleByIndex(index)
-        handles.append(handle)
-        try:
-            slots = nvml.nvmlDeviceGetMaxMigDeviceCount(handle)
-        except Exception:  # NVMLError_NotSupported: no MIG on this card
-            slots = 0
-        for slot in range(slots):
-            try:
-                handles.append(nvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, slot))
-            except Exception:  # NVMLError_NotFound: an empty slot
-                continue
+        handles += [handle, *mig_handles(nvml, handle)]
     return handles
 
 

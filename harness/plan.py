@@ -172,6 +172,7 @@ class Prediction:
     parts: dict
     visual_tokens: int
     cached_tokens: int
+    placement: dict | None = None  # a placed cell's device map and per-device peaks (harness/placement_plan.py)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -109,7 +109,7 @@ def pytest_addoption(parser):
     group.addoption(
         "--compat-gpu-per-worker",
         action="store_true",
-        help="with pytest-xdist: xdist worker N drives GPU N (CUDA_VISIBLE_DEVICES=N)",
+        help="with pytest-xdist: each worker drives its own GPU of those CUDA_VISIBLE_DEVICES gives the job",
     )
     group.addoption(
         "--compat-save-baseline",
@@ -145,6 +145,7 @@ def pytest_configure(config):
         config.addinivalue_line("markers", f"{dtype}: cells run in {dtype}")
     config.addinivalue_line("markers", "gpu: cells that target a GPU")
     config.addinivalue_line("markers", "slow: cells of true-size or downloaded models")
+    config.addinivalue_line("markers", "placement: cells whose model is placed by device_map (not `single`)")
     config.addinivalue_line("markers", "xdist_group(name): cells sharing a loaded model (pytest-xdist)")
     session = CompatSession(config)
     config.pluginmanager.register(session, "qwen_compat_session")
@@ -176,6 +177,7 @@ class CompatSession:
         self.lock: RunLock | None = None
         self.began = False  # the run has written its results file: it is a real run
         self.done: dict[str, dict] = {}
+        self.recorded: dict[str, dict] = {}  # this run's finished cells, by id
         self.progress: Progress | None = None
         self.planned: list[Cell] = []
         self.junit_tmp: Path | None = None
@@ -203,9 +205,8 @@ class CompatSession:
             from .baselines import check_name
 
             check_name(option("compat_save_baseline"))
-        if self.is_xdist_worker and option("compat_gpu_per_worker"):
-            # Set before the host is detected; the pytest process itself never initialises CUDA.
-            os.environ["CUDA_VISIBLE_DEVICES"] = self.config.workerinput["workerid"].removeprefix("gw")
+        if option("compat_gpu_per_worker"):
+            self._assign_gpu()
         emulate = option("compat_emulate")
         self.host = resolve(option("compat_device"))
         if emulate:
@@ -276,6 +277,20 @@ class CompatSession:
             shutil.rmtree(self.reports_dir / REFERENCE_DIR, ignore_errors=True)
         self.began = True
 
+    def _assign_gpu(self) -> None:
+        """--compat-gpu-per-worker: each xdist worker drives its own entry of what CUDA_VISIBLE_DEVICES gave the job. Set
+        before the host is detected (the pytest process never initialises CUDA); the controller checks once that
+        there are enough GPUs, so a short job fails with one paragraph before any worker starts."""
+        from . import nvml
+        from .visible_gpus import worker_value
+
+        current, found = os.environ.get("CUDA_VISIBLE_DEVICES"), nvml.load()
+        if self.is_xdist_worker:
+            worker = self.config.workerinput
+            os.environ["CUDA_VISIBLE_DEVICES"] = worker_value(current, worker["workerid"], worker["workercount"], found)
+        elif getattr(self.config.option, "dist", "no") != "no":
+            worker_value(current, "gw0", len(self.config.option.tx), found)
+
     @staticmethod
     @functools.cache
     def _mark(name: str, *args, **kwargs):
@@ -284,9 +299,11 @@ class CompatSession:
 
     def marks(self, cell: Cell) -> list:
         mark = self._mark
-        marks = [mark(cell.device), mark(cell.family), mark(cell.dtype), mark("xdist_group", cell.group)]
+        marks = [mark(cell.device), mark(cell.family), mark(cell.dtype), mark("xdist_group", cell.xdist_group)]
         if table()[cell.device].is_gpu:
             marks.append(mark("gpu"))
+        if cell.placement != "single":
+            marks.append(mark("placement"))
         if "tiny" not in cell.source:
             marks.append(mark("slow"))
         if cell.id in self.done:
@@ -295,6 +312,9 @@ class CompatSession:
         if expectation.source == "host":
             return marks + [mark("skip", reason=expectation.reason)]
         cell.expectation = expectation
+        shared = self._shared_gpus(cell)
+        if shared:
+            return marks + [mark("skip", reason=shared)]
         reason = f"[{'/'.join(expectation.categories) or 'expected'}] {expectation.reason}".strip()
         if expectation.outcome == "skip":
             marks.append(mark("skip", reason=reason))
@@ -302,6 +322,27 @@ class CompatSession:
             raises = tuple(failure_class(c) for c in expectation.categories) or CellFailure
             marks.append(mark("xfail", reason=reason, strict=expectation.strict, raises=raises))
         return marks
+
+    def _shared_gpus(self, cell: Cell) -> str | None:
+        """Why a GPU cell whose placement spreads over GPUs cannot run here: under pytest-xdist without
+        --compat-gpu-per-worker every worker sees every GPU, and device_map would put it on GPUs another worker uses;
+        with it, each worker owns one GPU, which a placement asking for more cannot get."""
+        from .placement import gpus_requested
+
+        if not (self.is_xdist_worker and table()[cell.device].is_gpu) or cell.placement == "single":
+            return None
+        if not self.config.getoption("compat_gpu_per_worker"):
+            return (
+                f"placement {cell.placement_id} under pytest-xdist without --compat-gpu-per-worker would share GPUs "
+                "with other workers: run it with --compat-gpu-per-worker, or without -n"
+            )
+        wanted = gpus_requested(cell.placement) or 1
+        if wanted > 1:
+            return (
+                f"placement {cell.placement_id} asks for {wanted} GPUs, and under --compat-gpu-per-worker each xdist worker "
+                "owns one: run it without -n (the worker then takes every visible GPU)"
+            )
+        return None
 
     # -- running ----------------------------------------------------------------------------------
     def _runner(self) -> Runner:
@@ -374,6 +415,7 @@ class CompatSession:
                 stderr_tail=r.stderr_tail[-2000:] if r.died else "",
                 output_text=r.generation.get("text"),
             )
+        record["single_twin"] = cell.single_twin
         record["expectation"] = cell.expectation.__dict__
         record["definition"] = cell.definition()
         record["definition_sha"] = cell.fingerprint()
@@ -447,6 +489,14 @@ class CompatSession:
         if record is None or self.is_xdist_worker or self.results is None or self.problems:
             return
         self._begin()
+        key = record.get("single_twin")
+        twin = key and (self.recorded.get(key) or self.done.get(key))
+        if twin and record.get("measurements"):
+            from .placement import slowdown
+
+            factors = slowdown(record["measurements"], twin.get("measurements") or {})
+            record["slowdown_vs_single"] = {**factors, "single": twin["id"]} if factors else None
+        self.recorded[record["id"]] = record
         try:
             self.results.append(record)
         except ReportWriteError as err:

@@ -109,6 +109,23 @@ def plan_accuracy(cells: list[dict]) -> str:
     return f"memory plan vs measured: mean |error| {mean_abs:.1%}, worst {worst:+.1%} over {len(errors)} cells"
 
 
+def _slowdown(c: dict) -> str:
+    factors = c.get("slowdown_vs_single") or {}
+    return ", ".join(
+        f"{label} ×{factors[key]:g}" for key, label in (("ttft", "TTFT"), ("decode", "decode")) if key in factors
+    )
+
+
+def _placement(c: dict) -> str:
+    """Where a non-single cell's modules landed, its peak per device and its cost against `single`."""
+    m = c.get("measurements") or {}
+    if not m.get("device_map_summary"):
+        return ""
+    peaks = ", ".join(f"{device} {mib:.0f}" for device, mib in (m.get("peaks_mib") or {}).items())
+    parts = [m["device_map_summary"], f"peak MiB {peaks}" if peaks else "", _slowdown(c)]
+    return "; ".join(p for p in parts if p).replace("|", "/")
+
+
 def markdown(data: dict, stats: dict) -> str:
     cells = list(latest_records(data).values())
     env = data["environment"]
@@ -125,8 +142,9 @@ def markdown(data: dict, stats: dict) -> str:
         "",
         plan_accuracy(cells),
         "",
-        "| cell | outcome | category | peak MiB (source) | predicted MiB (error) | visual tokens | TTFT s | remedy |",
-        "|---|---|---|---|---|---|---|---|",
+        "| cell | outcome | category | peak MiB (source) | predicted MiB (error) | visual tokens | TTFT s "
+        "| placement: map, vs single | remedy |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for c in cells:
         m = c.get("measurements") or {}
@@ -135,7 +153,7 @@ def markdown(data: dict, stats: dict) -> str:
         plan = f"{predicted:.0f} ({_prediction_error(c)})" if predicted else ""
         lines.append(
             f"| {c['id']} | {c['outcome']} | {c.get('category') or ''} | {peak} | {plan} | "
-            f"{m.get('visual_tokens', '')} | {m.get('prefill_s', '')} | "
+            f"{m.get('visual_tokens', '')} | {m.get('prefill_s', '')} | {_placement(c)} | "
             f"{(c.get('remedy') or '').replace('|', '/')} |"
         )
     return "\n".join(lines) + "\n"
@@ -159,6 +177,8 @@ def html_page(data: dict, stats: dict) -> str:
             detail = f"{m['peak_memory_mib']:.0f} MiB · {m.get('visual_tokens')} vt" if m.get("peak_memory_mib") else ""
             if _prediction_error(c):
                 detail += f" · plan {_prediction_error(c)}"
+            if _slowdown(c):
+                detail += f" · vs single: {_slowdown(c)}"
             extra = ""
             if c["outcome"] in ("failed", "error", "xfailed", "xpassed-strict"):
                 extra = (
