@@ -278,9 +278,9 @@ class CompatSession:
         self.began = True
 
     def _assign_gpu(self) -> None:
-        """--compat-gpu-per-worker: each xdist worker drives its own entry of what CUDA_VISIBLE_DEVICES gave the job. Set
-        before the host is detected (the pytest process never initialises CUDA); the controller checks once that
-        there are enough GPUs, so a short job fails with one paragraph before any worker starts."""
+        """--compat-gpu-per-worker: each xdist worker drives its own entry of what CUDA_VISIBLE_DEVICES gave the
+        job. Set before the host is detected (the pytest process never initialises CUDA); the controller checks
+        once that there are enough GPUs, so a short job fails with one paragraph before any worker starts."""
         from . import nvml
         from .visible_gpus import worker_value
 
@@ -339,8 +339,8 @@ class CompatSession:
         wanted = gpus_requested(cell.placement) or 1
         if wanted > 1:
             return (
-                f"placement {cell.placement_id} asks for {wanted} GPUs, and under --compat-gpu-per-worker each xdist worker "
-                "owns one: run it without -n (the worker then takes every visible GPU)"
+                f"placement {cell.placement_id} asks for {wanted} GPUs, and under --compat-gpu-per-worker each xdist "
+                "worker owns one: run it without -n (the worker then takes every visible GPU)"
             )
         return None
 

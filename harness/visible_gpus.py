@@ -1,4 +1,5 @@
-"""Which GPU each pytest-xdist worker drives under `--compat-gpu-per-worker`, from what CUDA_VISIBLE_DEVICES already holds.
+"""Which GPU each pytest-xdist worker drives under `--compat-gpu-per-worker`, from what CUDA_VISIBLE_DEVICES
+already holds.
 
 CUDA reads the variable as a list of indices, `GPU-<uuid>` or `MIG-<uuid>` names and stops at the first entry
 that names no device (harness/nvml.py reads it the same way); unset, every GPU is visible. A worker's value is
@@ -49,7 +50,9 @@ def worker_value(current: str | None, worker_id: str, worker_count: int, nvml) -
             if len(devices) < len(entries)
             else ""
         )
-        first = f"run with -n {len(devices)} or fewer" if devices else "run on a GPU host, or drop --compat-gpu-per-worker"
+        first = (
+            f"run with -n {len(devices)} or fewer" if devices else "run on a GPU host, or drop --compat-gpu-per-worker"
+        )
         raise UserError(
             f"--compat-gpu-per-worker gives each of the {worker_count} xdist workers its own GPU, and this job sees "
             f"{len(devices)}: CUDA_VISIBLE_DEVICES is {given}{ignored}.",

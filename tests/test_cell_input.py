@@ -99,3 +99,24 @@ def test_on_a_gpu_steps_are_timed_by_cuda_events_read_after_one_synchronisation(
         timer.mark()
     assert not syncs  # nothing waits for the GPU while it works
     assert timer.seconds() == [0.25, 0.5] and len(syncs) == 1
+
+
+def test_inputs_are_built_before_the_measured_region(monkeypatch, tiny_cell, tmp_path):
+    """The tracker measures the cell's inference: images and tensors on the device exist before it starts."""
+    from harness import inference, measurements
+    from harness.backends import RunContext
+    from harness.backends.transformers import TransformersBackend
+
+    order = []
+    prepare, enter = inference.prepare, measurements.MemoryTracker.__enter__
+    monkeypatch.setattr(inference, "prepare", lambda *a, **k: order.append("inputs") or prepare(*a, **k))
+    monkeypatch.setattr(measurements.MemoryTracker, "__enter__", lambda self: order.append("measure") or enter(self))
+    backend = TransformersBackend()
+    try:
+        reply = backend.run(
+            tiny_cell(resolution="224x224"),
+            RunContext(emit=lambda m: None, reference_dir=tmp_path, server_logs=tmp_path),
+        )
+    finally:
+        backend.stop()
+    assert reply["ok"] and order == ["inputs", "measure"]

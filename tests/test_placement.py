@@ -270,7 +270,15 @@ def test_gpu_per_worker_gives_each_xdist_worker_its_own_entry(pytester, matrix_f
     )
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
     # A CPU host and t4 cells: collected in each worker, skipped there (another card's), no inference started.
-    args = ["--compat-matrix", str(matrix), "--compat-device", "cpu", "-p", "no:cacheprovider", "--compat-gpu-per-worker"]
+    args = [
+        "--compat-matrix",
+        str(matrix),
+        "--compat-device",
+        "cpu",
+        "-p",
+        "no:cacheprovider",
+        "--compat-gpu-per-worker",
+    ]
     result = pytester.runpytest_subprocess(*args, "-n", "2")
     assert result.ret == 0, result.stdout.str()[-2000:]
     assert {p.name: p.read_text() for p in seen.iterdir()} == {"gw0": "5", "gw1": "7"}
