@@ -153,7 +153,6 @@ class ResultsFile:
                         written = 0
                         while written < len(data):
                             written += os.pwrite(fd, data[written:], end + written)
-                        os.fsync(fd)
                     except OSError:  # truncating frees what the write took, so the closing fits again
                         os.ftruncate(fd, end)
                         os.pwrite(fd, CLOSING, end)
