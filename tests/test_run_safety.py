@@ -11,22 +11,13 @@ from pathlib import Path
 
 import psutil
 import pytest
+from test_reports import SIX_CELLS
 
 from harness.reports import load_results
 
 REPO = Path(__file__).resolve().parents[1]
 
-CELLS = """
-models:
-  - tiny: qwen3_vl
-devices: [cpu]
-axes:
-  resolution: [224x224]
-  extra:
-    n: [1, 2, 3, 4, 5, 6]
-defaults:
-  max_new_tokens: 2
-"""
+CELLS = SIX_CELLS  # six tiny Qwen3-VL cells at 224x224, two new tokens each
 
 
 def _earlier_run(folder: Path) -> Path:
