@@ -82,3 +82,19 @@ def suite(pytester):
     pytester.makepyfile(test_suite=(REPO / "suites" / "test_inference.py").read_text())
     pytester.makeini("[pytest]\n")  # pytest's default junit_family: the measurements must reach junit.xml as is
     return pytester
+
+
+@pytest.fixture
+def wait_for_cells():
+    """Wait until a run in another process has written `count` cells to `results` (fails after `timeout_s`)."""
+    import time
+
+    from harness.reports import load_results
+
+    def wait(results: Path, count: int, timeout_s: float = 240) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not (results.exists() and len(load_results(results)["cells"]) >= count):
+            assert time.monotonic() < deadline, f"{results} did not reach {count} cells in {timeout_s:g} s"
+            time.sleep(0.2)
+
+    return wait

@@ -4,7 +4,6 @@ import json
 import shutil
 import signal
 import subprocess
-import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -67,7 +66,7 @@ defaults:
 """
 
 
-def test_sigkill_keeps_finished_cells_and_resume_finishes(suite, matrix_file, suite_cmd):
+def test_sigkill_keeps_finished_cells_and_resume_finishes(suite, matrix_file, suite_cmd, wait_for_cells):
     path = matrix_file(SIX_CELLS + "faults:\n  - when: {n: 4}\n    inject: hang\n")
     results = suite.path / "reports" / "cpu" / "results.json"
     proc = subprocess.Popen(
@@ -76,11 +75,7 @@ def test_sigkill_keeps_finished_cells_and_resume_finishes(suite, matrix_file, su
         stderr=subprocess.DEVNULL,
         cwd=suite.path,
     )
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:  # cell 4 hangs, so the run is surely mid-way once 3 are written
-        if results.exists() and len(load_results(results)["cells"]) >= 3:
-            break
-        time.sleep(0.2)
+    wait_for_cells(results, 3)  # cell 4 hangs, so the run is surely mid-way once 3 are written
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     kept = load_results(results)["cells"]

@@ -5,7 +5,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -45,7 +44,7 @@ def test_nothing_but_a_real_run_touches_reports_or_starts_a_worker(suite, matrix
     assert spawned == []
 
 
-def test_a_second_run_on_a_folder_in_use_is_refused_and_nothing_is_lost(suite, matrix_file, suite_cmd):
+def test_a_second_run_on_a_folder_in_use_is_refused_and_nothing_is_lost(suite, matrix_file, suite_cmd, wait_for_cells):
     path = matrix_file(CELLS + "faults:\n  - when: {n: 3}\n    inject: hang\n  \n")
     slow = path.read_text().replace("inject: hang", "inject: {raise: 'boom'}")
     (suite.path / "slow.yaml").write_text(slow.replace("max_new_tokens: 2", "max_new_tokens: 2\n  timeout_s: 5"))
@@ -67,9 +66,7 @@ def test_a_second_run_on_a_folder_in_use_is_refused_and_nothing_is_lost(suite, m
         text=True,
     )
     try:
-        deadline = time.monotonic() + 240
-        while not (results.exists() and len(load_results(results)["cells"]) >= 2) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_for_cells(results, 2)
         second = subprocess.run(
             suite_cmd(suite.path, "--compat-reports", "reports", "--compat-matrix", str(path), "--compat-allow-faults"),
             cwd=suite.path,
@@ -88,7 +85,9 @@ def test_a_second_run_on_a_folder_in_use_is_refused_and_nothing_is_lost(suite, m
     assert [c["id"].rsplit("=", 1)[1] for c in cells][:2] == ["1", "2"]
 
 
-def test_sigterm_writes_junit_summaries_and_run_json_and_leaves_no_worker(suite, matrix_file, suite_cmd):
+def test_sigterm_writes_junit_summaries_and_run_json_and_leaves_no_worker(
+    suite, matrix_file, suite_cmd, wait_for_cells
+):
     path = matrix_file(CELLS + "faults:\n  - when: {n: 3}\n    inject: hang\n")
     folder = suite.path / "reports" / "cpu"
     proc = subprocess.Popen(
@@ -98,10 +97,7 @@ def test_sigterm_writes_junit_summaries_and_run_json_and_leaves_no_worker(suite,
         cwd=suite.path,
         text=True,
     )
-    deadline = time.monotonic() + 240
-    while not ((folder / "results.json").exists() and len(load_results(folder / "results.json")["cells"]) >= 2):
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    wait_for_cells(folder / "results.json", 2)
     workers = psutil.Process(proc.pid).children(recursive=True)
     assert workers  # the worker is running cell 3 (which hangs)
     proc.send_signal(signal.SIGTERM)
