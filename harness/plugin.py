@@ -228,7 +228,10 @@ class CompatSession:
         self.results = ResultsFile(self.reports_dir / "results.json")
         if option("compat_resume") and self.results.path.exists():
             recorded = latest_records(load_results(self.results.path))
-            changed = changed_since_recorded(recorded, self._cells)
+            # Errored cells run again anyway (a fixed input is how they are mended): only the cells
+            # resume would keep must still be what the matrix asks for.
+            self.done = {k: v for k, v in recorded.items() if v["outcome"] != "error"}
+            changed = changed_since_recorded(self.done, self._cells)
             if changed:
                 shown = "; ".join(changed[:5]) + (f"; and {len(changed) - 5} more" if len(changed) > 5 else "")
                 raise UserError(
@@ -238,7 +241,6 @@ class CompatSession:
                     key="--compat-resume",
                     fix="run without --compat-resume to start the folder over, or restore the matrix as it was.",
                 )
-            self.done = {k: v for k, v in recorded.items() if v["outcome"] != "error"}
         return self._cells
 
     def configure_run(self) -> None:

@@ -366,3 +366,14 @@ def test_progress_counts_cells_and_tells_elapsed_time_and_eta():
     assert "cell 2/4" in lines[1] and "0m14s elapsed, ETA 0m14s" in lines[1]
     assert "\x1b[" not in lines[1]  # plain text without a terminal
     assert progress.final_line(14.0) == "qwen-compat: 2 cells in 0m14s: 2 passed"
+
+
+def test_resume_runs_an_errored_cell_whose_input_was_fixed(suite, matrix_file, tmp_path):
+    broken = CELLS.replace("[1, 2, 3, 4, 5, 6]", "[1]").replace(
+        "max_new_tokens: 2", f"max_new_tokens: 2\n  image: {tmp_path / 'missing.png'}"
+    )
+    path = matrix_file(broken)
+    suite.runpytest("--compat-matrix", str(path), "--compat-reports", "reports").assert_outcomes(errors=1)
+    path.write_text(CELLS.replace("[1, 2, 3, 4, 5, 6]", "[1]"))  # the input fixed: the definition changed
+    resumed = suite.runpytest("--compat-matrix", str(path), "--compat-reports", "reports", "--compat-resume")
+    resumed.assert_outcomes(passed=1)
