@@ -5,7 +5,6 @@ are timed at the mean inference time so far, plus one mean load per model group 
 from __future__ import annotations
 
 from collections import Counter
-from statistics import mean
 
 from rich.console import Console
 from rich.markup import escape
@@ -40,24 +39,25 @@ class Progress:
         self.write = write
         self.console = Console(force_terminal=color, no_color=not color, highlight=False, width=250)
         self.planned = list(planned)
+        # loads_left[i]: model loads still to come once i cells are done (counted once, not per cell)
+        self.loads_left = [0] * (len(self.planned) + 1)
+        for i in range(len(self.planned) - 1, -1, -1):
+            starts_group = i == 0 or self.planned[i].group != self.planned[i - 1].group
+            self.loads_left[i] = self.loads_left[i + 1] + starts_group
         self.clock = clock or time.monotonic
         self.started = self.clock() if started is None else started
         self.count = 0
         self.outcomes: Counter = Counter()
-        self.loads: list[float] = []
-        self.inference: list[float] = []
+        self.loads, self.load_s = 0, 0.0  # model loads so far and their seconds
+        self.timed, self.inference_s = 0, 0.0  # cells timed so far and their inference seconds
 
     def eta(self) -> float | None:
         """Seconds left: remaining runnable cells x mean inference, plus a mean load per group to load."""
-        left = self.planned[self.count :]
-        if not left or not self.inference:
+        left = len(self.planned) - self.count
+        if left <= 0 or not self.timed:
             return None
-        current = self.planned[self.count - 1].group if self.count else None
-        groups = 0
-        for cell in left:
-            if cell.group != current:
-                groups, current = groups + 1, cell.group
-        return len(left) * mean(self.inference) + groups * (mean(self.loads) if self.loads else 0.0)
+        mean_load = self.load_s / self.loads if self.loads else 0.0
+        return left * self.inference_s / self.timed + self.loads_left[self.count] * mean_load
 
     def cell_done(self, record: dict) -> None:
         self.count += 1
@@ -65,9 +65,9 @@ class Progress:
         m = record.get("measurements") or {}
         load = m.get("load_s") or 0.0
         if record.get("model_loaded"):
-            self.loads.append(load)
+            self.loads, self.load_s = self.loads + 1, self.load_s + load
         if record.get("duration_s"):
-            self.inference.append(max(record["duration_s"] - load, 0.0))
+            self.timed, self.inference_s = self.timed + 1, self.inference_s + max(record["duration_s"] - load, 0.0)
         style = STYLES.get(record["outcome"], "")
         total = len(self.planned) or "?"
         parts = [f"cell {self.count}/{total}", f"[{style}]{record['outcome'].upper():>8}[/]", escape(record["id"])]
