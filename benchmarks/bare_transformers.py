@@ -12,7 +12,9 @@ import sys
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from harness import cells, checkpoints, inputs, matrix
+from harness.matrix import cells, inputs
+from harness.matrix import schema as matrix
+from harness.models import checkpoints
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

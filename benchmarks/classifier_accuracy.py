@@ -21,7 +21,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from harness.failures import classify  # noqa: E402
+from harness.judge.failures import classify  # noqa: E402
 
 
 def load(split: str, folder: Path) -> list[dict]:

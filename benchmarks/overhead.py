@@ -48,8 +48,8 @@ def main() -> None:
     parser.add_argument("--select", default="", help="only cells whose id contains this (default: all)")
     parser.add_argument("--repeat", type=int, default=1, help="alternate the two sides N times; compare the best")
     args = parser.parse_args()
-    from harness import checkpoints
-    from harness.families import FAMILIES
+    from harness.models import checkpoints
+    from harness.models.families import FAMILIES
 
     for family in FAMILIES:  # both sides find the checkpoints built: neither pays for building them
         checkpoints.tiny_checkpoint(family)

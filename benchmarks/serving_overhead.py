@@ -25,10 +25,10 @@ from pathlib import Path
 
 from openai import OpenAI
 
-from harness import inputs
-from harness.backends.openai import OpenAIBackend, Target
-from harness.cells import expand
-from harness.matrix import Matrix
+from harness.matrix import inputs
+from harness.matrix.cells import expand
+from harness.matrix.schema import Matrix
+from harness.run.backends.openai import OpenAIBackend, Target
 
 
 def cells(tokens: int):

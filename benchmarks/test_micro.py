@@ -9,8 +9,10 @@ from pathlib import Path
 
 import yaml
 
-from harness import cells, matrix, visual_tokens
-from harness.failures import catalog, classify
+from harness.judge.failures import catalog, classify
+from harness.matrix import cells
+from harness.matrix import schema as matrix
+from harness.plan import visual_tokens
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,7 +1,8 @@
 """qwen-compat: hardware-compatibility test harness for Qwen vision-language models.
 
-Flow: matrix (what to test) -> cells -> device (where) -> worker (how, isolated)
--> measurements -> verdict -> reports -> gate.
+Layers, each a package that imports only those below it (kept by import-linter, pyproject.toml):
+models -> matrix -> plan -> judge -> devices -> engines -> run -> report -> plugin / cli.
+`errors` and `secrets` are shared by every layer.
 """
 
 __version__ = "0.1.0"

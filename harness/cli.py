@@ -18,8 +18,7 @@ import re
 import sys
 from pathlib import Path
 
-from .errors import UserError
-from .reports import ReportWriteError
+from harness.errors import ReportWriteError, UserError
 
 
 def _is_file(text: str) -> bool:
@@ -46,7 +45,7 @@ def _explain_input(arg: str | None) -> str:
 
 
 def _pixel_count(value: str) -> int:
-    from .matrix import PIXELS_PATTERN, _pixels
+    from harness.matrix.schema import PIXELS_PATTERN, _pixels
 
     if not re.fullmatch(PIXELS_PATTERN, value):
         raise argparse.ArgumentTypeError(f"'{value}' is not a pixel count (e.g. 1003520 or 1280*28*28)")
@@ -54,13 +53,12 @@ def _pixel_count(value: str) -> int:
 
 
 def _explain(args) -> int:
-    from .failures import classify
-    from .remedies import Context
+    from harness.judge.remedies import Context, explain
 
     text = _explain_input(args.text)
     options = (args.gpu, args.dtype, args.attn, args.resolution, args.max_pixels, args.model)
     context = Context.from_options(*options) if any(o is not None for o in options) else None
-    found = classify(text, context)
+    found = explain(text, context)
     if args.json:
         print(json.dumps(found.to_dict(), indent=2, ensure_ascii=False))
         return 0
@@ -75,7 +73,7 @@ def _explain(args) -> int:
 
 
 def _schema(args) -> int:
-    from .matrix import schema
+    from harness.matrix.schema import schema
 
     print(json.dumps(schema(), indent=2))
     return 0
@@ -88,7 +86,7 @@ def _run(args) -> int:
 
 
 def _gate(args) -> int:
-    from . import baselines, gate
+    from harness.report import baselines, gate
 
     baseline = baselines.resolve(args.baseline)
     memory_tol = gate.parse_percent(args.memory_tolerance, "--memory-tolerance")
@@ -100,7 +98,7 @@ def _gate(args) -> int:
 
 
 def _report(args) -> int:
-    from . import fleet
+    from harness.report import fleet
 
     html_path, md_path = fleet.write([Path(d) for d in args.dirs], Path(args.out or args.dirs[0]))
     print(f"fleet view: {html_path} and {md_path}")
@@ -122,10 +120,11 @@ def _placement_cell(placed: dict | None) -> str:
 
 
 def _plan(args) -> int:
-    from . import cells, matrix
-    from .cells import selector_matches
-    from .device import resolve
-    from .plan import predict
+    from harness.devices.host import resolve
+    from harness.matrix import cells
+    from harness.matrix import schema as matrix
+    from harness.matrix.cells import selector_matches
+    from harness.plan.memory import predict
 
     resolve(args.device, "--device")  # a clear error for an unknown device key
     _quiet_transformers()
@@ -138,7 +137,7 @@ def _plan(args) -> int:
             key="devices",
             fix="pick a device the matrix lists.",
         )
-    from .placement_plan import offload_remedy, predict_placement, with_placement
+    from harness.plan.placement import offload_remedy, predict_placement, with_placement
 
     predictions = []
     for cell in chosen:
@@ -204,8 +203,8 @@ def _plan(args) -> int:
 
 
 def _doctor(args) -> int:
-    from . import doctor
-    from .device import detect_host
+    from harness import doctor
+    from harness.devices.host import detect_host
 
     host = detect_host()
     _quiet_transformers()
@@ -215,7 +214,7 @@ def _doctor(args) -> int:
 
 
 def _smoke(args) -> int:
-    from . import smoke
+    from harness import smoke
 
     return smoke.run(args)
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections import Counter
 
-from . import cells as cells_mod
-from . import matrix as matrix_mod
-from .capabilities import disposition
-from .device import Host
-from .reports import environment
+from harness.devices.host import Host
+from harness.matrix import cells as cells_mod
+from harness.matrix import schema as matrix_mod
+from harness.report.results import environment
+from harness.run.disposition import disposition
 
 
 def host_facts(host: Host) -> dict:
@@ -32,7 +32,7 @@ def host_facts(host: Host) -> dict:
 
 def plan_cells(matrix_path: str, host: Host) -> list[dict]:
     """One row per cell: run / skip / xfail here and why, with the memory plan for cells that run."""
-    from .plan import predict
+    from harness.plan.memory import predict
 
     rows = []
     for cell in cells_mod.expand(matrix_mod.load(matrix_path), matrix_path):

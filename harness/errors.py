@@ -1,4 +1,7 @@
-"""The one error type a user ever sees: a paragraph that names the file, the key and the fix."""
+"""The errors a user ever sees: one paragraph that names the file, the key and the fix (bad input), or the
+report that could not be written (the runner's disk, never a model). Every layer may raise them."""
+
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -15,3 +18,16 @@ class UserError(Exception):
         if fix:
             parts.append(f"Fix: {fix}")
         super().__init__(" ".join(parts))
+
+
+class ReportWriteError(Exception):
+    """A report could not be written (a full disk, a read-only folder): the run stops, nothing counts
+    against a model, and everything already written stays valid."""
+
+    def __init__(self, path: Path, exc: OSError, lost: str):
+        self.path, self.lost = Path(path), lost
+        super().__init__(
+            f"qwen-compat could not write {path} ({exc.strerror or exc}); the run stops here. "
+            f"Lost: {lost}. Everything written before is kept and valid. Fix: free space in {Path(path).parent} "
+            "(or point --compat-reports elsewhere), then run again with --compat-resume to finish the rest."
+        )

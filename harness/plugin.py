@@ -22,18 +22,19 @@ from pathlib import Path
 
 import pytest
 
-from . import cells as cells_mod
-from . import matrix as matrix_mod
-from .capabilities import disposition
-from .cells import Cell
-from .device import Host, resolve
-from .errors import UserError
-from .families import FAMILIES
-from .gpus import table
-from .progress import Progress
-from .reports import (
+from harness.devices.host import Host, resolve
+from harness.errors import ReportWriteError, UserError
+from harness.judge.result import WorkerResult
+from harness.judge.verdict import Verdict, judge
+from harness.matrix import cells as cells_mod
+from harness.matrix import schema as matrix_mod
+from harness.matrix.cells import Cell
+from harness.matrix.gpus import table
+from harness.models.families import FAMILIES
+from harness.report.lock import RunLock
+from harness.report.progress import Progress
+from harness.report.results import (
     CELL_FIELDS,
-    ReportWriteError,
     ResultsFile,
     changed_since_recorded,
     environment,
@@ -41,9 +42,8 @@ from .reports import (
     load_results,
     write_report,
 )
-from .run_lock import RunLock
-from .runner import Runner, WorkerResult
-from .verdict import Verdict, judge
+from harness.run.disposition import disposition
+from harness.run.runner import Runner
 
 DEFAULT_MATRIX = "matrices/default.yaml"
 REFERENCE_DIR = ".reference-logits"
@@ -202,7 +202,7 @@ class CompatSession:
                 fix="pass --compat-allow-faults to run it (harness self-tests), or remove the section.",
             )
         if option("compat_save_baseline"):
-            from .baselines import check_name
+            from harness.report.baselines import check_name
 
             check_name(option("compat_save_baseline"))
         if option("compat_gpu_per_worker"):
@@ -218,7 +218,7 @@ class CompatSession:
                     fix="run it on a GPU runner, or use --compat-device KEY to plan and collect "
                     "that card's cells here (`qwen-compat plan` predicts their memory).",
                 )
-            from .emulation import check_fits
+            from harness.devices.emulation import check_fits
 
             check_fits(emulate, real.name, real.memory_mib)
             self.host = resolve(emulate, "--compat-emulate")
@@ -283,8 +283,8 @@ class CompatSession:
         """--compat-gpu-per-worker: each xdist worker drives its own entry of what CUDA_VISIBLE_DEVICES gave the
         job. Set before the host is detected (the pytest process never initialises CUDA); the controller checks
         once that there are enough GPUs, so a short job fails with one paragraph before any worker starts."""
-        from . import nvml
-        from .visible_gpus import worker_value
+        from harness.devices import nvml
+        from harness.devices.visible import worker_value
 
         current, found = os.environ.get("CUDA_VISIBLE_DEVICES"), nvml.load()
         if self.is_xdist_worker:
@@ -329,7 +329,7 @@ class CompatSession:
         """Why a GPU cell whose placement spreads over GPUs cannot run here: under pytest-xdist without
         --compat-gpu-per-worker every worker sees every GPU, and device_map would put it on GPUs another worker uses;
         with it, each worker owns one GPU, which a placement asking for more cannot get."""
-        from .placement import gpus_requested
+        from harness.matrix.placement import gpus_requested
 
         if not (self.is_xdist_worker and table()[cell.device].is_gpu) or cell.placement == "single":
             return None
@@ -494,7 +494,7 @@ class CompatSession:
         key = record.get("single_twin")
         twin = key and (self.recorded.get(key) or self.done.get(key))
         if twin and record.get("measurements"):
-            from .placement import slowdown
+            from harness.matrix.placement import slowdown
 
             factors = slowdown(record["measurements"], twin.get("measurements") or {})
             record["slowdown_vs_single"] = {**factors, "single": twin["id"]} if factors else None
@@ -526,7 +526,7 @@ class CompatSession:
         self.stats["wall_s"] = round(time.monotonic() - self.started, 2)
         self.stats["interrupted"] = interrupted
         if self.stats["cells"]:
-            from .summary import write_summaries
+            from harness.report.summary import write_summaries
 
             try:
                 write_summaries(self.reports_dir, self.stats)
@@ -534,7 +534,7 @@ class CompatSession:
                 self.problems.append(str(err))
         name = self.config.getoption("compat_save_baseline")
         if name and not interrupted and not self.problems:
-            from . import baselines
+            from harness.report import baselines
 
             root = Path(self.config.getoption("compat_reports"))
             baselines.save(name, root, root / "baselines")

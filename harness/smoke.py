@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import UserError
+from harness.errors import UserError
 
 SIZES = ["448x448", "1024x1024", "1920x1080"]
 SUITE = "def test_cell(cell_run):\n    cell_run.check()\n"
@@ -35,8 +35,8 @@ def matrix(endpoint: str, model: str, family: str, api_key_env: str | None, max_
 
 
 def family_of(model: str, family: str | None) -> str:
-    from .cells import model_identity
-    from .matrix import ModelEntry
+    from harness.matrix.cells import model_identity
+    from harness.matrix.schema import ModelEntry
 
     try:
         return model_identity(ModelEntry(hub=model, family=family), "smoke")[1]
@@ -52,7 +52,7 @@ def run(args) -> int:
     """Write the matrix and a one-test suite under the reports folder, then run them with pytest."""
     import pytest
 
-    from .backends.openai import Client, Endpoint
+    from harness.run.backends.openai import Client, Endpoint
 
     client = Client(Endpoint(args.endpoint, model=args.model, api_key_env=args.api_key_env))
     try:

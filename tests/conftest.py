@@ -54,8 +54,8 @@ def suite_cmd():
 @pytest.fixture
 def tiny_cell():
     """A cell of a one-model matrix, expanded the real way, with some fields replaced."""
-    from harness.cells import expand
-    from harness.matrix import Matrix
+    from harness.matrix.cells import expand
+    from harness.matrix.schema import Matrix
 
     def make(family: str = "qwen2_vl", **fields):
         matrix = Matrix.model_validate({"models": [{"tiny": family}], "defaults": {"max_new_tokens": 4}})
@@ -89,7 +89,7 @@ def wait_for_cells():
     """Wait until a run in another process has written `count` cells to `results` (fails after `timeout_s`)."""
     import time
 
-    from harness.reports import load_results
+    from harness.report.results import load_results
 
     def wait(results: Path, count: int, timeout_s: float = 240) -> None:
         deadline = time.monotonic() + timeout_s

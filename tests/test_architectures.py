@@ -2,8 +2,8 @@
 
 import pytest
 
-from harness import architectures, checkpoints
 from harness.errors import UserError
+from harness.models import architectures, checkpoints
 
 
 @pytest.mark.parametrize("name", list(architectures.shipped()))
@@ -38,7 +38,7 @@ def test_unreachable_hub_config_ends_in_a_clear_message(monkeypatch):
 
 def test_true_size_loads_through_from_pretrained_without_allocating_weights():
     """The one loading path, on the meta device: true shapes, nothing materialised on the CPU."""
-    from harness import inference
+    from harness.run import inference
 
     folder = checkpoints.architecture_checkpoint("Qwen2-VL-2B-Instruct")
     _, model = inference.load(str(folder), dtype="bfloat16", attn_implementation="sdpa", device="meta")

@@ -2,8 +2,10 @@
 
 import yaml
 
-from harness import capabilities, cells, matrix
-from harness.gpus import table
+from harness.matrix import capabilities, cells
+from harness.matrix import schema as matrix
+from harness.matrix.gpus import table
+from harness.run.disposition import disposition
 
 TEXT = """
 models: [{tiny: qwen2_vl}]
@@ -65,5 +67,5 @@ def test_a_matrix_rule_overrides_the_capability_rule():
 
 def test_another_devices_cell_is_skipped_with_the_host_named():
     cell = expand()["tiny-qwen2-vl-v100-float16-sdpa-448x448"]
-    e = capabilities.disposition(cell, "cpu")
+    e = disposition(cell, "cpu")
     assert e.outcome == "skip" and e.reason == "this host is cpu; cell targets v100"

@@ -53,7 +53,8 @@ def test_generation_keeps_first_logits_and_finiteness_not_every_step(monkeypatch
     """A 151,936-token vocabulary costs 0.58 MiB a step in float32: generate must not return all of them."""
     import torch
 
-    from harness import checkpoints, inference
+    from harness.models import checkpoints
+    from harness.run import inference
 
     folder = str(checkpoints.tiny_checkpoint("qwen2_vl"))
     processor, model = inference.load(folder, dtype="float32", attn_implementation="sdpa", device="cpu")
@@ -75,7 +76,7 @@ def test_generation_keeps_first_logits_and_finiteness_not_every_step(monkeypatch
 def test_on_a_gpu_steps_are_timed_by_cuda_events_read_after_one_synchronisation(monkeypatch):
     import torch
 
-    from harness.inference import StepTimer
+    from harness.run.inference import StepTimer
 
     events, syncs = [], []
 
@@ -103,9 +104,10 @@ def test_on_a_gpu_steps_are_timed_by_cuda_events_read_after_one_synchronisation(
 
 def test_inputs_are_built_before_the_measured_region(monkeypatch, tiny_cell, tmp_path):
     """The tracker measures the cell's inference: images and tensors on the device exist before it starts."""
-    from harness import inference, measurements
-    from harness.backends import RunContext
-    from harness.backends.transformers import TransformersBackend
+    from harness.devices import memory as measurements
+    from harness.run import inference
+    from harness.run.backends import RunContext
+    from harness.run.backends.transformers import TransformersBackend
 
     order = []
     prepare, enter = inference.prepare, measurements.MemoryTracker.__enter__

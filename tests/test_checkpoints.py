@@ -5,9 +5,10 @@ import multiprocessing
 
 import pytest
 
-from harness import checkpoints, inference
 from harness.errors import UserError
-from harness.families import FAMILIES
+from harness.models import checkpoints
+from harness.models.families import FAMILIES
+from harness.run import inference
 
 ALL_FAMILIES = list(FAMILIES)
 
@@ -103,7 +104,7 @@ def _build_in_child(cache: str, queue) -> None:
     import os
 
     os.environ["QWEN_COMPAT_CACHE"] = cache
-    from harness import checkpoints as c
+    from harness.models import checkpoints as c
 
     queue.put(str(c.tiny_checkpoint("qwen3_vl")))
 

@@ -5,7 +5,8 @@ import sys
 import pytest
 from fake_nvml import Device, FakeNvml, h100
 
-from harness import device, measurements
+from harness.devices import host as device
+from harness.devices import memory as measurements
 
 
 @pytest.fixture
@@ -40,7 +41,7 @@ def test_auto_detects_the_card_through_nvml(fake_nvml):
     ],
 )
 def test_cuda_visible_devices_is_read_as_cuda_reads_it(fake_nvml, visible, expected):
-    from harness import nvml
+    from harness.devices import nvml
 
     handles = nvml.visible_handles(fake_nvml.module(), visible)
     assert [fake_nvml.devices.index(h) for h in handles] == expected
@@ -55,7 +56,7 @@ def test_a_visible_device_list_naming_no_gpu_makes_the_host_a_cpu(fake_nvml, mon
 
 
 def test_a_mig_instance_is_found_by_its_uuid(monkeypatch):
-    from harness import nvml
+    from harness.devices import nvml
 
     parent = h100(0)
     parent.name = "NVIDIA A100-SXM4-80GB"

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness import plan
 from harness.cli import main
-from harness.failures import catalog, classify, is_degenerate_text, is_sticky, normalise, rules
-from harness.matrix import CATEGORIES
-from harness.remedies import Context, memory_plan
+from harness.judge.failures import catalog, classify, is_degenerate_text, is_sticky, normalise, rules
+from harness.judge.remedies import Context, explain, memory_plan
+from harness.matrix.schema import CATEGORIES
+from harness.plan import memory as plan
 
 REPO = Path(__file__).resolve().parents[1]
 ENTRIES = catalog()
@@ -207,7 +207,7 @@ def test_kernel_launch_on_a_v100_in_bfloat16_says_float16_or_float32_on_sm70(cap
 
 
 def test_flash_attention_2_on_a_t4_says_sdpa():
-    found = classify(
+    found = explain(
         "RuntimeError: FlashAttention only supports Ampere GPUs or newer.",
         Context.from_options(gpu="t4", dtype="float16", attn="flash_attention_2"),
     )
@@ -228,8 +228,8 @@ def test_out_of_memory_at_1480_on_a_24_gib_card_names_the_planned_max_pixels(cap
     remedy = json.loads(capsys.readouterr().out)["remedy"]
     assert remedy.startswith(f"Out of memory at 1480x1480 on the NVIDIA A10G (sm86, 24 GB): set max_pixels to {best} ")
     # A failed cell: the worker plans (it has transformers loaded), the verdict quotes the plan.
-    from harness.runner import WorkerResult
-    from harness.verdict import judge
+    from harness.judge.result import WorkerResult
+    from harness.judge.verdict import judge
 
     failed = WorkerResult(error_type="OutOfMemoryError", error_message=oom, prediction=memory_plan(cell))
     assert f"set max_pixels to {best} ({best // 784}*28*28)" in judge(cell, failed).remedy
@@ -238,22 +238,22 @@ def test_out_of_memory_at_1480_on_a_24_gib_card_names_the_planned_max_pixels(cap
 def test_out_of_memory_where_no_pixel_budget_fits_says_so():
     ctx = Context.from_options(gpu="t4", dtype="float32", resolution="1480x1480", model="Qwen2.5-VL-7B-Instruct")
     assert plan.largest_fitting_max_pixels(ctx.cell) is None
-    remedy = classify("torch.OutOfMemoryError: CUDA out of memory.", ctx).remedy
+    remedy = explain("torch.OutOfMemoryError: CUDA out of memory.", ctx).remedy
     assert "predicts that no max_pixels fits 15360 MiB in float32" in remedy  # the T4's physical memory
 
 
 def test_out_of_memory_without_a_model_asks_for_one():
-    found = classify("CUDA out of memory", Context.from_options(gpu="a10g", resolution="1480x1480"))
+    found = explain("CUDA out of memory", Context.from_options(gpu="a10g", resolution="1480x1480"))
     assert "--model" in found.remedy and "NVIDIA A10G" in found.remedy
 
 
 def test_judging_an_out_of_memory_cell_does_not_import_torch_in_the_pytest_process():
     script = """
 import sys
-from harness.cells import expand
-from harness.matrix import Matrix
-from harness.verdict import judge
-from harness.runner import WorkerResult
+from harness.matrix.cells import expand
+from harness.matrix.schema import Matrix
+from harness.judge.verdict import judge
+from harness.judge.result import WorkerResult
 cell = expand(Matrix.model_validate({"models": [{"tiny": "qwen2_vl"}], "devices": ["a10g"]}), "m.yaml")[0]
 verdict = judge(cell, WorkerResult(error_type="OutOfMemoryError", error_message="CUDA out of memory."))
 assert verdict.category == "out-of-memory" and "max_pixels" in verdict.remedy, verdict
@@ -276,8 +276,8 @@ def test_dev_split_accuracy_stays_above_its_measured_floor():
 
 
 def test_a_verdict_without_logits_calls_degenerate_text_numerical(tiny_cell):
-    from harness.runner import WorkerResult
-    from harness.verdict import judge
+    from harness.judge.result import WorkerResult
+    from harness.judge.verdict import judge
 
     def result(text: str) -> WorkerResult:
         generation = {"new_token_ids": [0, 0, 1, 0, 2, 0, 0, 3], "text": text, "nonfinite_steps": None}
@@ -288,8 +288,8 @@ def test_a_verdict_without_logits_calls_degenerate_text_numerical(tiny_cell):
 
 
 def test_a_failed_cell_gets_the_remedy_for_its_own_card(tiny_cell):
-    from harness.runner import WorkerResult
-    from harness.verdict import judge
+    from harness.judge.result import WorkerResult
+    from harness.judge.verdict import judge
 
     cell = tiny_cell(device="v100", dtype="bfloat16")
     failed = WorkerResult(

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from harness.cli import main
-from harness.reports import load_results
+from harness.report.results import load_results
 
 REPO = Path(__file__).resolve().parents[1]
 

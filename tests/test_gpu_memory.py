@@ -7,9 +7,9 @@ import os
 import pytest
 from fake_nvml import Device, FakeCuda, FakeNvml, h100
 
-from harness.measurements import GpuMemory, MemoryTracker
-from harness.runner import WorkerResult
-from harness.verdict import judge
+from harness.devices.memory import GpuMemory, MemoryTracker
+from harness.judge.result import WorkerResult
+from harness.judge.verdict import judge
 
 PID = os.getpid()
 

@@ -54,9 +54,9 @@ def test_faults_are_refused_without_the_flag(suite, matrix_file):
 def test_a_worker_that_cannot_import_torch_says_what_to_install(tmp_path):
     import pytest
 
-    from harness.cells import expand
-    from harness.matrix import Matrix
-    from harness.runner import Runner
+    from harness.matrix.cells import expand
+    from harness.matrix.schema import Matrix
+    from harness.run.runner import Runner
 
     shadow = tmp_path / "shadow"
     shadow.mkdir()
@@ -122,7 +122,7 @@ def test_two_replies_arriving_together_are_both_read(tmp_path, tiny_cell):
     import sys
     import time
 
-    from harness.runner import Runner
+    from harness.run.runner import Runner
 
     fake_worker = (
         "import json, sys\n"
@@ -163,8 +163,8 @@ for line in sys.stdin:
 def test_loading_has_its_own_limit_and_the_cell_timeout_covers_inference_only(tmp_path, tiny_cell):
     import sys
 
-    from harness.runner import Runner
-    from harness.verdict import judge
+    from harness.judge.verdict import judge
+    from harness.run.runner import Runner
 
     script = tmp_path / "slow_loader.py"
     script.write_text(SLOW_LOADER)

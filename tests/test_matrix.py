@@ -8,8 +8,9 @@ import jsonschema
 import pytest
 import yaml
 
-from harness import cells, matrix
 from harness.errors import UserError
+from harness.matrix import cells
+from harness.matrix import schema as matrix
 
 REPO = Path(__file__).resolve().parents[1]
 MATRICES = sorted((REPO / "matrices").glob("*.yaml"))
@@ -147,7 +148,7 @@ def test_bad_matrix_is_one_paragraph(pytester, matrix_file, case):
 
 
 def test_an_unknown_gpu_warns_with_the_row_to_add():
-    from harness import device
+    from harness.devices import host as device
 
     with pytest.warns(UserWarning) as caught:
         host = device._host_from("NVIDIA B200", "10.0", 183_359, "580.1", "13.0", "nvml")
@@ -157,7 +158,7 @@ def test_an_unknown_gpu_warns_with_the_row_to_add():
 
 
 def test_a_known_gpu_is_found_by_its_nvml_name():
-    from harness import device
+    from harness.devices import host as device
 
     assert device._host_from("Tesla V100-SXM2-32GB", "7.0", 32_510, "535", "12.2", "nvml").key == "v100"
     assert device._host_from("Tesla V100-SXM2-16GB", "7.0", 16_160, "535", "12.2", "nvml").key == "v100-16gb"

@@ -9,8 +9,12 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
-from harness import checkpoints, inference, placement, placement_plan, visible_gpus
+from harness.devices import visible as visible_gpus
 from harness.errors import UserError
+from harness.matrix import placement
+from harness.models import checkpoints
+from harness.plan import placement as placement_plan
+from harness.run import inference
 
 GIB = 2**30
 
@@ -135,10 +139,10 @@ def test_summary_of_a_two_gpu_map():
         "model.language_model.norm": 1,
         "lm_head": "disk",
     }
-    assert placement.summarize(device_map, names) == (
+    assert placement_plan.summarize(device_map, names) == (
         "vision: cpu, embed_tokens: cuda:0, layers 0–13: cuda:0, 14–27: cuda:1, norm: cuda:1, lm_head: disk"
     )
-    assert placement.summarize({"": 0}, names) == "all: cuda:0"
+    assert placement_plan.summarize({"": 0}, names) == "all: cuda:0"
 
 
 def test_two_gpus_split_the_layers_and_each_gets_a_peak(tiny_cell):
@@ -228,7 +232,7 @@ def test_without_nvml_a_given_list_is_used_as_written_and_unset_is_an_error():
 def test_an_architecture_offloaded_to_disk_holds_the_same_seeded_weights_as_its_single_load(tmp_path, monkeypatch):
     """`arch:` folders hold no weights, and transformers cannot disk-offload weights a checkpoint lacks: the
     folder written for such placements holds exactly what `seed_weights` gives the single load."""
-    from harness.families import FAMILIES
+    from harness.models.families import FAMILIES
 
     config = checkpoints.tiny_config(FAMILIES["qwen2_vl"]).to_dict()
     monkeypatch.setattr(checkpoints.architectures, "load_config", lambda name: config)
@@ -328,9 +332,9 @@ def test_a_placed_cell_runs_through_the_harness_with_its_map_peaks_and_slowdown(
 
 
 def test_selectors_and_capability_rules_see_the_placement(tiny_cell):
-    from harness.capabilities import disposition
-    from harness.cells import expand
-    from harness.matrix import Matrix
+    from harness.matrix.cells import expand
+    from harness.matrix.schema import Matrix
+    from harness.run.disposition import disposition
 
     matrix = Matrix.model_validate(
         {

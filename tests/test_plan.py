@@ -8,8 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import architectures, checkpoints, inference, inputs, plan
-from harness.families import FAMILIES
+from harness.matrix import inputs
+from harness.models import architectures, checkpoints
+from harness.models.families import FAMILIES
+from harness.plan import memory as plan
+from harness.run import inference
 
 REPO = Path(__file__).resolve().parents[1]
 MIB = 2**20
@@ -151,7 +154,7 @@ def test_emulation_needs_a_gpu_host(pytester):
 
 def test_a_model_the_planner_cannot_read_still_runs(monkeypatch, tiny_cell):
     """The plan is advice: when it fails for a config, the cell runs and reports no prediction."""
-    from harness.backends import transformers
+    from harness.run.backends import transformers
 
     def broken(cell, **kwargs):
         raise KeyError("num_experts")

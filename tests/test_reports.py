@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import visual_tokens
-from harness.families import FAMILIES
-from harness.reports import load_results
+from harness.models.families import FAMILIES
+from harness.plan import visual_tokens
+from harness.report.results import load_results
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -140,7 +140,7 @@ def _chromium() -> str | None:
 
 @pytest.mark.skipif(_chromium() is None, reason="needs Chromium (apt-get install chromium); .ci/run installs it")
 def test_summary_html_renders_grid_and_plots_in_chromium(tmp_path):
-    from harness.summary import write_summaries
+    from harness.report.summary import write_summaries
 
     reports = tmp_path / "cpu"
     reports.mkdir()
@@ -224,7 +224,7 @@ def test_summary_html_renders_grid_and_plots_in_chromium(tmp_path):
 
 
 def test_a_results_file_cut_mid_line_keeps_its_whole_lines(tmp_path):
-    from harness.reports import ResultsFile
+    from harness.report.results import ResultsFile
 
     results = ResultsFile(tmp_path / "results.json")
     results.start({"device": "cpu"}, resume=False)
@@ -237,7 +237,7 @@ def test_a_results_file_cut_mid_line_keeps_its_whole_lines(tmp_path):
 
 
 def test_summary_states_how_well_the_plan_predicted():
-    from harness.summary import plan_accuracy
+    from harness.report.summary import plan_accuracy
 
     cells = [
         {"measurements": {"peak_memory_mib": 1000.0}, "prediction": {"predicted_peak_mib": 1100.0}},

@@ -12,7 +12,7 @@ import psutil
 import pytest
 from test_reports import SIX_CELLS
 
-from harness.reports import load_results
+from harness.report.results import load_results
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,7 +32,7 @@ def _earlier_run(folder: Path) -> Path:
     ids=["help", "markers", "fixtures", "empty-k", "collect-only"],
 )
 def test_nothing_but_a_real_run_touches_reports_or_starts_a_worker(suite, matrix_file, monkeypatch, args):
-    from harness.runner import Runner
+    from harness.run.runner import Runner
 
     results = _earlier_run(suite.path)
     before = results.read_bytes()
@@ -181,8 +181,9 @@ def test_a_full_disk_stops_the_run_with_one_paragraph_and_leaves_valid_files(sui
 
 
 def test_colliding_model_ids_are_a_matrix_error_and_non_ascii_names_get_an_id():
-    from harness import cells, matrix
     from harness.errors import UserError
+    from harness.matrix import cells
+    from harness.matrix import schema as matrix
 
     m = matrix.Matrix.model_validate(
         {"models": [{"hub": "my-org/Qwen2-VL-7B-Instruct"}, {"hub": "other/Qwen2-VL-7B-Instruct"}]}
@@ -275,7 +276,7 @@ def test_every_planted_secret_is_absent_from_every_written_file(suite, matrix_fi
 
 
 def test_a_bad_baseline_name_fails_at_start_up(suite, matrix_file, monkeypatch):
-    from harness.runner import Runner
+    from harness.run.runner import Runner
 
     spawned = []
     monkeypatch.setattr(Runner, "_spawn", lambda self: spawned.append(1))
@@ -344,7 +345,7 @@ def test_ci_fails_when_pytest_collects_no_tests(tmp_path):
 def test_progress_counts_cells_and_tells_elapsed_time_and_eta():
     from types import SimpleNamespace
 
-    from harness.progress import Progress
+    from harness.report.progress import Progress
 
     now = [0.0]
     lines = []

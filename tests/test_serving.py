@@ -17,7 +17,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from harness.backends.openai import (
+from harness.engines.server import ServerStartError, engine_memory, free_port
+from harness.engines.templates import TEMPLATES, EngineMissing, Unsupported, launch_args, user_command
+from harness.errors import UserError
+from harness.run.backends.openai import (
     Client,
     Endpoint,
     EndpointUnreachable,
@@ -27,9 +30,6 @@ from harness.backends.openai import (
     Target,
     chat_body,
 )
-from harness.errors import UserError
-from harness.launch import TEMPLATES, EngineMissing, Unsupported, launch_args, user_command
-from harness.serving import ServerStartError, engine_memory, free_port
 
 # --- launch templates: the exact command line -------------------------------------------------------------
 
@@ -143,15 +143,15 @@ def test_a_missing_engine_says_what_to_install():
 
 
 def _served_cells(model: dict, **axes):
-    from harness.cells import expand
-    from harness.matrix import Matrix
+    from harness.matrix.cells import expand
+    from harness.matrix.schema import Matrix
 
     matrix = Matrix.model_validate({"models": [{"tiny": "qwen2_vl", **model}], "axes": {"backend": ["openai"], **axes}})
     return expand(matrix, "release.yaml")
 
 
 def test_a_served_model_says_how_its_server_is_reached():
-    from harness.capabilities import serving_expectation
+    from harness.engines.availability import serving_expectation
 
     (cell,) = _served_cells({"endpoint": "http://10.0.0.5:8000/v1", "api_key_env": "GATE_KEY"})
     assert cell.id.endswith("-openai") and cell.serving["endpoint"] == "http://10.0.0.5:8000/v1"
@@ -400,8 +400,8 @@ def test_an_image_cell_over_transformers_serve(served, tiny_cell):
 def assert_agrees_with_the_in_process_model(cell, record):
     """Greedy output served over HTTP starts as the in-process transformers cell's does (the server stops
     at the end-of-text token; the in-process cell generates all its tokens), from the same prompt."""
-    from harness import inference
-    from harness.checkpoints import checkpoint_for
+    from harness.models.checkpoints import checkpoint_for
+    from harness.run import inference
 
     processor, model = inference.load(
         checkpoint_for(cell.source), dtype=cell.dtype, attn_implementation=cell.attn_implementation, device="cpu"
@@ -464,7 +464,7 @@ def unpinned(tmp_path_factory):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"])
 def test_each_family_serves_an_image_cell(unpinned, tiny_cell, family, dtype):
-    from harness.checkpoints import checkpoint_for
+    from harness.models.checkpoints import checkpoint_for
 
     cell = tiny_cell(family, dtype=dtype, resolution="224x224", max_new_tokens=4)
     backend = unpinned(dtype)
@@ -496,7 +496,7 @@ def test_a_launched_server_dies_with_the_process_that_launched_it(tmp_path):
             sys.executable,
             "-c",
             "import sys, time\n"
-            "from harness.serving import Server, free_port\n"
+            "from harness.engines.server import Server, free_port\n"
             "command = [sys.executable, '-m', 'http.server', '--bind', '127.0.0.1', '{port}']\n"
             "port = free_port()\n"
             f"server = Server([w.format(port=port) for w in command], host='127.0.0.1', port=port, "
@@ -560,8 +560,8 @@ def test_served_cells_beside_in_process_ones_agree_and_a_video_the_server_declin
 
 
 def test_a_served_answer_that_is_not_the_in_process_one_fails_in_float32(tiny_cell):
-    from harness.runner import WorkerResult
-    from harness.verdict import judge
+    from harness.judge.result import WorkerResult
+    from harness.judge.verdict import judge
 
     served = WorkerResult(
         ok=True,
@@ -580,8 +580,8 @@ def test_a_served_answer_that_is_not_the_in_process_one_fails_in_float32(tiny_ce
 
 
 def test_a_served_budget_is_checked_against_the_engines_own_figures(tiny_cell):
-    from harness.runner import WorkerResult
-    from harness.verdict import judge
+    from harness.judge.result import WorkerResult
+    from harness.judge.verdict import judge
 
     engine = engine_memory(VLLM_V1_LOG)  # 8.80 weights + 8.60 KV cache + 1.40 activations + 0.02 non-torch GiB
     served = WorkerResult(ok=True, generation={"text": "A cat", "output_tokens": 2}, measurements={**engine})
@@ -651,7 +651,7 @@ def test_a_launched_servers_gpu_memory_is_its_process_tree_per_nvml_or_the_devic
     """NVML (the project's stand-in, tests/fake_nvml.py) on a two-GPU host, the server on GPU 1."""
     from fake_nvml import FakeNvml, h100
 
-    from harness.serving import ServerGpuMemory
+    from harness.engines.server import ServerGpuMemory
 
     server, engine_core = 4242, 4243  # the tree: vLLM's API server and its engine core
     for offset in (0, 100000):  # bare metal, then a container (NVML shows host pids)

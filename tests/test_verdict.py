@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from harness.runner import WorkerResult
-from harness.verdict import is_degenerate, judge, parse_budget_mib
+from harness.judge.result import WorkerResult
+from harness.judge.verdict import is_degenerate, judge, parse_budget_mib
 
 
 def healthy(**measurements) -> WorkerResult:
@@ -105,7 +105,7 @@ def test_xpass_fails_the_run_unless_non_strict_and_over_budget_fails(suite, matr
 
 
 def test_an_expected_answer_is_a_regex_on_the_generated_text(tiny_cell):
-    from harness.cells import Expectation
+    from harness.matrix.cells import Expectation
 
     cell = tiny_cell(expectation=Expectation(answer=r"\bred\b"))
     assert judge(cell, healthy()).category == "wrong-answer"
@@ -115,7 +115,7 @@ def test_an_expected_answer_is_a_regex_on_the_generated_text(tiny_cell):
 
 
 def test_matrix_image_option_picks_a_colour_or_a_file():
-    from harness.inputs import image_source
+    from harness.matrix.inputs import image_source
 
     assert image_source("rgb(255,0,0)") == {"color": (255, 0, 0)}
     assert image_source("/data/cat.png") == {"image_path": "/data/cat.png"}
@@ -129,7 +129,7 @@ def test_percent_budgets_are_of_the_physical_memory_nvml_reports():
 
 
 def test_emulation_caps_the_allocator_at_the_card_less_the_context():
-    from harness.emulation import cap_fraction, check_fits
+    from harness.devices.emulation import cap_fraction, check_fits
     from harness.errors import UserError
 
     fraction = cap_fraction(15360, 81106, 520)  # a T4 on an H100 whose CUDA context holds 520 MiB
@@ -144,7 +144,7 @@ def test_emulation_caps_the_allocator_at_the_card_less_the_context():
 def test_the_images_input_sends_as_many_images_as_the_matrix_asks_even_from_one_file(tmp_path):
     from PIL import Image
 
-    from harness.inference import CellInput, _visual
+    from harness.run.inference import CellInput, _visual
 
     path = tmp_path / "cat.png"
     Image.new("RGB", (64, 48), (200, 10, 10)).save(path)

@@ -4,8 +4,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from harness import checkpoints, inputs, visual_tokens
-from harness.families import FAMILIES
+from harness.matrix import inputs
+from harness.models import checkpoints
+from harness.models.families import FAMILIES
+from harness.plan import visual_tokens
 
 
 @pytest.fixture(scope="module")

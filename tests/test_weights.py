@@ -7,8 +7,10 @@ shipped true-size config, so every load goes through the same seeding as a 2B mo
 import pytest
 import torch
 
-from harness import checkpoints, health, inference
-from harness.families import FAMILIES
+from harness.judge import drift as health
+from harness.models import checkpoints
+from harness.models.families import FAMILIES
+from harness.run import inference
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,307 @@
+"""A server the harness launches: start it, wait until it is ready, watch it, measure it, stop it.
+
+One server per group, on 127.0.0.1 and a free port. Its stdout and stderr go to a log file that is
+kept (the tail goes into every failure it causes). It runs in a session of its own, so stopping it
+stops its whole process tree (vLLM's engine core, tensor-parallel workers), and it is killed by the
+kernel if the process that launched it dies. Readiness is its own
+route answering 200 within the start-up timeout; a server that exits or never becomes ready is one
+`ServerStartError` carrying the log tail.
+
+Memory on the CPU is the peak resident memory of the whole process tree, from the kernel's own
+high-water mark of each process (VmHWM, reset per cell through /proc/PID/clear_refs): exact for a
+one-process server such as `transformers serve`, an upper bound for a tree whose processes peak at
+different moments. Engines that report their own memory (vLLM) have those lines read from the log
+into named figures: an engine that preallocates a fraction of the card makes any device-level
+"peak" mean that fraction, so budgets are best checked against the engine's own figures.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+LOG_TAIL_CHARS = 4000
+MIB = 2**20
+
+
+class ServerStartError(RuntimeError):
+    """The server exited while starting, or did not become ready in time; the message has its log tail."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now (the kernel's choice), for the server to bind."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In the server, before exec: the kernel sends it SIGKILL when the process that launched it dies (a
+    worker killed after a timeout must not leave its server running)."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        return f"was killed by signal {-code} ({signal.Signals(-code).name})"
+    return f"exited with code {code}"
+
+
+class Server:
+    """One launched server process (and its children)."""
+
+    def __init__(
+        self,
+        argv: list[str],
+        *,
+        host: str,
+        port: int,
+        log_path: Path,
+        ready_path: str = "/health",
+        startup_timeout_s: float = 600.0,
+        env: dict | None = None,
+    ):
+        self.argv, self.host, self.port = argv, host, port
+        self.log_path = Path(log_path)
+        self.ready_path, self.startup_timeout_s = ready_path, startup_timeout_s
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> float:
+        """Start the server and wait until its readiness route answers 200; returns the seconds it took."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        with open(self.log_path, "ab") as log:
+            log.write(f"$ {shlex.join(self.argv)}\n".encode())
+            log.flush()
+            try:
+                self.proc = subprocess.Popen(
+                    self.argv,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=self.env,
+                    start_new_session=True,
+                    preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                )
+            except OSError as exc:
+                raise ServerStartError(
+                    f"the server command could not start: {exc}\n$ {shlex.join(self.argv)}"
+                ) from None
+        deadline = start + self.startup_timeout_s
+        with httpx.Client(timeout=httpx.Timeout(2.0)) as http:
+            while True:
+                code = self.proc.poll()
+                if code is not None:
+                    raise ServerStartError(self.failure(f"the server {_describe_exit(code)} while starting"))
+                try:
+                    if http.get(self.url + self.ready_path).status_code == 200:
+                        return time.perf_counter() - start
+                except httpx.TransportError:
+                    pass
+                if time.perf_counter() > deadline:
+                    self.stop()
+                    raise ServerStartError(
+                        self.failure(
+                            f"the server did not answer GET {self.ready_path} with 200 within its start-up timeout "
+                            f"of {self.startup_timeout_s:g} s; it was stopped"
+                        )
+                    )
+                time.sleep(0.1)
+
+    def failure(self, what: str) -> str:
+        """`what` happened, with the command, the log file and the log's tail."""
+        return f"{what} ($ {shlex.join(self.argv)}; log {self.log_path})\n--- server log (tail) ---\n{self.log_tail()}"
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def ended(self) -> str | None:
+        """How the server ended ("exited with code 1", "was killed by signal 9 (SIGKILL)"); None while it runs."""
+        if self.proc is None or self.proc.poll() is None:
+            return None
+        return _describe_exit(self.proc.returncode)
+
+    def log_tail(self, chars: int = LOG_TAIL_CHARS) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - chars))
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM to the server's process group, SIGKILL after `grace_s`."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+            except ProcessLookupError:
+                self.proc.wait()
+        else:  # the leader is gone; children left in its group must go too
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    # -- memory ---------------------------------------------------------------------------------------
+    def tree(self) -> list[int]:
+        """The server's process and its descendants, from the kernel's children lists (a walk over all of
+        /proc, as psutil does it, costs milliseconds per cell)."""
+        pids, todo = [], [self.proc.pid]
+        while todo:
+            pid = todo.pop()
+            try:
+                tasks = os.listdir(f"/proc/{pid}/task")
+            except FileNotFoundError:
+                continue
+            pids.append(pid)
+            for task in tasks:
+                try:
+                    with open(f"/proc/{pid}/task/{task}/children") as f:
+                        todo += [int(child) for child in f.read().split()]
+                except FileNotFoundError:
+                    continue
+        return pids
+
+    def reset_peak(self) -> bool:
+        """Restart every tree process's high-water mark at its current RSS; False where not allowed."""
+        done = True
+        for pid in self.tree():
+            try:
+                with open(f"/proc/{pid}/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError:
+                done = False
+        return done
+
+    def peak_rss_mib(self) -> float | None:
+        """Sum over the process tree of each process's peak RSS since the last reset (MiB)."""
+        total, seen = 0, False
+        for pid in self.tree():
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    line = next(line for line in f if line.startswith("VmHWM:"))
+            except (OSError, StopIteration):
+                continue
+            total += int(line.split()[1]) * 1024
+            seen = True
+        return round(total / MIB, 1) if seen else None
+
+
+# --- what an engine says about its own memory ------------------------------------------------------------
+
+_GIB = r"(-?[\d.]+)\s*Gi?B"
+# (measurement, pattern): vLLM V1 (gpu_model_runner / gpu_worker) and V0 (worker.py) log lines; the
+# last match wins. vLLM's "GB" in "Loading model weights took ... GB" is computed in GiB.
+ENGINE_PATTERNS = [
+    ("engine_weights_mib", rf"Model loading took {_GIB}"),
+    ("engine_weights_mib", rf"Loading model weights took {_GIB}"),
+    ("engine_weights_mib", rf"weights memory: {_GIB}"),
+    ("engine_weights_mib", rf"model weights take {_GIB}"),
+    ("engine_kv_cache_mib", rf"Available KV cache memory: {_GIB}"),
+    ("engine_kv_cache_mib", rf"the rest of the memory reserved for KV Cache is {_GIB}"),
+    ("engine_activation_peak_mib", rf"torch peak memory increase: {_GIB}"),
+    ("engine_activation_peak_mib", rf"PyTorch activation peak memory takes {_GIB}"),
+    ("engine_non_torch_mib", rf"non-torch forward increase memory: {_GIB}"),
+    ("engine_non_torch_mib", rf"non_torch_memory takes {_GIB}"),
+    ("engine_budget_mib", rf"Requested memory: [\d.]+ \(util\), {_GIB}"),
+    ("engine_budget_mib", rf"gpu_memory_utilization \([\d.]+\) = {_GIB}"),
+]
+_KV_TOKENS = re.compile(r"GPU KV cache size: ([\d,]+) tokens")
+
+
+def engine_memory(log: str) -> dict:
+    """Named memory figures an engine logged about itself (MiB; KV cache capacity in tokens)."""
+    found: dict[str, tuple[int, float]] = {}
+    for name, pattern in ENGINE_PATTERNS:
+        for match in re.finditer(pattern, log):
+            if name not in found or match.start() > found[name][0]:
+                found[name] = (match.start(), round(float(match.group(1)) * 1024, 1))
+    figures = {name: value for name, (_, value) in found.items()}
+    tokens = _KV_TOKENS.findall(log)
+    if tokens:
+        figures["engine_kv_cache_tokens"] = int(tokens[-1].replace(",", ""))
+    return figures
+
+
+class ServerGpuMemory:
+    """A launched server's device memory per NVML, on the GPUs CUDA makes visible to it: made before the
+    server starts (so what the devices already used is known), then peaked over each cell by sampling.
+
+    Two methods, best first: `nvml_server_processes`, the usage NVML reports for the server's process
+    tree (absent in a container, where NVML shows host pids); `nvml_device_delta`, the devices' used
+    memory now less before the server started, valid while no device has more compute processes than
+    the server's tree. Neither applying is a `None` peak with the reason, never 0.
+    """
+
+    def __init__(self, nvml, visible: str | None):
+        from harness.devices import nvml as nvml_mod
+
+        self.nvml, self.why_not = nvml, "nvidia-ml-py (NVML) is not installed or finds no driver"
+        self.handles = nvml_mod.visible_handles(nvml, visible) if nvml else []
+        if nvml and not self.handles:
+            self.why_not = f"NVML has no device for CUDA_VISIBLE_DEVICES={visible!r}"
+        self.before = [nvml_mod.used_mib(nvml, h) for h in self.handles]
+
+    def _processes(self) -> list:
+        return [p for h in self.handles for p in self.nvml.nvmlDeviceGetComputeRunningProcesses(h)]
+
+    def _tree_usage(self, pids: list[int]) -> float | None:
+        try:
+            mine = [p.usedGpuMemory for p in self._processes() if p.pid in pids]
+        except Exception:
+            return None
+        if not mine or any(not used for used in mine):  # None: not available; 0: some container drivers
+            return None
+        return sum(mine) / MIB
+
+    def _delta(self, pids: list[int]) -> float | None:
+        from harness.devices import nvml as nvml_mod
+
+        try:
+            if any(len(self.nvml.nvmlDeviceGetComputeRunningProcesses(h)) > len(pids) for h in self.handles):
+                return None  # someone else computes on these devices: the delta is not the server's
+            return sum(nvml_mod.used_mib(self.nvml, h) - b for h, b in zip(self.handles, self.before, strict=True))
+        except Exception:
+            return None
+
+    def track(self, pids: list[int]):
+        """A sampler (context manager) of the best method that applies now, and its name; (None, None)
+        when none applies (`why_not` says why)."""
+        from harness.devices.memory import _Sampler
+
+        if not self.handles:
+            return None, None
+        for name, read in (("nvml_server_processes", self._tree_usage), ("nvml_device_delta", self._delta)):
+            if read(pids) is not None:
+                return _Sampler(lambda read=read: read(pids)), name
+        self.why_not = "NVML shows neither the server's processes nor devices it has to itself"
+        return None, None

@@ -1,0 +1,49 @@
+"""Served against in-process: the image serves the model the harness tested.
+
+A served cell (`backend: openai`) is compared with its in-process twin of the same run (the same
+model identity, inputs, prompt, dtype and attention with `backend: transformers`; transformers
+cells run first): the server stops at the end-of-text token while the in-process cell generates
+all its tokens, so the served greedy text must be where the in-process text starts. In float32 a
+difference is a failure (`wrong-answer`); in reduced dtypes engines legitimately pick other
+kernels, so it is recorded only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from harness.matrix.cells import Cell
+from harness.models.checkpoints import checkpoint_for, model_identity
+
+NO_TWIN = "not measured — no in-process twin in this run"
+
+
+def _path(cell: Cell, reference_dir: Path) -> Path:
+    from harness.judge.drift import reference_key
+
+    twin = dataclasses.replace(cell, backend="transformers")
+    key = reference_key(twin, model_identity(cell.source, checkpoint_for(cell.source)))
+    return reference_dir / f"{key}-{cell.dtype}.text.json"
+
+
+def save(cell: Cell, text: str, reference_dir: Path) -> None:
+    """Keep an in-process cell's greedy text for its served twin."""
+    path = _path(cell, reference_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"id": cell.id, "text": text}))
+
+
+def compare(cell: Cell, text: str, reference_dir: Path) -> dict:
+    """Measurements: whether the served text agrees with the in-process twin's, and which twin."""
+    path = _path(cell, reference_dir)
+    if not path.exists():
+        return {"agreement": NO_TWIN}
+    twin = json.loads(path.read_text())
+    return {
+        "agreement": "measured",
+        "agreement_reference": twin["id"],
+        "agrees": bool(text) and twin["text"].startswith(text),
+        "in_process_text": twin["text"],
+    }

@@ -1,0 +1,78 @@
+"""Output health that needs the logits themselves (worker side): drift against float32.
+
+A reduced-dtype cell's first-step logits are compared with those of its float32 twin in the same
+run (float32 groups run first). References are keyed by what makes two cells comparable: the
+model's identity (source, seed, checkpoint recipe), the cell's inputs, the attention implementation
+and the harness version, so a reference from another model or another run is never used.
+Agreement is judged as vLLM's `check_logprobs_close` does: a differing first token is accepted
+when each side's token is in the other's top-k. Random-weight models have tiny logit margins, and
+strict top-1 agreement flips on rounding alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from harness.errors import ReportWriteError
+from harness.matrix.cells import Cell
+
+NO_TWIN = "not measured — no float32 twin in this run"
+
+
+def reference_key(cell: Cell, model_identity: dict) -> str:
+    """The same for a cell and its float32 twin, different as soon as model, inputs or harness differ."""
+    try:
+        version = metadata.version("qwen-compat")
+    except metadata.PackageNotFoundError:
+        version = "source"
+    fields = {
+        "model": model_identity,
+        "attn": cell.attn_implementation,
+        "inputs": [cell.resolution, cell.input, cell.min_pixels, cell.max_pixels, cell.images, cell.image],
+        "prompt": cell.prompt,
+        "backend": cell.backend,
+        "extra": cell.extra,
+        "harness": version,
+    }
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _top_k(logits: torch.Tensor, k: int) -> set[int]:
+    return set(logits.topk(min(k, logits.numel())).indices.tolist())
+
+
+def drift(cell: Cell, first_logits: torch.Tensor | None, reference_dir: Path, key: str) -> dict:
+    """Save float32 logits as the reference; for other dtypes, compare with it when this run has it."""
+    if first_logits is None:
+        return {}
+    path = reference_dir / f"{key}.pt"
+    if cell.dtype == "float32":
+        try:
+            reference_dir.mkdir(parents=True, exist_ok=True)
+            torch.save(first_logits, path)
+        except OSError as exc:  # a full disk is the runner's problem, never this model's
+            path.unlink(missing_ok=True)
+            raise ReportWriteError(path, exc, f"the float32 reference logits of {cell.id}") from None
+        return {}
+    if not path.exists():
+        return {"drift": NO_TWIN}
+    reference = torch.load(path)
+    measured = {"drift": "measured", "drift_reference": cell.drift_twin}
+    if not torch.isfinite(first_logits).all():
+        return {**measured, "drift_relative_diff": None, "drift_top1_agree": False, "drift_topk_agree": False}
+    ours, theirs = int(first_logits.argmax()), int(reference.argmax())
+    k = cell.drift_top_k
+    difference = (first_logits - reference).abs().max()
+    scale = reference.abs().max().clamp_min(1e-12)
+    return {
+        **measured,
+        "drift_max_abs_diff": round(float(difference), 5),
+        "drift_relative_diff": round(float(difference / scale), 5),
+        "drift_top1_agree": ours == theirs,
+        "drift_topk_agree": ours == theirs or (ours in _top_k(reference, k) and theirs in _top_k(first_logits, k)),
+    }

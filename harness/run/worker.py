@@ -1,0 +1,144 @@
+"""The worker process (`python -m harness.run.worker`): the child side of isolation.
+
+Imports torch once, then answers the parent's cells one JSON line at a time. Each cell goes to its
+backend (`cell.backend`): `transformers` keeps the group's model loaded in this process, `openai`
+sends the cell to its group's server, started here for the group when the model entry says
+`launch:` and stopped when the group changes. Any failure of a cell is caught and answered as
+data for the verdict; a crash or hang ends the process, and the parent (`harness.run.runner`) tells.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from harness.judge.result import STDERR_TAIL_CHARS
+from harness.matrix.cells import Cell
+from harness.run.backends import RunContext
+
+
+class Worker:
+    """Routes each cell to its backend; one server-backed group at a time."""
+
+    def __init__(self, out):
+        from harness.run.backends.transformers import TransformersBackend
+
+        self.out = out
+        self.transformers = TransformersBackend()
+        self.served = None  # the current group's OpenAIBackend
+        self.served_group: str | None = None
+        self._logs: Path | None = None
+
+    def server_logs(self, request: dict) -> Path:
+        """The run's folder for launched servers' logs, or one temporary folder for this worker."""
+        if request.get("server_logs"):
+            return Path(request["server_logs"])
+        if self._logs is None:
+            self._logs = Path(tempfile.mkdtemp(prefix="qwen-compat-servers-"))
+        return self._logs
+
+    def emit(self, message: dict) -> None:
+        self.out.write(json.dumps(message) + "\n")
+        self.out.flush()
+
+    def backend(self, cell: Cell, server_logs: Path):
+        if cell.backend != "openai":
+            self.stop_served()
+            return self.transformers
+        if self.served_group != cell.group:
+            from harness.run.backends.openai import OpenAIBackend, Target
+
+            self.stop_served()
+            self.transformers.stop()  # a launched server gets the memory the in-process model held
+            self.served = OpenAIBackend(Target(**cell.serving), server_logs)
+            self.served_group = cell.group
+        return self.served
+
+    def stop_served(self) -> None:
+        if self.served:
+            self.served.stop()
+        self.served = self.served_group = None
+
+    def run(self, cell: Cell, request: dict) -> dict:
+        context = RunContext(
+            emit=self.emit,
+            reference_dir=Path(request["reference_dir"]),
+            server_logs=self.server_logs(request),
+            emulate=request.get("emulate"),
+            run_predicted_oom=request.get("run_predicted_oom", False),
+        )
+        return self.backend(cell, context.server_logs).run(cell, context)
+
+
+def _memory_plan_if_out_of_memory(cell: Cell, message: str) -> dict:
+    """For an out-of-memory failure, the plan the verdict's remedy quotes (the parent cannot plan: no torch)."""
+    from harness.judge.failures import classify
+
+    if classify(message).category != "out-of-memory":
+        return {}
+    from harness.judge.remedies import memory_plan
+
+    try:
+        return memory_plan(cell)
+    except Exception as exc:  # noqa: BLE001 - a plan is advice
+        print(f"qwen-compat: no memory plan for {cell.id}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return {}
+
+
+def _exit_with_parent() -> None:
+    """End this worker if the process driving it dies (even by SIGKILL), whatever the cell is doing."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def main() -> None:
+    import faulthandler
+    import traceback
+
+    faulthandler.enable(all_threads=False)  # a segfault leaves the crashing thread's traceback in the stderr tail
+    _exit_with_parent()
+    protocol = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # library prints go to stderr, never into the protocol stream
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import torch  # noqa: F401  (the import cost is paid once, before "ready")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    worker = Worker(protocol)
+    worker.emit({"event": "ready", "pid": os.getpid()})
+    try:
+        for line in sys.stdin:
+            request = json.loads(line)
+            if request["op"] == "exit":
+                break
+            cell = Cell.from_dict(request["cell"])
+            try:
+                reply = worker.run(cell, request)
+            except BaseException as exc:  # every failure of a cell is data for the verdict
+                reply = {
+                    "ok": False,
+                    "error_type": type(exc).__name__,
+                    "error_message": str(exc),
+                    "traceback": traceback.format_exc()[-STDERR_TAIL_CHARS:],
+                    "prediction": _memory_plan_if_out_of_memory(cell, str(exc)),
+                }
+            worker.emit(reply)
+    finally:
+        worker.stop_served()
+
+
+if __name__ == "__main__":
+    main()
