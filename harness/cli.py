@@ -59,9 +59,10 @@ def _explain(args) -> int:
     options = (args.gpu, args.dtype, args.attn, args.resolution, args.max_pixels, args.model)
     context = Context.from_options(*options) if any(o is not None for o in options) else None
     found = explain(text, context)
+    matched = 0 if found.category != "other" else 1  # nothing in the catalog: a script must be able to tell
     if args.json:
         print(json.dumps(found.to_dict(), indent=2, ensure_ascii=False))
-        return 0
+        return matched
     print(f"category: {found.category}")
     print(f"matched: {found.matched or '(none)'}")
     print(f"evidence: {found.evidence}")
@@ -69,7 +70,7 @@ def _explain(args) -> int:
     print(f"remedy: {found.remedy}")
     for alt in found.alternatives:
         print(f"runner-up: {alt['category']} ({alt['matched']}): {alt['evidence']}")
-    return 0
+    return matched
 
 
 def _schema(args) -> int:
@@ -79,10 +80,11 @@ def _schema(args) -> int:
     return 0
 
 
-def _run(args) -> int:
+def _run(pytest_args: list[str]) -> int:
+    """Everything after `run` goes to pytest as it is (`-m v100`, `-k`, `--compat-*`)."""
     import pytest
 
-    return int(pytest.main(args.pytest_args))
+    return int(pytest.main(pytest_args))
 
 
 def _gate(args) -> int:
@@ -126,10 +128,12 @@ def _plan(args) -> int:
     from harness.matrix.cells import selector_matches
     from harness.plan.memory import predict
 
-    resolve(args.device, "--device")  # a clear error for an unknown device key
+    from harness.plugin.selection import on_host
+
+    args.device = resolve(args.device, "--device").key  # auto: this host's card; a clear error for an unknown key
     _quiet_transformers()
     m = matrix.load(args.matrix)
-    chosen = [c for c in cells.expand(m, args.matrix) if c.device == args.device]
+    chosen = [c for c in on_host(cells.expand(m, args.matrix), args.device) if c.device == args.device]
     if not chosen:
         raise UserError(
             f"no cell of this matrix targets '{args.device}'.",
@@ -220,11 +224,12 @@ def _smoke(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from harness import __version__
+
     parser = argparse.ArgumentParser(prog="qwen-compat", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"qwen-compat {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("run", help="run a matrix with pytest (extra arguments go to pytest)")
-    p.add_argument("pytest_args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_run)
+    sub.add_parser("run", help="run a matrix with pytest: every argument after `run` goes to pytest")
     p = sub.add_parser("schema", help="print the JSON Schema of matrix files")
     p.set_defaults(func=_schema)
     p = sub.add_parser("explain", help="classify an error text, a log file or standard input")
@@ -250,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_report)
     p = sub.add_parser("plan", help="predicted peak memory of every cell a matrix runs on one device")
     p.add_argument("matrix")
-    p.add_argument("--device", required=True, help="GPU table key")
+    p.add_argument("--device", required=True, help="GPU table key, or auto (this host's card)")
     p.add_argument("--json", action="store_true", help="one JSON object per cell")
     p.set_defaults(func=_plan)
     p = sub.add_parser("smoke", help="smoke-test a running OpenAI-compatible server with a built-in matrix")
@@ -269,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["run"]:  # argparse would take pytest's own options (-m, -k) for ours
+        return _run(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -58,8 +58,11 @@ class Device:
 class FakeNvml:
     """The NVML of one host: its GPUs, and a pid translation when the caller runs in a container."""
 
-    def __init__(self, devices: list[Device], host_pid_offset: int = 0):
+    def __init__(
+        self, devices: list[Device], host_pid_offset: int = 0, driver: str = "580.65.06", driver_cuda: int = 13000
+    ):
         self.devices = devices
+        self.driver, self.driver_cuda = driver, driver_cuda  # nvmlSystemGetCudaDriverVersion_v2: 13000 is CUDA 13.0
         self.host_pid_offset = host_pid_offset  # 0 on bare metal; NVML shows pid + offset in a container
         self.lock = threading.Lock()
 
@@ -96,8 +99,8 @@ class FakeNvml:
         mod.nvmlDeviceGetComputeRunningProcesses = self._processes
         mod.nvmlDeviceGetMaxMigDeviceCount = self._mig_count
         mod.nvmlDeviceGetMigDeviceHandleByIndex = self._mig
-        mod.nvmlSystemGetDriverVersion = lambda: "580.65.06"
-        mod.nvmlSystemGetCudaDriverVersion_v2 = lambda: 13000
+        mod.nvmlSystemGetDriverVersion = lambda: self.driver
+        mod.nvmlSystemGetCudaDriverVersion_v2 = lambda: self.driver_cuda
         return mod
 
     def _by_index(self, index: int) -> Device:
@@ -133,6 +136,18 @@ class FakeNvml:
         if index >= len(handle.migs):
             raise NVMLError_NotFound("Not Found")
         return handle.migs[index]
+
+
+def v100_16gb(n: int) -> Device:
+    """A V100 as NVML reports it (name from nvidia-smi on an SXM2 16 GB card, compute capability 7.0)."""
+    return Device(
+        uuid=f"GPU-{n:08x}-7777-2222-3333-44445555{n:04x}",
+        name="Tesla V100-SXM2-16GB",
+        total_mib=16384,
+        bus_id=f"00000000:{0x1A + n:02X}:00.0",
+        compute_capability=(7, 0),
+        other_used_mib=0.3,
+    )
 
 
 def h100(n: int) -> Device:

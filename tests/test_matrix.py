@@ -160,7 +160,7 @@ def test_an_unknown_gpu_warns_with_the_row_to_add():
 def test_a_known_gpu_is_found_by_its_nvml_name():
     from harness.devices import host as device
 
-    assert device._host_from("Tesla V100-SXM2-32GB", "7.0", 32_510, "535", "12.2", "nvml").key == "v100"
+    assert device._host_from("Tesla V100-SXM2-32GB", "7.0", 32_510, "535", "12.2", "nvml").key == "v100-32gb"
     assert device._host_from("Tesla V100-SXM2-16GB", "7.0", 16_160, "535", "12.2", "nvml").key == "v100-16gb"
     assert device._host_from("NVIDIA GeForce RTX 4090 D", "8.9", 24_564, "550", "12.4", "nvml").key == "rtx4090"
     assert device._host_from("NVIDIA A10G", "8.6", 23_028, "550", "12.4", "nvml").key == "a10g"
@@ -200,8 +200,9 @@ def test_dash_m_v100_collects_only_v100_cells(pytester):
     assert not any("-v100-16gb-" in line or "-t4-" in line for line in ids)
 
 
-def test_cells_for_another_device_are_skipped_with_the_host(pytester):
-    """On this machine (no GPU), --device auto finds the CPU and every V100 cell says so."""
+def test_a_selection_of_another_cards_cells_fails_instead_of_passing_having_run_nothing(pytester):
+    """On this machine (no GPU), --device auto finds the CPU: `-m v100` deselects every cell (none is
+    reported as a skip) and the run exits non-zero with one paragraph naming both cards and the marker."""
     pytester.makepyfile(test_s="def test_cell(cell):\n    pass\n")
     result = pytester.runpytest(
         "--compat-matrix",
@@ -216,9 +217,11 @@ def test_cells_for_another_device_are_skipped_with_the_host(pytester):
         "--compat-reports",
         str(pytester.path / "r"),
     )
-    outcomes = result.parseoutcomes()
-    assert outcomes["skipped"] > 0 and "passed" not in outcomes and "failed" not in outcomes
-    assert "this host is cpu; cell targets v100" in result.stdout.str()
+    out = result.stdout.str() + result.stderr.str()
+    assert result.ret == pytest.ExitCode.NO_TESTS_COLLECTED, out
+    assert "nothing to run on this host. It is cpu" in out and "target v100 (" in out and "-m this_host" in out
+    assert "skipped" not in out and "Traceback" not in out
+    assert not (pytester.path / "r").exists()
 
 
 def test_all_markers_are_registered(pytester):

@@ -303,6 +303,9 @@ def test_every_option_has_the_plugins_prefix_and_strict_markers_pass(suite, matr
         def getgroup(self, *args):
             return self.group
 
+        def addini(self, name, *args, **kwargs):
+            assert name.startswith("compat_")
+
     parser = Parser()
     plugin.pytest_addoption(parser)
     assert parser.group.names and all(n.startswith("--compat-") for n in parser.group.names)

@@ -31,7 +31,7 @@ def test_degenerate_exactly_when_one_distinct_token(tokens):
 def test_budgets_in_gib_mib_or_a_fraction_of_the_card():
     assert parse_budget_mib("14GiB", "t4") == 14 * 1024
     assert parse_budget_mib("900 MiB", "cpu") == 900
-    assert parse_budget_mib("50%", "v100") == 16 * 1024
+    assert parse_budget_mib("50%", "v100-32gb") == 16 * 1024
 
 
 def test_over_budget_names_measured_budget_and_source(tiny_cell):

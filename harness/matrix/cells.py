@@ -9,6 +9,7 @@ import difflib
 import hashlib
 import itertools
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -336,13 +337,55 @@ def _check_model_ids(matrix: Matrix, matrix_file: str) -> None:
             owners.setdefault(model, (where, source))
 
 
+MAX_CELLS = 200_000  # a matrix past this is a mistake (an axis multiplied by accident), not a run
+
+
+def _section_name(matrix: Matrix, index: int) -> str:
+    top = 1 if matrix.models else 0  # all_sections() puts the top-level models first
+    return "the top-level models" if index < top else f"sections[{index - top}]"
+
+
+def _product_size(section: Section) -> int:
+    """How many cells a section's product has before `exclude`: known without building one."""
+    a = section.axes
+    size = len(section.models) * len(section.devices)
+    for values in (a.dtype, a.attn_implementation, a.resolution, a.input, a.pixel_budget, a.backend, a.placement):
+        size *= len(values)
+    return math.prod((len(v) for v in a.extra.values()), start=size)
+
+
+def _differences(a: Cell, b: Cell) -> list[str]:
+    da, db = a.definition(), b.definition()
+    return [k for k in da if da[k] != db[k]] + (["expect"] if a.expectation != b.expectation else [])
+
+
 def expand(matrix: Matrix, matrix_file: str) -> list[Cell]:
-    """All cells of a matrix, deduplicated by id, in matrix order; fails on a matrix with none."""
+    """All cells of a matrix in matrix order. A cell that two sections define the same way is one cell;
+    one id with two definitions (another budget, prompt or server) is a matrix error naming both, since
+    keeping either would silently drop the other. Fails on a matrix with none, or with too many."""
     _check_model_ids(matrix, matrix_file)
-    seen: dict[str, Cell] = {}
-    for section in matrix.all_sections():
+    planned = sum(_product_size(section) for section in matrix.all_sections())
+    if planned > MAX_CELLS:
+        raise UserError(
+            f"the matrix would expand to {planned:,} cells (models x devices x every axis), more than {MAX_CELLS:,}.",
+            file=matrix_file,
+            key="axes",
+            fix="split it into several matrices, or narrow an axis (a list multiplied by accident?).",
+        )
+    seen: dict[str, tuple[Cell, int]] = {}
+    for s, section in enumerate(matrix.all_sections()):
         for cell in _section_cells(matrix, section, matrix_file):
-            seen.setdefault(cell.id, cell)
+            first = seen.setdefault(cell.id, (cell, s))
+            if first[0] is not cell and _differences(first[0], cell):
+                where = _section_name(matrix, first[1]), _section_name(matrix, s)
+                raise UserError(
+                    f"the cell '{cell.id}' is defined twice, differently: by {where[0]} and by {where[1]} "
+                    f"(they differ in {', '.join(_differences(first[0], cell))}); one of them would never run.",
+                    file=matrix_file,
+                    key="sections" if where[0] != where[1] else "models",
+                    fix="give the models distinct `id:`s (one per server or set-up), or give one of the sections "
+                    "another device or axis value, so that each cell has one definition.",
+                )
     if not seen:
         raise UserError(
             "the matrix expands to zero cells (every combination is excluded).",
@@ -350,7 +393,7 @@ def expand(matrix: Matrix, matrix_file: str) -> list[Cell]:
             key="exclude",
             fix="loosen the `exclude` rules or add models, devices or axis values.",
         )
-    return list(seen.values())
+    return [cell for cell, _ in seen.values()]
 
 
 def run_order(cells: list[Cell]) -> list[Cell]:

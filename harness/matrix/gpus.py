@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from importlib import resources
 
@@ -22,6 +22,8 @@ class Gpu:
     native_bf16: bool
     flash_attn_2: bool
     source: str
+    family: str = ""  # the card without its size (v100 for v100-16gb); a row of its own is its own family
+    sizes: tuple[str, ...] = ()  # a family's entry: the table keys of its sizes, smallest first
 
     @property
     def is_gpu(self) -> bool:
@@ -42,13 +44,51 @@ class Gpu:
 
 @cache
 def table() -> dict[str, Gpu]:
+    """Every key a matrix may name: each card's row, and each family of several sizes (`v100`), whose
+    entry carries the facts the sizes share and the smallest size's memory (what a plan for "any V100"
+    must fit)."""
     rows = yaml.safe_load(resources.files("harness.data").joinpath("gpus.yaml").read_text())
-    return {key: Gpu(key=key, **{**row, "nvml_names": tuple(row["nvml_names"])}) for key, row in rows.items()}
+    cards = {
+        key: Gpu(key=key, **{**row, "nvml_names": tuple(row["nvml_names"]), "family": row.get("family", key)})
+        for key, row in rows.items()
+    }
+    families: dict[str, list[Gpu]] = {}
+    for gpu in cards.values():
+        if gpu.family != gpu.key:
+            families.setdefault(gpu.family, []).append(gpu)
+    for family, sizes in families.items():
+        sizes.sort(key=lambda g: g.physical_mib or 0)
+        name = re.sub(r"\s*\d+\s*GB$", "", sizes[0].name)
+        cards[family] = replace(
+            sizes[0],
+            key=family,
+            name=name,
+            nvml_names=(),
+            family=family,
+            sizes=tuple(g.key for g in sizes),
+        )
+    return cards
+
+
+def cards() -> dict[str, Gpu]:
+    """The rows of real cards, without the family entries (what a host can be)."""
+    return {key: gpu for key, gpu in table().items() if not gpu.sizes}
+
+
+def covers(target: str, card: str) -> bool:
+    """Whether cells targeting `target` (a card or a family) run on a host whose card is `card`."""
+    return target == card or table()[card].family == target
+
+
+def selectors(card: str) -> tuple[str, ...]:
+    """The keys that select a card's cells: the card and, for a size, its family."""
+    family = table()[card].family
+    return (card,) if family == card else (card, family)
 
 
 def match_nvml_name(nvml_name: str) -> Gpu | None:
     """The table row whose patterns match the name NVML reports, or None for a card we do not know."""
-    for gpu in table().values():
+    for gpu in cards().values():
         if any(re.search(p, nvml_name, re.IGNORECASE) for p in gpu.nvml_names):
             return gpu
     return None

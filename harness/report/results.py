@@ -36,8 +36,9 @@ def _version(package: str) -> str:
         return "absent"
 
 
-def environment(host, matrix_file: str | None) -> dict:
-    """Everything needed to reproduce or compare a run; never the environment variables themselves."""
+def environment(host, matrix_file: str | None, torch_build: dict | None = None) -> dict:
+    """Everything needed to reproduce or compare a run; never the environment variables themselves.
+    `torch_build`: the full build string, its CUDA version and its compiled architectures."""
     matrix_hash = None
     if matrix_file and Path(matrix_file).exists():
         matrix_hash = hashlib.sha256(Path(matrix_file).read_bytes()).hexdigest()
@@ -50,7 +51,9 @@ def environment(host, matrix_file: str | None) -> dict:
         "cuda": host.cuda or "absent",
         "detected_via": host.via,
         "emulated_on": host.emulated_on,
-        "torch": _version("torch"),
+        "torch": (torch_build or {}).get("version") or _version("torch"),
+        "torch_cuda": (torch_build or {}).get("cuda"),
+        "torch_arch_list": (torch_build or {}).get("arch_list") or None,
         "transformers": _version("transformers"),
         "flash_attn": _version("flash-attn"),
         "vllm": _version("vllm"),

@@ -1,9 +1,6 @@
-"""The pytest plugin: a matrix becomes parametrized `cell` tests; each runs in the isolated worker.
-
-Options share one prefix, as pytest-benchmark's do: --compat-matrix, --compat-device,
---compat-reports, --compat-resume, --compat-allow-faults, --compat-emulate, --compat-gpu-per-worker,
---compat-save-baseline, --compat-run-predicted-oom. A suite is a plain pytest file whose test takes
-`cell` (the cell) or `cell_run` (the cell run in the worker and judged); see suites/test_inference.py.
+"""One pytest process's matrix run: set-up (host, cells, resume), running cells in the worker, recording
+each finished cell, and the run's end (summaries, baseline, JUnit). The hooks that need this state are
+methods here; `harness.plugin` registers the object.
 
 Nothing but a real run touches the reports or starts a worker: `--help`, `--markers`,
 `--collect-only` or a `-k` that selects nothing leave `reports/` as it was.
@@ -11,26 +8,28 @@ Nothing but a real run touches the reports or starts a worker: `--help`, `--mark
 
 from __future__ import annotations
 
-import functools
 import os
 import shutil
 import signal
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from harness.devices import torch_build
 from harness.devices.host import Host, resolve
 from harness.errors import ReportWriteError, UserError
-from harness.judge.result import WorkerResult
-from harness.judge.verdict import Verdict, judge
+from harness.judge.verdict import judge
 from harness.matrix import cells as cells_mod
 from harness.matrix import schema as matrix_mod
 from harness.matrix.cells import Cell
 from harness.matrix.gpus import table
-from harness.models.families import FAMILIES
+from harness.plugin import options
+from harness.plugin.selection import mark, nothing_here, on_host, selection_marks
+from harness.plugin.verdicts import CellFailure, CellRun, HarnessError, enforce, failure_class, outcome
 from harness.report.lock import RunLock
 from harness.report.progress import Progress
 from harness.report.results import (
@@ -48,124 +47,19 @@ from harness.run.runner import Runner
 DEFAULT_MATRIX = "matrices/default.yaml"
 REFERENCE_DIR = ".reference-logits"
 RUN_KEY = pytest.StashKey["CellRun"]()
-DTYPE_MARKERS = ["float32", "float16", "bfloat16"]
-
-
-class CellFailure(AssertionError):
-    """A cell failed; subclasses per category let `xfail(raises=...)` expect a specific failure."""
-
-    category = "other"
-
-
-_FAILURE_CLASSES: dict[str, type[CellFailure]] = {}
-
-
-def failure_class(category: str) -> type[CellFailure]:
-    if category not in _FAILURE_CLASSES:
-        name = "".join(part.title() for part in category.split("-")) + "Failure"
-        _FAILURE_CLASSES[category] = type(name, (CellFailure,), {"category": category})
-    return _FAILURE_CLASSES[category]
-
-
-class HarnessError(Exception):
-    """The harness could not run the cell (bad input, a worker that would not start, a full disk)."""
-
-
-class CellRun:
-    """A cell, what the worker returned for it, and the verdict."""
-
-    def __init__(self, cell: Cell, result: WorkerResult, verdict: Verdict, duration_s: float):
-        self.cell, self.result, self.verdict, self.duration_s = cell, result, verdict, duration_s
-
-    def check(self) -> None:
-        """Turn the verdict into the test's outcome."""
-        v = self.verdict
-        if v.outcome == "skipped":
-            pytest.skip(v.message)
-        if v.outcome == "failed":
-            tail = (
-                f"\n--- worker stderr (tail) ---\n{self.result.stderr_tail[-1500:]}" if self.result.stderr_tail else ""
-            )
-            raise failure_class(v.category)(f"[{v.category}] {v.message}\nremedy: {v.remedy}{tail}")
-
-
-def pytest_addoption(parser):
-    group = parser.getgroup("qwen-compat", "qwen-compat hardware-compatibility matrix")
-    group.addoption("--compat-matrix", default=None, help=f"matrix YAML file (default: <rootdir>/{DEFAULT_MATRIX})")
-    group.addoption("--compat-device", default="auto", help="auto (NVML, then torch, else cpu) or a GPU table key")
-    group.addoption("--compat-reports", default="reports", help="reports folder; results go to <reports>/<device>/")
-    group.addoption(
-        "--compat-resume",
-        action="store_true",
-        help="skip cells already in <reports>/<device>/results.json whose definition is unchanged",
-    )
-    group.addoption("--compat-allow-faults", action="store_true", help="honour the matrix's `faults:` section")
-    group.addoption(
-        "--compat-emulate",
-        default=None,
-        metavar="KEY",
-        help="emulate a GPU table card on this GPU: its memory size and capability rules",
-    )
-    group.addoption(
-        "--compat-gpu-per-worker",
-        action="store_true",
-        help="with pytest-xdist: each worker drives its own GPU of those CUDA_VISIBLE_DEVICES gives the job",
-    )
-    group.addoption(
-        "--compat-save-baseline",
-        default=None,
-        metavar="NAME",
-        help="after the run, keep its results as baseline NAME under <reports>/baselines/",
-    )
-    group.addoption(
-        "--compat-run-predicted-oom",
-        action="store_true",
-        help="run cells the memory plan predicts to exceed the card",
-    )
-
-
-def _informational(config) -> bool:
-    """Invocations that show something and run nothing."""
-    option = config.option
-    return bool(
-        getattr(option, "help", False)
-        or getattr(option, "version", False)
-        or getattr(option, "markers", False)
-        or getattr(option, "showfixtures", False)
-        or getattr(option, "show_fixtures_per_test", False)
-    )
-
-
-def pytest_configure(config):
-    for key in table():
-        config.addinivalue_line("markers", f"{key}: cells targeting the {table()[key].name}")
-    for key in FAMILIES:
-        config.addinivalue_line("markers", f"{key}: cells of the {key} model family")
-    for dtype in DTYPE_MARKERS:
-        config.addinivalue_line("markers", f"{dtype}: cells run in {dtype}")
-    config.addinivalue_line("markers", "gpu: cells that target a GPU")
-    config.addinivalue_line("markers", "slow: cells of true-size or downloaded models")
-    config.addinivalue_line("markers", "placement: cells whose model is placed by device_map (not `single`)")
-    config.addinivalue_line("markers", "xdist_group(name): cells sharing a loaded model (pytest-xdist)")
-    session = CompatSession(config)
-    config.pluginmanager.register(session, "qwen_compat_session")
-    if session.active and not _informational(config):
-        try:
-            session.prepare()
-        except UserError as err:
-            raise pytest.UsageError(str(err)) from None
-        session.configure_run()
 
 
 class CompatSession:
     """Per-process state of a matrix run: host, cells, worker runner, results file."""
 
-    def __init__(self, config):
+    def __init__(self, config, informational: bool = False):
         self.config = config
+        self.informational = informational
+        self.matrix_given = options.given(config, "compat_matrix")
         # The default matrix belongs to the project (rootdir), wherever pytest is started from.
-        self.matrix_path = config.getoption("compat_matrix") or os.path.relpath(config.rootpath / DEFAULT_MATRIX)
+        self.matrix_path = self.option("compat_matrix") or os.path.relpath(config.rootpath / DEFAULT_MATRIX)
         suites = Path(config.rootpath, "suites").resolve()
-        self.active = bool(config.getoption("compat_matrix")) or any(
+        self.active = self.matrix_given or any(
             Path(a.split("::")[0]).resolve().is_relative_to(suites) for a in config.args
         )
         self.is_xdist_worker = hasattr(config, "workerinput")
@@ -185,14 +79,26 @@ class CompatSession:
         self.notes: list[str] = []
         self.session = None
         self._previous_sigterm = None
+        self.torch_build = None
+        self.usage_error: str | None = None
         self.stats = {"cells": 0, "model_loads": 0, "worker_starts": 0}
         self.started = time.monotonic()
+
+    def option(self, dest: str):
+        return options.value(self.config, dest)
 
     # -- set-up (no side effects: nothing is written, nothing is started) -------------------------
     def prepare(self) -> list[Cell]:
         if self._cells is not None:
             return self._cells
-        option = self.config.getoption
+        option = self.option
+        if not self.matrix_given and not Path(self.matrix_path).exists():
+            raise UserError(
+                "this suite's tests take `cell`, and no matrix says which cells there are.",
+                key="--compat-matrix",
+                fix="pass --compat-matrix FILE, set `compat_matrix = FILE` under [tool.pytest.ini_options] (or in "
+                "pytest.ini), or export QWEN_COMPAT_MATRIX=FILE; `qwen-compat schema` describes the format.",
+            )
         matrix = matrix_mod.load(self.matrix_path)
         if matrix.faults and not option("compat_allow_faults"):
             raise UserError(
@@ -208,7 +114,7 @@ class CompatSession:
         if option("compat_gpu_per_worker"):
             self._assign_gpu()
         emulate = option("compat_emulate")
-        self.host = resolve(option("compat_device"))
+        self.host = self.detected = resolve(option("compat_device"))
         if emulate:
             real = self.host
             if real.key == "cpu":
@@ -223,7 +129,8 @@ class CompatSession:
             check_fits(emulate, real.name, real.memory_mib)
             self.host = resolve(emulate, "--compat-emulate")
             self.host.emulated_on = real.name
-        self._cells = cells_mod.expand(matrix, self.matrix_path)
+        self._check_torch()
+        self._cells = on_host(cells_mod.expand(matrix, self.matrix_path), self.host.key)
         self.reports_dir = Path(option("compat_reports")) / self.host.key
         self.results = ResultsFile(self.reports_dir / "results.json")
         if option("compat_resume") and self.results.path.exists():
@@ -242,6 +149,18 @@ class CompatSession:
                     fix="run without --compat-resume to start the folder over, or restore the matrix as it was.",
                 )
         return self._cells
+
+    def _check_torch(self) -> None:
+        """On a detected GPU, the installed torch must have kernels for it (and a driver new enough): else
+        every cell would fail for the environment's reason, so the run stops before any cell, in one paragraph."""
+        self.torch_build = torch_build.installed()
+        real = self.detected
+        if real.via not in ("nvml", "torch") or self.config.option.collectonly or self.informational:
+            return
+        self.torch_build = torch_build.probe()
+        torch_build.check(
+            self.torch_build, card=real.name, compute_capability=real.compute_capability, driver_cuda=real.cuda
+        )
 
     def configure_run(self) -> None:
         """What a run needs from the start: JUnit written beside the results (kept only for a real
@@ -268,9 +187,11 @@ class CompatSession:
         if self.began:
             return
         self._lock_folder()
-        resume = self.config.getoption("compat_resume")
+        resume = self.option("compat_resume")
         try:
-            note = self.results.start(environment(self.host, self.matrix_path), resume=resume)
+            note = self.results.start(
+                environment(self.host, self.matrix_path, self.torch_build and self.torch_build.to_dict()), resume=resume
+            )
         except ReportWriteError as err:
             pytest.exit(str(err), returncode=pytest.ExitCode.INTERRUPTED)
         if note:
@@ -293,26 +214,13 @@ class CompatSession:
         elif getattr(self.config.option, "dist", "no") != "no":
             worker_value(current, "gw0", len(self.config.option.tx), found)
 
-    @staticmethod
-    @functools.cache
-    def _mark(name: str, *args, **kwargs):
-        """Marks are shared between cells: a 10,000-cell matrix creates a few dozen, not 60,000."""
-        return getattr(pytest.mark, name)(*args, **kwargs) if args or kwargs else getattr(pytest.mark, name)
-
     def marks(self, cell: Cell) -> list:
-        mark = self._mark
-        marks = [mark(cell.device), mark(cell.family), mark(cell.dtype), mark("xdist_group", cell.xdist_group)]
-        if table()[cell.device].is_gpu:
-            marks.append(mark("gpu"))
-        if cell.placement != "single":
-            marks.append(mark("placement"))
-        if "tiny" not in cell.source:
-            marks.append(mark("slow"))
+        marks = selection_marks(cell, self.host.key)
         if cell.id in self.done:
             return marks + [mark("skip", reason="already done in an earlier run (--compat-resume)")]
         expectation = disposition(cell, self.host.key)
         if expectation.source == "host":
-            return marks + [mark("skip", reason=expectation.reason)]
+            return marks  # another card's cell: deselected at collection (pytest_collection_modifyitems)
         cell.expectation = expectation
         shared = self._shared_gpus(cell)
         if shared:
@@ -333,7 +241,7 @@ class CompatSession:
 
         if not (self.is_xdist_worker and table()[cell.device].is_gpu) or cell.placement == "single":
             return None
-        if not self.config.getoption("compat_gpu_per_worker"):
+        if not self.option("compat_gpu_per_worker"):
             return (
                 f"placement {cell.placement_id} under pytest-xdist without --compat-gpu-per-worker would share GPUs "
                 "with other workers: run it with --compat-gpu-per-worker, or without -n"
@@ -352,8 +260,8 @@ class CompatSession:
             self.runner = Runner(
                 self.reports_dir / REFERENCE_DIR,
                 server_logs=self.reports_dir / "server-logs",
-                emulate=self.config.getoption("compat_emulate"),
-                run_predicted_oom=self.config.getoption("compat_run_predicted_oom"),
+                emulate=self.option("compat_emulate"),
+                run_predicted_oom=self.option("compat_run_predicted_oom"),
             )
         return self.runner
 
@@ -376,13 +284,13 @@ class CompatSession:
 
     def record(self, cell: Cell, run: CellRun | None, report) -> dict:
         """The results.json line of a finished cell: its axes, pytest's outcome, the verdict, measurements."""
-        outcome = _outcome(report)
+        outcome_word = outcome(report)
         record = {field: getattr(cell, field) for field in CELL_FIELDS}
         if run is None:  # skipped or errored before the worker ran it
             reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr or "")
-            category = (cell.expectation.categories or [None])[0] if outcome == "skipped" else "harness"
+            category = (cell.expectation.categories or [None])[0] if outcome_word == "skipped" else "harness"
             record.update(
-                outcome=outcome,
+                outcome=outcome_word,
                 category=category,
                 message=reason.removeprefix("Skipped: ").strip(),
                 remedy="",
@@ -399,7 +307,7 @@ class CompatSession:
         else:
             v, r = run.verdict, run.result
             record.update(
-                outcome=outcome,
+                outcome=outcome_word,
                 category=v.category,
                 message=v.message,
                 remedy=v.remedy,
@@ -434,24 +342,43 @@ class CompatSession:
             return
         try:
             cells = self.prepare()
-        except UserError as err:
-            pytest.exit(str(err), returncode=pytest.ExitCode.USAGE_ERROR)
+        except UserError as err:  # said once the collection ends: an exit raised inside a collector is a traceback
+            self.usage_error = str(err)
+            metafunc.parametrize("cell", [])
+            return
         metafunc.parametrize("cell", [pytest.param(c, id=c.id, marks=self.marks(c)) for c in cells])
 
-    def pytest_collection_modifyitems(self, items):
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, config, items):
+        """After -m/-k: other cards' cells are deselected (the counts and JUnit say what ran here), this
+        host's run in their run order; a selection that leaves this host nothing fails the run."""
+        if self.usage_error:
+            pytest.exit(self.usage_error, returncode=pytest.ExitCode.USAGE_ERROR)
         cell_items = [i for i in items if isinstance(_cell_of(i), Cell)]
         if not cell_items:
             return
+        elsewhere = [i for i in cell_items if _cell_of(i).device != self.host.key]
+        if elsewhere:
+            config.hook.pytest_deselected(items=elsewhere)
+            cell_items = [i for i in cell_items if _cell_of(i).device == self.host.key]
         ordered = {c.id: n for n, c in enumerate(cells_mod.run_order([_cell_of(i) for i in cell_items]))}
         others = [i for i in items if not isinstance(_cell_of(i), Cell)]
         items[:] = others + sorted(cell_items, key=lambda i: ordered[_cell_of(i).id])
+        if elsewhere and not cell_items and not (self.informational or config.option.collectonly):
+            targets = Counter(_cell_of(i).device for i in elsewhere)
+            pytest.exit(
+                nothing_here(self.host.key, self.host.name, targets), returncode=pytest.ExitCode.NO_TESTS_COLLECTED
+            )
 
     def pytest_collection_finish(self, session):
         """After -k/-m selection: a run with this host's cells in it begins; any other run touches nothing."""
-        if self.config.option.collectonly or not self.active or _informational(self.config):
+        if self.config.option.collectonly or not self.active or self.informational:
             return
         mine = [i for i in session.items if isinstance(_cell_of(i), Cell) and _cell_of(i).device == self.host.key]
-        mine = [i for i in mine if _cell_of(i).id not in self.done]
+        new = [i for i in mine if _cell_of(i).id not in self.done]
+        if mine and not new:
+            self._nothing_new([_cell_of(i) for i in mine])
+        mine = new
         if not mine:
             return
         self.planned = [_cell_of(i) for i in mine]
@@ -460,13 +387,30 @@ class CompatSession:
         if any(not i.get_closest_marker("skip") for i in mine):
             self._runner().prestart()  # its torch imports overlap with the first cells' set-up
 
-    @pytest.hookimpl(wrapper=True)
+    def _nothing_new(self, cells: list[Cell]) -> None:
+        """--compat-resume with every selected cell recorded: say so; exit 0 only when they all held."""
+        records = [self.done[c.id] for c in cells]
+        bad = [r for r in records if r["outcome"] in ("failed", "error", "xpassed-strict")]
+        counts = Counter(r["outcome"] for r in records)
+        said = ", ".join(f"{n} {what}" for what, n in counts.most_common())
+        paragraph = (
+            f"qwen-compat: --compat-resume found nothing new to run: all {len(records)} selected cells are recorded "
+            f"in {self.results.path} ({said})."
+        )
+        if bad:
+            paragraph += f" {len(bad)} of them did not pass (first: {bad[0]['id']}), so the run fails."
+        pytest.exit(paragraph, returncode=pytest.ExitCode.TESTS_FAILED if bad else pytest.ExitCode.OK)
+
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
     def pytest_runtest_makereport(self, item, call):
+        """The outermost wrapper: after pytest's xfail handling, the verdict has the last word on the
+        outcome (a suite that never calls `.check()` cannot pass a failed cell), then the record is made."""
         report = yield
         cell = _cell_of(item)
+        run = item.stash.get(RUN_KEY, None)
+        enforce(report, run, item)
         finished = report.when == "call" or (report.when == "setup" and not report.passed)
         # Only this host's cells are reported: another card's cells belong to that card's runner.
-        run = item.stash.get(RUN_KEY, None)
         if (
             isinstance(cell, Cell)
             and finished
@@ -532,11 +476,11 @@ class CompatSession:
                 write_summaries(self.reports_dir, self.stats)
             except ReportWriteError as err:
                 self.problems.append(str(err))
-        name = self.config.getoption("compat_save_baseline")
+        name = self.option("compat_save_baseline")
         if name and not interrupted and not self.problems:
             from harness.report import baselines
 
-            root = Path(self.config.getoption("compat_reports"))
+            root = Path(self.option("compat_reports"))
             baselines.save(name, root, root / "baselines")
         if self.problems:
             session.exitstatus = pytest.ExitCode.INTERRUPTED
@@ -581,17 +525,6 @@ def _sigterm_as_interrupt(signum, frame):
     raise KeyboardInterrupt("SIGTERM")
 
 
-def _outcome(report) -> str:
-    """pytest's outcome in one word: passed, failed, error, skipped, xfailed, xpassed, xpassed-strict."""
-    if hasattr(report, "wasxfail"):
-        return "xfailed" if report.skipped else "xpassed"
-    if report.failed and "XPASS(strict)" in str(report.longrepr):
-        return "xpassed-strict"
-    if report.when == "setup" and report.failed:
-        return "error"
-    return report.outcome
-
-
 def _write_progress(terminal, line: str) -> None:
     """A line of its own after pytest's: with -v below pytest's line for the cell; without -v in place of
     the dot, leaving pytest's notion of the current file alone so that it does not print it again."""
@@ -609,20 +542,3 @@ def _write_progress(terminal, line: str) -> None:
 def _cell_of(item):
     callspec = getattr(item, "callspec", None)
     return callspec.params.get("cell") if callspec else None
-
-
-@pytest.fixture
-def cell_run(request, cell) -> CellRun:
-    """Run the cell in the isolated worker and judge it; measurements go to the JUnit report as test-case
-    properties (appended directly: pytest writes them under every junit_family, and `record_property`
-    would warn under the default xunit2)."""
-    session: CompatSession = request.config.pluginmanager.get_plugin("qwen_compat_session")
-    run = session.run(cell)
-    request.node.stash[RUN_KEY] = run
-    properties = request.node.user_properties
-    for key, value in run.result.measurements.items():
-        properties.append((key, value))
-    properties.append(("category", run.verdict.category))
-    if run.verdict.outcome == "error":
-        raise HarnessError(run.verdict.message)
-    return run

@@ -1,0 +1,64 @@
+"""The pytest plugin: a matrix becomes parametrized `cell` tests; each runs in the isolated worker.
+
+A suite is a plain pytest file whose test takes `cell` (the cell) or `cell_run` (the cell run in the
+worker and judged); see suites/test_inference.py. The parts: `options` (flags, ini keys and
+environment variables), `selection` (marks, this host's cells), `verdicts` (a verdict as the test's
+outcome), `session` (one process's run: set-up, running, recording, the end).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from harness.errors import UserError
+from harness.models.families import FAMILIES
+from harness.plugin import options, selection
+from harness.plugin.session import RUN_KEY, CompatSession
+from harness.plugin.verdicts import CellFailure, CellRun, HarnessError, failure_class
+
+__all__ = ["CellFailure", "CellRun", "HarnessError", "failure_class", "cell_run"]
+
+
+def pytest_addoption(parser):
+    options.add(parser)
+
+
+def _informational(config) -> bool:
+    """Invocations that show something and run nothing."""
+    option = config.option
+    return bool(
+        getattr(option, "help", False)
+        or getattr(option, "version", False)
+        or getattr(option, "markers", False)
+        or getattr(option, "showfixtures", False)
+        or getattr(option, "show_fixtures_per_test", False)
+    )
+
+
+def pytest_configure(config):
+    selection.register(config, FAMILIES)
+    session = CompatSession(config, informational=_informational(config))
+    config.pluginmanager.register(session, "qwen_compat_session")
+    if session.active and not session.informational:
+        try:
+            session.prepare()
+        except UserError as err:
+            raise pytest.UsageError(str(err)) from None
+        session.configure_run()
+
+
+@pytest.fixture
+def cell_run(request, cell) -> CellRun:
+    """Run the cell in the isolated worker and judge it; measurements go to the JUnit report as test-case
+    properties (appended directly: pytest writes them under every junit_family, and `record_property`
+    would warn under the default xunit2)."""
+    session: CompatSession = request.config.pluginmanager.get_plugin("qwen_compat_session")
+    run = session.run(cell)
+    request.node.stash[RUN_KEY] = run
+    properties = request.node.user_properties
+    for key, value in run.result.measurements.items():
+        properties.append((key, value))
+    properties.append(("category", run.verdict.category))
+    if run.verdict.outcome == "error":
+        raise HarnessError(run.verdict.message)
+    return run
