@@ -127,7 +127,6 @@ def _plan(args) -> int:
     from harness.matrix import schema as matrix
     from harness.matrix.cells import selector_matches
     from harness.plan.memory import predict
-
     from harness.plugin.selection import on_host
 
     args.device = resolve(args.device, "--device").key  # auto: this host's card; a clear error for an unknown key

@@ -4,6 +4,11 @@ report that could not be written (the runner's disk, never a model). Every layer
 from pathlib import Path
 
 
+class HarnessFault(Exception):
+    """The harness's own failure while running a cell (a prompt it built wrong, its own input that could not
+    be made): an error of the run, never counted against the model."""
+
+
 class UserError(Exception):
     """Bad input from the user (a matrix, a model name, a missing package).
 

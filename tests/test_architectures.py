@@ -57,3 +57,41 @@ def test_architecture_checkpoint_is_loadable_config_without_weights():
     assert AutoConfig.from_pretrained(folder).text_config.hidden_size == 1536
     processor = AutoProcessor.from_pretrained(folder)
     assert processor.tokenizer.convert_tokens_to_ids("<|image_pad|>") == 151655
+
+
+@pytest.mark.parametrize("name", list(architectures.shipped()))
+def test_every_shipped_architectures_prompt_carries_its_image_and_video_tokens(name):
+    """ba93f90 mapped <|image_pad|> to 268 for Qwen2.5-VL-3B/72B and Qwen3-VL-4B (configs without a text
+    vocab_size): a 448x448 prompt carried 0 image tokens. No weights are loaded here."""
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    config = architectures.load_config(name)
+    text = config.get("text_config") or {}
+    processor = AutoProcessor.from_pretrained(checkpoints.architecture_checkpoint(name))
+    tokenizer = processor.tokenizer
+    for key, token in checkpoints.CONFIG_TOKENS.items():
+        if config.get(key, text.get(key)) is not None:
+            assert tokenizer.convert_tokens_to_ids(token) == config.get(key, text.get(key)), (name, key)
+    eos = config.get("eos_token_id", text.get("eos_token_id"))
+    if eos is not None:
+        assert tokenizer.convert_tokens_to_ids("<|im_end|>") in ([eos] if isinstance(eos, int) else eos)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "video"}, {"type": "text", "text": "Hi"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    video = np.zeros((4, 224, 224, 3), dtype=np.uint8)
+    out = processor(
+        text=[prompt],
+        images=[Image.new("RGB", (448, 448))],
+        videos=[video],
+        return_tensors="np",
+        do_sample_frames=False,
+    )
+    ids = out["input_ids"][0].tolist()
+    image_id = config.get("image_token_id", text.get("image_token_id"))
+    video_id = config.get("video_token_id", text.get("video_token_id")) or tokenizer.convert_tokens_to_ids(
+        "<|video_pad|>"
+    )
+    merge = 2 * 2
+    assert ids.count(image_id) == int(np.prod(out["image_grid_thw"][0])) // merge > 0, name
+    assert ids.count(video_id) == int(np.prod(out["video_grid_thw"][0])) // merge > 0, name

@@ -151,3 +151,12 @@ def test_the_images_input_sends_as_many_images_as_the_matrix_asks_even_from_one_
     for spec in ({"image_path": str(path)}, {"color": (255, 0, 0)}, {}):
         visual, parts = _visual(CellInput(kind="images", count=3, **spec))
         assert len(visual["images"]) == 3 and len(parts) == 3
+
+
+def test_a_harness_error_of_any_subclass_is_an_error_never_the_models_failure(tiny_cell):
+    """ba93f90 matched the class name `UserError` exactly: an unreachable endpoint (a subclass) was failed/other."""
+    result = WorkerResult(
+        error_type="EndpointUnreachable", harness_error=True, error_message="nothing answers at http://127.0.0.1:9/v1"
+    )
+    verdict = judge(tiny_cell(), result)
+    assert (verdict.outcome, verdict.category) == ("error", "harness") and "127.0.0.1:9" in verdict.message

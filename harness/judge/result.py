@@ -16,6 +16,7 @@ class WorkerResult:
     generation: dict = field(default_factory=dict)
     measurements: dict = field(default_factory=dict)
     error_type: str | None = None
+    harness_error: bool = False  # raised as bad input or as the harness's own fault (any subclass): not the model
     error_message: str = ""
     traceback: str = ""
     returncode: int | None = None

@@ -24,7 +24,7 @@ from filelock import FileLock
 from harness.models import architectures
 from harness.models.families import Family, get_family
 
-RECIPE_VERSION = 3  # bump when anything below changes what is written
+RECIPE_VERSION = 4  # bump when anything below changes what is written
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -109,6 +109,48 @@ def chat_template() -> str:
 
 def special_token_ids(base: int) -> dict[str, int]:
     return {tok: base + i for i, tok in enumerate(SPECIAL_TOKENS)}
+
+
+# A config's special-token ids and the processor's token they must be: a prompt built with another id
+# carries no image at all, and the model then fails for the harness's reason ("tokens: 0").
+CONFIG_TOKENS = {
+    "image_token_id": "<|image_pad|>",
+    "video_token_id": "<|video_pad|>",
+    "vision_start_token_id": "<|vision_start|>",
+    "vision_end_token_id": "<|vision_end|>",
+}
+
+
+def special_base_for(config_dict: dict, name: str) -> int:
+    """Where the processor's special tokens start, read from the config's own ids (not from its vocab size,
+    which three shipped configs leave to the library's default), and checked against every id it gives."""
+    text = config_dict.get("text_config") or {}
+    image = config_dict.get("image_token_id", text.get("image_token_id"))
+    if image is None:
+        vocab = text.get("vocab_size", config_dict.get("vocab_size", 0))
+        return REAL_SPECIAL_BASE if vocab > REAL_SPECIAL_BASE else TINY_SPECIAL_BASE
+    base = image - SPECIAL_TOKENS.index("<|image_pad|>")
+    ids = special_token_ids(base)
+    eos = config_dict.get("eos_token_id", text.get("eos_token_id"))
+    wanted = {key: config_dict.get(key, text.get(key)) for key in CONFIG_TOKENS}
+    wrong = [
+        f"{key} {value} (the processor's {CONFIG_TOKENS[key]} is {ids[CONFIG_TOKENS[key]]})"
+        for key, value in wanted.items()
+        if value is not None and value != ids[CONFIG_TOKENS[key]]
+    ]
+    for value in [eos] if isinstance(eos, int) else eos or []:
+        if value not in ids.values():
+            wrong.append(f"eos_token_id {value} (no special token of the processor has it)")
+    if wrong:
+        from harness.errors import UserError
+
+        raise UserError(
+            f"the config of '{name}' gives special-token ids the processor cannot match: {'; '.join(wrong)}.",
+            file=f"harness/data/architectures/{name}.json",
+            key=wrong[0].split()[0],
+            fix="correct the id from the model's published config.json (shared/architectures/).",
+        )
+    return base
 
 
 def _recipe_hash(recipe: dict) -> str:
@@ -264,10 +306,7 @@ def empty_weights_checkpoint(name: str, config_dict: dict) -> Path:
 
         (out / "config.json").write_text(json.dumps(config_dict, indent=2))
         save_file({}, str(out / "model.safetensors"), metadata={"format": "pt"})
-        vocab = config_dict.get("text_config", config_dict).get("vocab_size", 0)
-        build_processor(family, REAL_SPECIAL_BASE if vocab > REAL_SPECIAL_BASE else TINY_SPECIAL_BASE).save_pretrained(
-            out
-        )
+        build_processor(family, special_base_for(config_dict, name)).save_pretrained(out)
 
     return _cached_build(f"arch-{name.replace('/', '--')}", recipe, build)
 

@@ -364,7 +364,8 @@ class CompatSession:
         ordered = {c.id: n for n, c in enumerate(cells_mod.run_order([_cell_of(i) for i in cell_items]))}
         others = [i for i in items if not isinstance(_cell_of(i), Cell)]
         items[:] = others + sorted(cell_items, key=lambda i: ordered[_cell_of(i).id])
-        if elsewhere and not cell_items and not (self.informational or config.option.collectonly):
+        quiet = self.informational or config.option.collectonly or self.is_xdist_worker  # workers: the controller says
+        if elsewhere and not cell_items and not quiet:
             targets = Counter(_cell_of(i).device for i in elsewhere)
             pytest.exit(
                 nothing_here(self.host.key, self.host.name, targets), returncode=pytest.ExitCode.NO_TESTS_COLLECTED

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from harness.errors import UserError
+from harness.errors import HarnessFault, UserError
 from harness.matrix import inputs
 from harness.models.weights import seed_weights
 
@@ -179,6 +179,15 @@ def prepare(processor, model, cell: CellInput) -> Prepared:
     pad_ids = {tokenizer.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>")}
     input_ids = batch["input_ids"][0]
     visual_tokens = int(sum((input_ids == i).sum().item() for i in pad_ids))
+    config = getattr(model, "config", None)
+    wanted = getattr(config, "video_token_id" if cell.kind == "video" else "image_token_id", None)
+    if wanted is not None and not (input_ids == wanted).any():
+        raise HarnessFault(
+            f"the prompt qwen-compat built carries no {cell.kind} token: the model's config says "
+            f"{'video' if cell.kind == 'video' else 'image'}_token_id {wanted}, the processor's tokenizer gives "
+            f"{sorted(pad_ids)}; the model would fail with 'Image features and image tokens do not match'. "
+            "This is the harness's processor for this checkpoint, not the model."
+        )
     return Prepared(batch, int(input_ids.shape[0]), visual_tokens, preprocess_s)
 
 

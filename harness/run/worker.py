@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from harness.errors import HarnessFault, UserError
 from harness.judge.result import STDERR_TAIL_CHARS
 from harness.matrix.cells import Cell
 from harness.run.backends import RunContext
@@ -131,6 +132,7 @@ def main() -> None:
                 reply = {
                     "ok": False,
                     "error_type": type(exc).__name__,
+                    "harness_error": isinstance(exc, (UserError, HarnessFault)),
                     "error_message": str(exc),
                     "traceback": traceback.format_exc()[-STDERR_TAIL_CHARS:],
                     "prediction": _memory_plan_if_out_of_memory(cell, str(exc)),
