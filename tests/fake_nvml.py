@@ -1,6 +1,6 @@
 """A stand-in for pynvml that behaves as NVML does on real hosts, including where it disappoints.
 
-What it reproduces (sources in harness/nvml.py and the tests using it):
+What it reproduces (sources in harness/devices/nvml.py and the tests using it):
 - indices are physical: `nvmlDeviceGetHandleByIndex` ignores CUDA_VISIBLE_DEVICES and raises
   NVMLError_InvalidArgument past the count (gpuopenanalytics/pynvml#28);
 - `nvmlDeviceGetHandleByUUID` wants the whole UUID (`GPU-…` or `MIG-…`) and raises NotFound otherwise;
@@ -8,7 +8,9 @@ What it reproduces (sources in harness/nvml.py and the tests using it):
   `usedGpuMemory` 0 (Project-HAMi/HAMi-core#112) or None (NVML_VALUE_NOT_AVAILABLE, e.g. MIG);
 - MIG devices are reached through their parent (`nvmlDeviceGetMigDeviceHandleByIndex`), are not
   counted by `nvmlDeviceGetCount`, and cards without MIG raise NotSupported when asked;
-- device memory (`used`) counts every process's memory, whatever namespace it runs in.
+- device memory (`used`) counts every process's memory, whatever namespace it runs in, and some that no
+  listed process holds (the driver's; processes NVML does not list, e.g. under MPS or vGPU);
+- a process that exits frees its memory at once and is no longer listed: "used" falls by what it held.
 """
 
 from __future__ import annotations
@@ -72,6 +74,11 @@ class FakeNvml:
         with self.lock:
             device = self.by_uuid(uuid)
             device.processes[pid + self.host_pid_offset] = mib
+
+    def leave(self, uuid: str, pid: int) -> None:
+        """Process `pid` exits: NVML lists it no more, and what it held is free."""
+        with self.lock:
+            self.by_uuid(uuid).processes.pop(pid + self.host_pid_offset, None)
 
     def _all(self) -> list[Device]:
         return [d for top in self.devices for d in [top, *top.migs]]

@@ -109,3 +109,14 @@ def used_mib(nvml, handle) -> float:
 
 def uuid_of(nvml, handle) -> str:
     return text(nvml.nvmlDeviceGetUUID(handle))
+
+
+def quiet_used_mib(nvml, handle) -> float | None:
+    """The device's used memory where no process computes on it now, else None: a process there may leave,
+    and what it held, counted as "before", would make a later delta too small by that much."""
+    try:
+        if nvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            return None
+    except Exception:  # NVMLError_NotSupported: nobody can say who computes there
+        return None
+    return used_mib(nvml, handle)

@@ -52,7 +52,7 @@ class TransformersBackend:
         self.group = None
         self.processor = self.model = None
         self.identity: dict = {}
-        self.gpu = GpuMemory()  # before any CUDA context: what the device used without this worker
+        self.gpu = GpuMemory()  # reads what others hold on the device when it creates the CUDA context
         self.cuda = None
         self.offload_dir: tempfile.TemporaryDirectory | None = None  # the loaded group's disk offload, if placed
         self.free: dict = {}  # free bytes per device when the loaded group was placed
