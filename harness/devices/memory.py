@@ -29,6 +29,7 @@ import time
 import psutil
 
 from harness.devices import nvml as nvml_mod
+from harness.matrix.gpus import split_mig_name
 
 MIB = 2**20
 SAMPLE_INTERVAL_S = 0.005
@@ -100,6 +101,13 @@ class TorchCuda:
 
     def reserved_mib(self) -> float:
         return self.cuda.memory_reserved() / MIB
+
+    def name(self) -> str:
+        """CUDA's name of the current device ("NVIDIA A100-SXM4-80GB MIG 1g.10gb" on a MIG slice)."""
+        return self.cuda.get_device_name(self.cuda.current_device())
+
+    def total_mib(self) -> float:
+        return self.cuda.get_device_properties(self.cuda.current_device()).total_memory / MIB
 
     def peaks_mib(self) -> tuple[float, float]:
         """(allocated, reserved) peaks since the last reset."""
@@ -177,6 +185,14 @@ class GpuMemory:
         if not self._alone():
             return None
         return nvml_mod.used_mib(self.nvml, self.handle) - others_mib
+
+    def device_memory_mib(self, cuda: TorchCuda) -> float | None:
+        """The memory of the device this worker computes on, which a percentage budget is of: NVML's total of
+        it (a MIG slice's own, not its card's), or CUDA's for a MIG slice NVML cannot show; None for a whole
+        card NVML cannot show (the GPU table's figure for it holds)."""
+        if self.handle is not None:
+            return nvml_mod.total_mib(self.nvml, self.handle)
+        return cuda.total_mib() if split_mig_name(cuda.name())[1] else None
 
     def methods(self, cuda: TorchCuda) -> list[tuple[str, object]]:
         """The NVML methods that apply to the cell about to run, best first: (name, reader)."""

@@ -135,7 +135,7 @@ def judge(cell: Cell, result: WorkerResult) -> Verdict:
             "check the prompt and image; a real checkpoint should answer this correctly",
         )
     if cell.budget:
-        budget = parse_budget_mib(cell.budget, cell.device)
+        budget = parse_budget_mib(cell.budget, cell.device, m.get("device_memory_mib"))
         if m.get("peak_memory_mib") is None and served:
             return _engine_budget(cell, m, budget)  # a server's memory may be out of reach; the record says why
         if m.get("peak_memory_mib") is None:
