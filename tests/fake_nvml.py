@@ -1,14 +1,19 @@
 """A stand-in for pynvml that behaves as NVML does on real hosts, including where it disappoints.
 
-What it reproduces (sources in harness/nvml.py and the tests using it):
+What it reproduces (sources in harness/devices/nvml.py and the tests using it):
 - indices are physical: `nvmlDeviceGetHandleByIndex` ignores CUDA_VISIBLE_DEVICES and raises
   NVMLError_InvalidArgument past the count (gpuopenanalytics/pynvml#28);
 - `nvmlDeviceGetHandleByUUID` wants the whole UUID (`GPU-…` or `MIG-…`) and raises NotFound otherwise;
 - in a container, process pids are host pids (NVIDIA/nvidia-docker#1483), and some drivers report
   `usedGpuMemory` 0 (Project-HAMi/HAMi-core#112) or None (NVML_VALUE_NOT_AVAILABLE, e.g. MIG);
 - MIG devices are reached through their parent (`nvmlDeviceGetMigDeviceHandleByIndex`), are not
-  counted by `nvmlDeviceGetCount`, and cards without MIG raise NotSupported when asked;
-- device memory (`used`) counts every process's memory, whatever namespace it runs in.
+  counted by `nvmlDeviceGetCount`, and cards without MIG raise NotSupported when asked; a MIG device
+  leads back to its card (`nvmlDeviceGetDeviceHandleFromMigDeviceHandle`, InvalidArgument for a
+  whole GPU), its memory `total` is its slice's, and a card in MIG mode shows the memory and the
+  processes of all its slices;
+- device memory (`used`) counts every process's memory, whatever namespace it runs in, and some that no
+  listed process holds (the driver's; processes NVML does not list, e.g. under MPS or vGPU);
+- a process that exits frees its memory at once and is no longer listed: "used" falls by what it held.
 """
 
 from __future__ import annotations
@@ -52,7 +57,10 @@ class Device:
 
     @property
     def used_mib(self) -> float:
-        return self.other_used_mib + sum(self.processes.values())
+        return self.other_used_mib + sum(self.processes.values()) + sum(m.used_mib for m in self.migs)
+
+    def compute_processes(self) -> dict[int, float]:
+        return {pid: mib for d in [self, *self.migs] for pid, mib in d.processes.items()}
 
 
 class FakeNvml:
@@ -75,6 +83,11 @@ class FakeNvml:
         with self.lock:
             device = self.by_uuid(uuid)
             device.processes[pid + self.host_pid_offset] = mib
+
+    def leave(self, uuid: str, pid: int) -> None:
+        """Process `pid` exits: NVML lists it no more, and what it held is free."""
+        with self.lock:
+            self.by_uuid(uuid).processes.pop(pid + self.host_pid_offset, None)
 
     def _all(self) -> list[Device]:
         return [d for top in self.devices for d in [top, *top.migs]]
@@ -99,6 +112,8 @@ class FakeNvml:
         mod.nvmlDeviceGetComputeRunningProcesses = self._processes
         mod.nvmlDeviceGetMaxMigDeviceCount = self._mig_count
         mod.nvmlDeviceGetMigDeviceHandleByIndex = self._mig
+        mod.nvmlDeviceIsMigDeviceHandle = lambda h: int(self._parent(h) is not None)
+        mod.nvmlDeviceGetDeviceHandleFromMigDeviceHandle = self._card_of
         mod.nvmlSystemGetDriverVersion = lambda: self.driver
         mod.nvmlSystemGetCudaDriverVersion_v2 = lambda: self.driver_cuda
         return mod
@@ -125,12 +140,22 @@ class FakeNvml:
         with self.lock:
             shown = {"reported": lambda mib: int(mib * MIB), "zero": lambda mib: 0, "unavailable": lambda mib: None}
             report = shown[handle.process_memory]
-            return [types.SimpleNamespace(pid=pid, usedGpuMemory=report(mib)) for pid, mib in handle.processes.items()]
+            listed = handle.compute_processes().items()
+            return [types.SimpleNamespace(pid=pid, usedGpuMemory=report(mib)) for pid, mib in listed]
 
     def _mig_count(self, handle: Device) -> int:
         if not handle.migs:
             raise NVMLError_NotSupported("Not Supported")
         return 7
+
+    def _parent(self, handle: Device) -> Device | None:
+        return next((top for top in self.devices if handle in top.migs), None)
+
+    def _card_of(self, handle: Device) -> Device:
+        card = self._parent(handle)
+        if card is None:
+            raise NVMLError_InvalidArgument("Invalid Argument")
+        return card
 
     def _mig(self, handle: Device, index: int) -> Device:
         if index >= len(handle.migs):
@@ -192,6 +217,12 @@ class FakeCuda:
 
     def reserved_mib(self) -> float:
         return self.reserved
+
+    def name(self) -> str:
+        return self.device.name
+
+    def total_mib(self) -> float:
+        return self.device.total_mib
 
     def peaks_mib(self):
         return self.allocated_peak, self.reserved_peak

@@ -14,16 +14,29 @@ from harness.judge.verdict import judge
 PID = os.getpid()
 
 
-def measure(host: FakeNvml, gpu_index: int, cell_mib: float = 3000.0, before_cell=None, mig=None):
+def measure(
+    host: FakeNvml,
+    gpu_index: int,
+    cell_mib: float = 3000.0,
+    before_cell=None,
+    mig=None,
+    before_attach=None,
+    in_cell=None,
+):
     """A worker on physical GPU `gpu_index` (CUDA's device 0): start, create its context, run one
-    cell that reserves `cell_mib`; returns the tracker's result."""
+    cell that reserves `cell_mib`; returns the tracker's result. The callbacks are what other
+    processes do meanwhile."""
     device = mig or host.devices[gpu_index]
     memory = GpuMemory(host.module(), pid=PID)
     cuda = FakeCuda(host, device, PID)
+    if before_attach:
+        before_attach()
     memory.attach(cuda)
     if before_cell:
         before_cell()
     with MemoryTracker("cuda", memory, cuda) as tracker:
+        if in_cell:
+            in_cell()
         cuda.allocate(cell_mib)
     return tracker.result
 
@@ -59,6 +72,52 @@ def test_in_a_container_beside_another_process_the_allocator_plus_context_measur
     result = measure(host, 0, before_cell=neighbour_starts)
     assert result["peak_memory_source"] == "torch_reserved_plus_context"
     assert result["peak_memory_mib"] == 3500.0 and result["cuda_context_mib"] == 500.0
+
+
+NEIGHBOUR = 99  # another process on the card, in another container: its pid is nobody this worker knows
+
+
+def test_a_process_that_leaves_after_the_worker_started_is_not_taken_for_its_before(tiny_cell):
+    """The audit's case: 3,600 MiB used (torch reserved 3,100) was recorded as 1,552 MiB and passed 3 GiB."""
+    host = FakeNvml([h100(0)], host_pid_offset=734_211)
+    host.use(host.devices[0].uuid, NEIGHBOUR, 2048)  # there when the worker starts and creates its context
+    result = measure(host, 0, cell_mib=3100, before_cell=lambda: host.leave(host.devices[0].uuid, NEIGHBOUR))
+    assert result["peak_memory_mib"] >= 3100 and result["peak_memory_source"] == "torch_reserved"
+    assert "another process computed on the device" in result["peak_memory_note"]
+    worker = WorkerResult(ok=True, generation={"new_token_ids": [1, 2], "text": "ab"}, measurements=result)
+    assert judge(tiny_cell(budget="3GiB"), worker).category == "over-budget"
+
+
+def test_before_is_read_when_the_context_is_created_not_when_the_worker_started():
+    host = FakeNvml([h100(0)], host_pid_offset=734_211)
+    host.use(host.devices[0].uuid, NEIGHBOUR, 2048)  # the previous worker, still releasing its card
+    result = measure(host, 0, cell_mib=3100, before_attach=lambda: host.leave(host.devices[0].uuid, NEIGHBOUR))
+    assert result["peak_memory_source"] == "nvml_device_delta" and result["peak_memory_mib"] == 3600.0
+
+
+def test_before_is_re_checked_at_each_cell():
+    """Memory no listed process holds (MPS, vGPU, the driver) that is freed between cells is not the cell's."""
+    host = FakeNvml([h100(0)], host_pid_offset=734_211)
+    host.devices[0].other_used_mib = 2049.0
+
+    def unlisted_memory_freed():
+        host.devices[0].other_used_mib = 1.0
+
+    result = measure(host, 0, cell_mib=3100, before_cell=unlisted_memory_freed)
+    assert result["peak_memory_source"] == "nvml_device_delta" and result["peak_memory_mib"] == 3600.0
+
+
+def test_a_device_figure_below_the_allocators_reserved_peak_is_not_believed():
+    host = FakeNvml([h100(0)], host_pid_offset=734_211)
+    host.devices[0].other_used_mib = 2049.0
+
+    def unlisted_memory_freed():
+        host.devices[0].other_used_mib = 1.0
+
+    result = measure(host, 0, cell_mib=3100, in_cell=unlisted_memory_freed)  # freed as the cell runs
+    assert result["nvml_device_delta_peak_mib"] < 3100
+    assert result["peak_memory_source"] == "torch_reserved_plus_context" and result["peak_memory_mib"] == 3600.0
+    assert "below the allocator's own reserved peak of 3100 MiB" in result["peak_memory_note"]
 
 
 def test_a_driver_reporting_zero_per_process_is_not_taken_at_its_word():

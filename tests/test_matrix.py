@@ -130,6 +130,10 @@ BAD = {
     ),
     "resolution-0x0-unquoted": (GOOD.replace("[448x448]", "[0x0]"), ["a resolution is WIDTHxHEIGHT", "hexadecimal"]),
     "resolution-aspect-ratio": (GOOD.replace("[448x448]", "[20000x28]"), ["aspect ratio over 200"]),
+    "resolution-too-large": (
+        GOOD.replace("[448x448]", "[100000x100000]"),
+        ["larger than the harness builds", "at most 16384 pixels a side", "line 7", "axes.resolution", "max_pixels"],
+    ),
 }
 
 

@@ -1,10 +1,13 @@
 """Reports survive what a CI runner does to them: informational invocations, concurrent runs, a full
 disk, SIGTERM, resume after a torn write or a changed matrix, colliding ids, planted secrets."""
 
+import contextlib
 import json
 import os
+import pickle
 import signal
 import subprocess
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -178,6 +181,79 @@ def test_a_full_disk_stops_the_run_with_one_paragraph_and_leaves_valid_files(sui
         assert not list((disk / "cpu").glob(".*.partial"))
     finally:
         subprocess.run(["umount", str(disk)])
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A folder on a 40 KiB tmpfs, already full: every write there fails with ENOSPC, as on a full disk."""
+    disk = tmp_path / "full"
+    if not _mount_tmpfs(disk, "40k"):
+        pytest.skip("mounting a tiny tmpfs needs root with CAP_SYS_ADMIN (CI has it)")
+    try:
+        with contextlib.suppress(OSError), open(disk / "filler", "wb") as f:
+            f.write(b"x" * 2**20)
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)])
+
+
+def test_a_reference_that_does_not_fit_on_the_disk_leaves_no_truncated_file(full_disk, tiny_cell):
+    import torch
+
+    from harness.errors import ReportWriteError
+    from harness.judge import agreement
+    from harness.judge.drift import drift
+
+    cell = tiny_cell(dtype="float32")
+    with pytest.raises(ReportWriteError, match="No space left on device"):
+        drift(cell, torch.ones(151_936), full_disk, "key")  # a vocabulary's logits: 600 KB
+    with pytest.raises(ReportWriteError, match="No space left on device"):
+        agreement.save(cell, "a cat " * 20_000, full_disk)
+    assert sorted(p.name for p in full_disk.iterdir()) == ["filler"]  # no 0-byte reference, no partial file
+
+
+def test_a_full_disk_in_the_worker_is_the_harness_s_error_not_the_model_s(full_disk, tiny_cell):
+    from harness.judge.result import WorkerResult
+    from harness.judge.verdict import judge
+    from harness.run.worker import failure_reply
+
+    cell = tiny_cell()
+    try:
+        (full_disk / "offloaded.safetensors").write_bytes(b"w" * 2**20)  # what an offload or a cache writes
+    except OSError as exc:
+        raised = exc
+    wrapped = RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")  # safetensors
+    for reply in (failure_reply(cell, raised), failure_reply(cell, wrapped)):
+        verdict = judge(cell, WorkerResult(**reply))
+        assert (verdict.outcome, verdict.category) == ("error", "harness"), verdict
+        assert "disk is full" in verdict.message and "Fix:" in verdict.message
+
+
+def test_a_picture_the_harness_cannot_build_is_the_harness_s_error(tiny_cell):
+    """The image builder's MemoryError (here under a 1 GiB address-space limit) is not the model's failure."""
+    from harness.judge.result import WorkerResult
+    from harness.judge.verdict import judge
+
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import resource, pickle, sys\n"
+            "from harness.matrix import inputs\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (2**30, 2**30))\n"
+            "try:\n"
+            "    with inputs.built_by_the_harness('the 16384x16384 images of this cell'):\n"
+            "        inputs.pictures('images', 16384, 16384, 4)\n"
+            "except Exception as exc:\n"
+            "    sys.stdout.buffer.write(pickle.dumps((type(exc).__name__, str(exc))))\n",
+        ],
+        capture_output=True,
+        timeout=120,
+    )
+    kind, message = pickle.loads(built.stdout)
+    assert kind == "HarnessFault" and "MemoryError" in message and "could not build the 16384x16384" in message
+    verdict = judge(tiny_cell(), WorkerResult(ok=False, error_type=kind, error_message=message))
+    assert (verdict.outcome, verdict.category) == ("error", "harness")
 
 
 def test_colliding_model_ids_are_a_matrix_error_and_non_ascii_names_get_an_id():

@@ -671,3 +671,17 @@ def test_a_launched_servers_gpu_memory_is_its_process_tree_per_nvml_or_the_devic
     host.use(gpu1, 778, 2000.0)
     assert memory.track([server, engine_core]) == (None, None) and "neither" in memory.why_not
     assert ServerGpuMemory(host.module(), "7").why_not.startswith("NVML has no device")
+
+
+def test_a_launched_servers_device_delta_does_not_count_a_process_that_was_there_before_it():
+    from fake_nvml import FakeNvml, h100
+
+    from harness.engines.server import ServerGpuMemory
+
+    host = FakeNvml([h100(0)], host_pid_offset=100000)  # a container: the delta is the only method
+    gpu = host.devices[0].uuid
+    host.use(gpu, 99, 2048.0)  # someone else's process, there when the server starts
+    memory = ServerGpuMemory(host.module(), "0")
+    host.leave(gpu, 99)
+    host.use(gpu, 4242, 3600.0)
+    assert memory.track([4242]) == (None, None)  # the delta would be 3600 - 2048: not the server's

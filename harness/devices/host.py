@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from harness.devices import nvml as nvml_mod
 from harness.errors import UserError
-from harness.matrix.gpus import Gpu, match_nvml_name, table
+from harness.matrix.gpus import Gpu, match_nvml_name, split_mig_name, table
 
 
 @dataclass
@@ -29,6 +30,9 @@ class Host:
     cuda: str | None = None
     via: str = "none"
     emulated_on: str | None = None  # set when --compat-emulate applies another card's rules here
+    mig: str | None = (
+        None  # the MIG profile ("1g.10gb") when the device is a slice of the card; memory_mib is the slice's
+    )
 
     @property
     def gpu(self) -> Gpu | None:
@@ -52,14 +56,26 @@ def _nvml_host() -> Host | None:
             )
             return Host(key="cpu", name="cpu", via=f"CUDA_VISIBLE_DEVICES={spec!r} names no GPU")
         handle = visible[0]
-        name = nvml_mod.text(pynvml.nvmlDeviceGetName(handle))
-        major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
-        memory = pynvml.nvmlDeviceGetMemoryInfo(handle).total / 2**20
+        card = nvml_mod.mig_parent(pynvml, handle) or handle  # a MIG device's facts but its memory are its card's
+        name = _device_name(
+            nvml_mod.text(pynvml.nvmlDeviceGetName(handle)), nvml_mod.text(pynvml.nvmlDeviceGetName(card))
+        )
+        major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(card)
+        memory = nvml_mod.total_mib(pynvml, handle)
         driver = nvml_mod.text(pynvml.nvmlSystemGetDriverVersion())
         cuda = pynvml.nvmlSystemGetCudaDriverVersion_v2()
         return _host_from(name, f"{major}.{minor}", memory, driver, f"{cuda // 1000}.{cuda % 1000 // 10}", "nvml")
     finally:
         pynvml.nvmlShutdown()
+
+
+def _device_name(own: str, card: str) -> str:
+    """CUDA's form of a device's name, "<card> MIG <profile>" for a MIG device, whichever form NVML gave (some
+    drivers name a MIG device "MIG 1g.10gb" alone)."""
+    _, profile = split_mig_name(own)
+    if profile is None or own == card:
+        return own
+    return f"{split_mig_name(card)[0]} MIG {profile}"
 
 
 _TORCH_PROBE = (
@@ -86,13 +102,18 @@ def _torch_host() -> Host | None:
 
 def _host_from(name, cc, memory_mib, driver, cuda, via) -> Host:
     gpu = match_nvml_name(name)
+    card, mig = split_mig_name(name)
     if gpu is None:
+        slice_of = f" (a MIG {mig} slice)" if mig else ""
+        pattern = re.escape(card).replace("\\ ", " ")  # the whole name, matched as a regular expression
+        whole = (round(memory_mib / 1024), f"{memory_mib:.0f}")
+        sold, physical = ("<the card's>", "<the whole card's, with MIG off>") if mig else whole
         warnings.warn(
-            f"qwen-compat: this GPU is not in the GPU table: NVML name '{name}', compute capability {cc}, "
+            f"qwen-compat: this GPU is not in the GPU table: NVML name '{name}'{slice_of}, compute capability {cc}, "
             f"{memory_mib:.0f} MiB. Cells for known cards are skipped here. To add it, add one row to "
-            f"harness/data/gpus.yaml:\n<key>:\n  name: {name}\n  nvml_names: ['{name}']\n"
-            f'  compute_capability: "{cc}"\n  memory_gb: {round(memory_mib / 1024)}\n'
-            f"  physical_mib: {memory_mib:.0f}\n  physical_mib_source: <an nvidia-smi printout>\n"
+            f"harness/data/gpus.yaml:\n<key>:\n  name: {card}\n  nvml_names: ['{pattern}']\n"
+            f'  compute_capability: "{cc}"\n  memory_gb: {sold}\n'
+            f"  physical_mib: {physical}\n  physical_mib_source: <an nvidia-smi printout>\n"
             f"  native_bf16: {str(float(cc) >= 8.0).lower()}\n  flash_attn_2: {str(float(cc) >= 8.0).lower()}\n"
             f"  source: <datasheet url>",
             stacklevel=2,
@@ -105,6 +126,7 @@ def _host_from(name, cc, memory_mib, driver, cuda, via) -> Host:
         driver=driver,
         cuda=cuda,
         via=via,
+        mig=mig,
     )
 
 

@@ -4,12 +4,17 @@ GPU: torch's allocator peaks (allocated, reserved; reset per cell) beside the pe
 checked against, `peak_memory_mib`, taken by the first method that works here:
 1. `nvml_process`: NVML's usage of this worker's pid (which includes the CUDA context), sampled
    every 5 ms. Inside a container NVML reports host pids, so the pid is often not there.
-2. `nvml_device_delta`: the device's used memory minus what was used on it before the worker
-   touched CUDA; valid only while the worker is the one compute process on the GPU (checked at
-   every sample).
+2. `nvml_device_delta`: the device's used memory minus what others hold on it. "Others" is read
+   just before the worker creates its CUDA context, and only on a device where no process computes
+   then (a process that leaves later would make the delta too small); it is re-checked at the start
+   of every cell (the device's use now, less this worker's context and reserved memory) and the
+   smaller figure kept. Valid only while the worker is the one compute process on the GPU (checked
+   at every sample).
 3. `torch_reserved_plus_context`: the allocator's reserved peak plus the CUDA context, measured
    once when the worker created it.
 4. `torch_reserved`: without NVML; says that the CUDA context is not included.
+No NVML figure below the allocator's own reserved peak is believed (memory that left the device
+mid-cell would make it too small): the next method is taken, with a note saying why.
 A peak that no method measured is `None` with the reason in `peak_memory_unmeasured`, never 0.
 CPU: the worker's peak resident memory as the kernel keeps it (VmHWM, reset per cell), or sampled
 where the kernel cannot reset it.
@@ -24,6 +29,7 @@ import time
 import psutil
 
 from harness.devices import nvml as nvml_mod
+from harness.matrix.gpus import split_mig_name
 
 MIB = 2**20
 SAMPLE_INTERVAL_S = 0.005
@@ -96,28 +102,39 @@ class TorchCuda:
     def reserved_mib(self) -> float:
         return self.cuda.memory_reserved() / MIB
 
+    def name(self) -> str:
+        """CUDA's name of the current device ("NVIDIA A100-SXM4-80GB MIG 1g.10gb" on a MIG slice)."""
+        return self.cuda.get_device_name(self.cuda.current_device())
+
+    def total_mib(self) -> float:
+        return self.cuda.get_device_properties(self.cuda.current_device()).total_memory / MIB
+
     def peaks_mib(self) -> tuple[float, float]:
         """(allocated, reserved) peaks since the last reset."""
         return self.cuda.max_memory_allocated() / MIB, self.cuda.max_memory_reserved() / MIB
 
 
 class GpuMemory:
-    """One worker's view of its GPU's memory: made when the worker starts, before any CUDA context,
-    so that what the device already used is known; attached to the device once CUDA is up."""
+    """One worker's view of its GPU's memory: what others hold on the device is read just before the
+    worker's CUDA context exists, and re-checked per cell."""
 
     def __init__(self, nvml=None, pid: int | None = None):
         self.nvml = nvml_mod.load() if nvml is None else nvml
         self.pid = os.getpid() if pid is None else pid
         self.handle = None
         self.context_mib: float | None = None
-        self.used_before: dict[str, float] = {}
+        self.used_before: dict[str, float] = {}  # device uuid -> MiB others held, where no process computed
         self.why_not = "nvidia-ml-py (NVML) is not installed or finds no driver"
-        if self.nvml:
-            for handle in nvml_mod.all_handles(self.nvml):
-                self.used_before[nvml_mod.uuid_of(self.nvml, handle)] = nvml_mod.used_mib(self.nvml, handle)
 
     def attach(self, cuda: TorchCuda) -> None:
         """Find the NVML device that torch's current device is and measure the CUDA context on it."""
+        if self.nvml:
+            # the last moment before this worker's context exists; devices where a process computes have none
+            quiet = {
+                nvml_mod.uuid_of(self.nvml, h): nvml_mod.quiet_used_mib(self.nvml, h)
+                for h in nvml_mod.all_handles(self.nvml)
+            }
+            self.used_before = {uuid: used for uuid, used in quiet.items() if used is not None}
         cuda.init()
         if not self.nvml:
             return
@@ -127,7 +144,9 @@ class GpuMemory:
             self.why_not = f"NVML has no device with torch's UUID {uuid} or PCI bus id {pci}"
             return
         before = self.used_before.get(nvml_mod.uuid_of(self.nvml, self.handle))
-        if before is not None and self._alone():
+        if before is None:
+            self.why_not = "another process computed on the device when this worker started"
+        elif self._alone():
             self.context_mib = max(nvml_mod.used_mib(self.nvml, self.handle) - before - cuda.reserved_mib(), 0.0)
 
     def _processes(self) -> list:
@@ -151,20 +170,40 @@ class GpuMemory:
             return None
         return sum(mine) / MIB
 
-    def _device_delta(self) -> float | None:
+    def _others_now(self, cuda: TorchCuda) -> float | None:
+        """What others hold on the device as a cell starts: at most what they held before this worker, less
+        what left since (the device's use now, less this worker's context and reserved memory); None where
+        the delta does not apply."""
+        before = self.used_before.get(nvml_mod.uuid_of(self.nvml, self.handle))
+        if before is None or not self._alone():
+            return None
+        if self.context_mib is None:
+            return before
+        return min(before, nvml_mod.used_mib(self.nvml, self.handle) - self.context_mib - cuda.reserved_mib())
+
+    def _device_delta(self, others_mib: float) -> float | None:
         if not self._alone():
             return None
-        return nvml_mod.used_mib(self.nvml, self.handle) - self.used_before[nvml_mod.uuid_of(self.nvml, self.handle)]
+        return nvml_mod.used_mib(self.nvml, self.handle) - others_mib
 
-    def methods(self) -> list[tuple[str, object]]:
-        """The NVML methods that apply now, best first: (name, reader)."""
+    def device_memory_mib(self, cuda: TorchCuda) -> float | None:
+        """The memory of the device this worker computes on, which a percentage budget is of: NVML's total of
+        it (a MIG slice's own, not its card's), or CUDA's for a MIG slice NVML cannot show; None for a whole
+        card NVML cannot show (the GPU table's figure for it holds)."""
+        if self.handle is not None:
+            return nvml_mod.total_mib(self.nvml, self.handle)
+        return cuda.total_mib() if split_mig_name(cuda.name())[1] else None
+
+    def methods(self, cuda: TorchCuda) -> list[tuple[str, object]]:
+        """The NVML methods that apply to the cell about to run, best first: (name, reader)."""
         if self.handle is None:
             return []
         found = []
         if self._own_usage() is not None:
             found.append(("nvml_process", self._own_usage))
-        if nvml_mod.uuid_of(self.nvml, self.handle) in self.used_before and self._alone():
-            found.append(("nvml_device_delta", self._device_delta))
+        others = self._others_now(cuda)
+        if others is not None:
+            found.append(("nvml_device_delta", lambda: self._device_delta(others)))
         return found
 
 
@@ -223,7 +262,9 @@ class MemoryTracker:
         self.baseline_mib = settle(self.device, self.cuda)
         if on_gpu:
             self.cuda.reset_peaks()
-            self._samplers = [(name, _Sampler(read)) for name, read in (self.gpu.methods() if self.gpu else [])]
+            self._samplers = [
+                (name, _Sampler(read)) for name, read in (self.gpu.methods(self.cuda) if self.gpu else [])
+            ]
         elif not _reset_peak_rss():  # else the kernel keeps the peak: see _reset_peak_rss
             process = psutil.Process()
             self._sampler = _Sampler(lambda: process.memory_info().rss / MIB)
@@ -253,6 +294,8 @@ class MemoryTracker:
             if not sampler.failed and sampler.peak > 0:
                 result.update({f"{name}_peak_mib": round(sampler.peak, 1)})
         measured = [(name, s.peak) for name, s in self._samplers if not s.failed and s.peak > 0]
+        below = [(name, peak) for name, peak in measured if peak < reserved]
+        measured = [(name, peak) for name, peak in measured if peak >= reserved]
         context = self.gpu.context_mib if self.gpu else None
         if measured:
             source, peak = measured[0]
@@ -271,7 +314,14 @@ class MemoryTracker:
                 peak_memory_source=None,
                 peak_memory_unmeasured=f"every method read 0 MiB ({source} last), which no CUDA process uses",
             )
-        if self._samplers and measured and measured[0][0] != self._samplers[0][0]:
+        if below:
+            name, low = below[0]
+            doubt = (
+                f"{name} read {low:.0f} MiB, below the allocator's own reserved peak of {reserved:.0f} MiB, and is not "
+                "believed (memory that left the device during the cell makes a device figure too small)"
+            )
+            result["peak_memory_note"] = "; ".join(filter(None, (doubt, result.get("peak_memory_note"))))
+        elif self._samplers and measured and measured[0][0] != self._samplers[0][0]:
             result["peak_memory_note"] = f"{self._samplers[0][0]} stopped measuring during the cell"
         return result
 

@@ -43,6 +43,16 @@ def mig_handles(nvml, handle) -> list:
     return found
 
 
+def mig_parent(nvml, handle):
+    """The physical GPU of a MIG device; None for a whole GPU (or an NVML without MIG)."""
+    try:
+        if nvml.nvmlDeviceIsMigDeviceHandle(handle):
+            return nvml.nvmlDeviceGetDeviceHandleFromMigDeviceHandle(handle)
+    except Exception:  # NVMLError_NotSupported, FunctionNotFound on old drivers
+        pass
+    return None
+
+
 def all_handles(nvml) -> list:
     """Every physical GPU, and every MIG device on a GPU in MIG mode."""
     handles = []
@@ -83,9 +93,7 @@ def visible_handles(nvml, spec: str | None = None) -> list:
     return handles
 
 
-def handle_for(nvml, uuid: str | None, pci_bus_id: str | None = None):
-    """The NVML handle of the device torch knows by this UUID (torch's form has no `GPU-`/`MIG-`
-    prefix) or, failing that, by its PCI bus id; None when neither names a device."""
+def _named(nvml, uuid: str | None, pci_bus_id: str | None):
     if uuid:
         bare = uuid.removeprefix("GPU-").removeprefix("MIG-")
         for candidate in (f"GPU-{bare}", f"MIG-{bare}"):
@@ -103,9 +111,42 @@ def handle_for(nvml, uuid: str | None, pci_bus_id: str | None = None):
     return None
 
 
+def handle_for(nvml, uuid: str | None, pci_bus_id: str | None = None):
+    """The NVML handle of the device torch knows by this UUID (torch's form has no `GPU-`/`MIG-`
+    prefix) or, failing that, by its PCI bus id; None when neither names a device.
+
+    On a GPU in MIG mode CUDA computes on one of its MIG devices, while some CUDA versions give the
+    GPU's own UUID (and the PCI bus id is the GPU's): the MIG device is then the one of that GPU that
+    CUDA_VISIBLE_DEVICES names, or its only one; None where that is not one device.
+    """
+    handle = _named(nvml, uuid, pci_bus_id)
+    migs = mig_handles(nvml, handle) if handle is not None else []
+    if not migs:
+        return handle
+    ids = {uuid_of(nvml, m) for m in migs}
+    chosen = [h for h in visible_handles(nvml) if uuid_of(nvml, h) in ids] or migs
+    return chosen[0] if len(chosen) == 1 else None
+
+
 def used_mib(nvml, handle) -> float:
     return nvml.nvmlDeviceGetMemoryInfo(handle).used / 2**20
 
 
+def total_mib(nvml, handle) -> float:
+    """The device's memory: a MIG device's is its slice's, not its card's."""
+    return nvml.nvmlDeviceGetMemoryInfo(handle).total / 2**20
+
+
 def uuid_of(nvml, handle) -> str:
     return text(nvml.nvmlDeviceGetUUID(handle))
+
+
+def quiet_used_mib(nvml, handle) -> float | None:
+    """The device's used memory where no process computes on it now, else None: a process there may leave,
+    and what it held, counted as "before", would make a later delta too small by that much."""
+    try:
+        if nvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            return None
+    except Exception:  # NVMLError_NotSupported: nobody can say who computes there
+        return None
+    return used_mib(nvml, handle)

@@ -259,7 +259,8 @@ class ServerGpuMemory:
     Two methods, best first: `nvml_server_processes`, the usage NVML reports for the server's process
     tree (absent in a container, where NVML shows host pids); `nvml_device_delta`, the devices' used
     memory now less before the server started, valid while no device has more compute processes than
-    the server's tree. Neither applying is a `None` peak with the reason, never 0.
+    the server's tree, and only where no process computed on the devices before it (one that leaves
+    later would make the delta too small). Neither applying is a `None` peak with the reason, never 0.
     """
 
     def __init__(self, nvml, visible: str | None):
@@ -269,7 +270,7 @@ class ServerGpuMemory:
         self.handles = nvml_mod.visible_handles(nvml, visible) if nvml else []
         if nvml and not self.handles:
             self.why_not = f"NVML has no device for CUDA_VISIBLE_DEVICES={visible!r}"
-        self.before = [nvml_mod.used_mib(nvml, h) for h in self.handles]
+        self.before = [nvml_mod.quiet_used_mib(nvml, h) for h in self.handles]  # None: a process computed there
 
     def _processes(self) -> list:
         return [p for h in self.handles for p in self.nvml.nvmlDeviceGetComputeRunningProcesses(h)]
@@ -287,6 +288,8 @@ class ServerGpuMemory:
         from harness.devices import nvml as nvml_mod
 
         try:
+            if None in self.before:
+                return None  # what was "before" may leave: the delta would not be the server's
             if any(len(self.nvml.nvmlDeviceGetComputeRunningProcesses(h)) > len(pids) for h in self.handles):
                 return None  # someone else computes on these devices: the delta is not the server's
             return sum(nvml_mod.used_mib(self.nvml, h) - b for h, b in zip(self.handles, self.before, strict=True))

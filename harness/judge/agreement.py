@@ -14,6 +14,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from harness.errors import write_whole
 from harness.matrix.cells import Cell
 from harness.models.checkpoints import checkpoint_for, model_identity
 
@@ -30,9 +31,8 @@ def _path(cell: Cell, reference_dir: Path) -> Path:
 
 def save(cell: Cell, text: str, reference_dir: Path) -> None:
     """Keep an in-process cell's greedy text for its served twin."""
-    path = _path(cell, reference_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"id": cell.id, "text": text}))
+    data = json.dumps({"id": cell.id, "text": text}).encode()
+    write_whole(_path(cell, reference_dir), data, f"the in-process text of {cell.id}, for its served twin")
 
 
 def compare(cell: Cell, text: str, reference_dir: Path) -> dict:

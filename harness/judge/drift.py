@@ -12,13 +12,14 @@ strict top-1 agreement flips on rounding alone.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from importlib import metadata
 from pathlib import Path
 
 import torch
 
-from harness.errors import ReportWriteError
+from harness.errors import write_whole
 from harness.matrix.cells import Cell
 
 NO_TWIN = "not measured — no float32 twin in this run"
@@ -52,12 +53,11 @@ def drift(cell: Cell, first_logits: torch.Tensor | None, reference_dir: Path, ke
         return {}
     path = reference_dir / f"{key}.pt"
     if cell.dtype == "float32":
-        try:
-            reference_dir.mkdir(parents=True, exist_ok=True)
-            torch.save(first_logits, path)
-        except OSError as exc:  # a full disk is the runner's problem, never this model's
-            path.unlink(missing_ok=True)
-            raise ReportWriteError(path, exc, f"the float32 reference logits of {cell.id}") from None
+        # serialised in memory, then written whole: torch.save onto a full disk raises a RuntimeError ("file
+        # write failed") and leaves a truncated file; a full disk is the runner's problem, never this model's
+        buffer = io.BytesIO()
+        torch.save(first_logits, buffer)
+        write_whole(path, buffer.getvalue(), f"the float32 reference logits of {cell.id}")
         return {}
     if not path.exists():
         return {"drift": NO_TWIN}

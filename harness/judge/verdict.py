@@ -15,7 +15,7 @@ from harness.judge.result import WorkerResult
 from harness.matrix.budgets import parse_budget_mib
 from harness.matrix.cells import Cell
 
-HARNESS_ERRORS = {"UserError"}  # raised by the harness for bad input: an error, not a failure of the model
+HARNESS_ERRORS = {"UserError", "HarnessFault"}  # raised by the harness for bad input: an error, not a failure of the model
 
 
 @dataclass
@@ -78,6 +78,8 @@ def judge(cell: Cell, result: WorkerResult) -> Verdict:
         text = "\n".join(t for t in (result.error_message, result.traceback) if t)
         if result.harness_error or result.error_type in HARNESS_ERRORS:
             return Verdict("error", "harness", result.error_message, "fix the input named in the message")
+        if result.error_type == "HarnessFault":  # a full disk, an input the harness could not build
+            return Verdict("error", "harness", result.error_message, "the harness failed, not the model: see Fix")
         if result.load_timed_out:
             return Verdict(
                 "failed",
@@ -135,7 +137,7 @@ def judge(cell: Cell, result: WorkerResult) -> Verdict:
             "check the prompt and image; a real checkpoint should answer this correctly",
         )
     if cell.budget:
-        budget = parse_budget_mib(cell.budget, cell.device)
+        budget = parse_budget_mib(cell.budget, cell.device, m.get("device_memory_mib"))
         if m.get("peak_memory_mib") is None and served:
             return _engine_budget(cell, m, budget)  # a server's memory may be out of reach; the record says why
         if m.get("peak_memory_mib") is None:

@@ -9,12 +9,14 @@ import psutil
 from harness.matrix.gpus import table
 
 
-def parse_budget_mib(budget: str, device: str) -> float:
-    """'14GiB' / '900MiB' / '90%' (of the card's physical memory, or of host RAM for cpu) -> MiB."""
+def parse_budget_mib(budget: str, device: str, device_mib: float | None = None) -> float:
+    """'14GiB' / '900MiB' / '90%' -> MiB. A percentage is of the memory of the device the cell ran on where the
+    worker measured it (`device_mib`: a MIG slice's own, not its card's), else of the card's physical memory
+    from the GPU table, or of host RAM for cpu."""
     text = budget.replace(" ", "")
     if text.endswith("GiB"):
         return float(text[:-3]) * 1024
     if text.endswith("MiB"):
         return float(text[:-3])
-    card = table()[device].memory_mib or psutil.virtual_memory().total / 2**20
+    card = device_mib or table()[device].memory_mib or psutil.virtual_memory().total / 2**20
     return float(text[:-1]) / 100 * card

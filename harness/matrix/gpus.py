@@ -86,9 +86,22 @@ def selectors(card: str) -> tuple[str, ...]:
     return (card,) if family == card else (card, family)
 
 
+# CUDA's and NVML's name of a MIG device: "<card> MIG 1g.10gb" (some drivers: "MIG 1g.10gb" alone)
+MIG_SUFFIX = re.compile(r"(?:^|\s+)MIG\s+(?P<profile>\S+)$")
+
+
+def split_mig_name(name: str) -> tuple[str, str | None]:
+    """(the card's name, the MIG profile) of a device name; the profile is None for a whole card."""
+    found = MIG_SUFFIX.search(name)
+    return (name[: found.start()], found["profile"]) if found else (name, None)
+
+
 def match_nvml_name(nvml_name: str) -> Gpu | None:
-    """The table row whose patterns match the name NVML reports, or None for a card we do not know."""
+    """The table row one of whose patterns matches the whole name NVML reports (a MIG device's without its
+    profile), or None for a card we do not know: a pattern that merely occurs in a name is no match
+    ("NVIDIA GH200 480GB" is not an H200)."""
+    card, _ = split_mig_name(nvml_name.strip())
     for gpu in cards().values():
-        if any(re.search(p, nvml_name, re.IGNORECASE) for p in gpu.nvml_names):
+        if any(re.fullmatch(p, card, re.IGNORECASE) for p in gpu.nvml_names):
             return gpu
     return None

@@ -2,24 +2,41 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from harness.errors import UserError
+from harness.errors import HarnessFault, UserError
 
 VIDEO_FRAMES = 4  # two temporal patches of two frames each
+
+
+@contextlib.contextmanager
+def built_by_the_harness(what: str):
+    """Building a cell's input is the harness's part: its failure (a MemoryError on a huge picture) is a
+    HarnessFault, never the model's; the matrix's own mistakes stay UserErrors."""
+    try:
+        yield
+    except (UserError, HarnessFault):
+        raise
+    except Exception as exc:
+        raise HarnessFault(
+            f"the harness could not build {what}",
+            exc,
+            fix="lower the resolution or the number of images, or give the runner more memory.",
+        ) from exc
 
 
 def synthetic_image(width: int, height: int, seed: int = 0) -> Image.Image:
     """A gradient with a coloured square: structure at every scale, same bytes on every machine."""
     rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    base = np.stack(
-        [x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), (x + y) * 255 // max(width + height - 2, 1)],
-        axis=-1,
-    ).astype(np.uint8)
+    y, x = np.ogrid[0:height, 0:width]  # broadcast, not two full int64 grids
+    base = np.empty((height, width, 3), dtype=np.uint8)
+    base[..., 0] = x * 255 // max(width - 1, 1)
+    base[..., 1] = y * 255 // max(height - 1, 1)
+    base[..., 2] = (x + y) * 255 // max(width + height - 2, 1)
     side = max(min(width, height) // 3, 1)
     top, left = rng.integers(0, height - side + 1), rng.integers(0, width - side + 1)
     base[top : top + side, left : left + side] = rng.integers(0, 256, size=3, dtype=np.uint8)
@@ -63,7 +80,7 @@ def pictures(
     if image_path:
         try:
             return [load_image(image_path)] * n
-        except OSError as exc:  # missing file, not an image
+        except (OSError, Image.DecompressionBombError) as exc:  # missing file, not an image, a decompression bomb
             raise UserError(
                 f"the matrix's image cannot be read: {exc}", key="defaults.image", fix="point it at a PNG or JPEG file."
             ) from None

@@ -72,6 +72,9 @@ Pixels = Annotated[
     ),
 ]
 MAX_ASPECT_RATIO = 200  # Qwen's smart_resize rejects a longer side over 200 times the shorter
+# The harness builds each picture in memory before the processor resizes it to its pixel budget: beyond this a
+# picture tests nothing but the runner's memory (16384x16384, 2**28 pixels, is 768 MiB of RGB before any model runs).
+MAX_SIDE = 16384
 
 
 def _resolution(value: Any) -> Any:
@@ -90,6 +93,12 @@ def _resolution(value: Any) -> Any:
             raise ValueError(f"resolution {value}: both sides must be at least 1 pixel, e.g. 448x448")
         if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
             raise ValueError(f"resolution {value}: Qwen-VL processors reject an aspect ratio over {MAX_ASPECT_RATIO}")
+        if max(width, height) > MAX_SIDE:
+            raise ValueError(
+                f"resolution {value} is larger than the harness builds: at most {MAX_SIDE} pixels a side; the "
+                "processor resizes every picture to its max_pixels anyway, so a larger one tests only the runner's "
+                "memory. Use e.g. 3840x2160, and max_pixels for the pixel budget"
+            )
     return value
 
 

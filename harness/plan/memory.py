@@ -180,9 +180,15 @@ class Prediction:
 
 
 def predict(
-    cell: Cell, *, text_tokens: int | None = None, visual_tokens: int | None = None, device_kind: str | None = None
+    cell: Cell,
+    *,
+    text_tokens: int | None = None,
+    visual_tokens: int | None = None,
+    device_kind: str | None = None,
+    device_mib: float | None = None,
 ) -> Prediction:
-    """Predicted peak memory of one cell. Measured token counts, when known, replace the estimates."""
+    """Predicted peak memory of one cell. Measured token counts, when known, replace the estimates; `device_mib`
+    is the memory of the device it runs on where the worker knows it (a MIG slice's)."""
     from harness.matrix.budgets import parse_budget_mib
 
     config = config_for(cell)
@@ -220,7 +226,8 @@ def predict(
     body = weights + max(vision_act, kv + text_act)
     overhead = (CUDA_CONTEXT_MIB * MIB + ALLOCATOR_SLACK * body) if on_gpu else CPU_RUNTIME_MIB * MIB
     peak = (body + overhead) / MIB
-    budget = parse_budget_mib(cell.budget, cell.device) if cell.budget else table()[cell.device].memory_mib
+    card = device_mib or table()[cell.device].memory_mib
+    budget = parse_budget_mib(cell.budget, cell.device, device_mib) if cell.budget else card
     if budget is None:
         verdict = "fits"
     else:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from harness.errors import ReportWriteError, UserError
+from harness.errors import ReportWriteError, UserError, write_whole
 from harness.matrix.schema import AXIS_FIELDS
 from harness.secrets import scrub, scrub_text
 
@@ -83,15 +83,8 @@ def signals_deferred():
 def write_report(path: Path, text: str, lost: str | None = None) -> None:
     """Write one report file whole or not at all (temporary file, then rename), secrets scrubbed."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        with signals_deferred():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(scrub_text(text))
-            os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise ReportWriteError(path, exc, lost or f"{path.name} of this run") from None
+    with signals_deferred():
+        write_whole(path, scrub_text(text).encode(), lost or f"{path.name} of this run")
 
 
 class ResultsFile:

@@ -147,7 +147,8 @@ def _budget_kwargs(processor, cell: CellInput) -> dict:
 def prepare(processor, model, cell: CellInput) -> Prepared:
     """chat template -> processor -> tensors on the model's device; a size the processor rejects is the
     matrix's input, said as such (never a model failure)."""
-    visual, parts = _visual(cell)
+    with inputs.built_by_the_harness(f"the {cell.width}x{cell.height} {cell.kind} of this cell"):
+        visual, parts = _visual(cell)
     messages = [{"role": "user", "content": [*parts, {"type": "text", "text": cell.prompt}]}]
     t0 = time.perf_counter()
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -90,6 +90,36 @@ def _memory_plan_if_out_of_memory(cell: Cell, message: str) -> dict:
         return {}
 
 
+def _as_harness_fault(exc: BaseException) -> BaseException:
+    """A full disk while a cell runs (the offload folder, the checkpoint cache, a temporary file) is the runner's
+    failure, never the model's; a report that could not be written keeps its own error (it stops the run)."""
+    from harness.errors import HarnessFault, ReportWriteError, is_disk_full
+
+    if isinstance(exc, ReportWriteError | HarnessFault) or not is_disk_full(exc):
+        return exc
+    return HarnessFault(
+        "the runner's disk is full",
+        exc,
+        fix="free space on the disk of the temporary folder, the checkpoint cache (QWEN_COMPAT_CACHE) and the "
+        "reports, then run again with --compat-resume.",
+    )
+
+
+def failure_reply(cell: Cell, exc: BaseException) -> dict:
+    """The answer for a cell that raised: the error as data for the verdict, a full disk as the harness's."""
+    import traceback
+
+    said = _as_harness_fault(exc)
+    return {
+        "ok": False,
+        "error_type": type(said).__name__,
+        "harness_error": isinstance(said, (UserError, HarnessFault)),
+        "error_message": str(said),
+        "traceback": "".join(traceback.format_exception(exc))[-STDERR_TAIL_CHARS:],
+        "prediction": _memory_plan_if_out_of_memory(cell, str(said)),
+    }
+
+
 def _exit_with_parent() -> None:
     """End this worker if the process driving it dies (even by SIGKILL), whatever the cell is doing."""
     import threading
@@ -106,7 +136,6 @@ def _exit_with_parent() -> None:
 
 def main() -> None:
     import faulthandler
-    import traceback
 
     faulthandler.enable(all_threads=False)  # a segfault leaves the crashing thread's traceback in the stderr tail
     _exit_with_parent()
@@ -129,14 +158,7 @@ def main() -> None:
             try:
                 reply = worker.run(cell, request)
             except BaseException as exc:  # every failure of a cell is data for the verdict
-                reply = {
-                    "ok": False,
-                    "error_type": type(exc).__name__,
-                    "harness_error": isinstance(exc, (UserError, HarnessFault)),
-                    "error_message": str(exc),
-                    "traceback": traceback.format_exc()[-STDERR_TAIL_CHARS:],
-                    "prediction": _memory_plan_if_out_of_memory(cell, str(exc)),
-                }
+                reply = failure_reply(cell, exc)
             worker.emit(reply)
     finally:
         worker.stop_served()

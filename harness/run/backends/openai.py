@@ -116,12 +116,12 @@ def _video_url(frames) -> str:
 
 def visual_parts(cell: Cell) -> list[dict]:
     """The content parts carrying the cell's images or video."""
-    if cell.input == "video":
-        return [
-            {"type": "video_url", "video_url": {"url": _video_url(inputs.synthetic_video(cell.width, cell.height))}}
-        ]
-    images = inputs.pictures(cell.input, cell.width, cell.height, cell.images, **inputs.image_source(cell.image))
-    return [{"type": "image_url", "image_url": {"url": _png_url(image)}} for image in images]
+    with inputs.built_by_the_harness(f"the {cell.width}x{cell.height} {cell.input} of this cell's request"):
+        if cell.input == "video":
+            url = _video_url(inputs.synthetic_video(cell.width, cell.height))
+            return [{"type": "video_url", "video_url": {"url": url}}]
+        images = inputs.pictures(cell.input, cell.width, cell.height, cell.images, **inputs.image_source(cell.image))
+        return [{"type": "image_url", "image_url": {"url": _png_url(image)}} for image in images]
 
 
 def chat_body(cell: Cell, model: str, pixels_field: str | None = "mm_processor_kwargs") -> dict:

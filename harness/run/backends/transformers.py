@@ -52,7 +52,7 @@ class TransformersBackend:
         self.group = None
         self.processor = self.model = None
         self.identity: dict = {}
-        self.gpu = GpuMemory()  # before any CUDA context: what the device used without this worker
+        self.gpu = GpuMemory()  # reads what others hold on the device when it creates the CUDA context
         self.cuda = None
         self.offload_dir: tempfile.TemporaryDirectory | None = None  # the loaded group's disk offload, if placed
         self.free: dict = {}  # free bytes per device when the loaded group was placed
@@ -217,7 +217,9 @@ class TransformersBackend:
                 key="--compat-device",
                 fix="run with --compat-device auto, or on the card the cell targets (check CUDA_VISIBLE_DEVICES).",
             )
-        before = _predict(cell, device_kind=kind)
+        # a percentage budget is of the device this worker has (a MIG slice's own), or of the emulated card
+        device_mib = self.gpu.device_memory_mib(self.cuda) if self.cuda and not emulate else None
+        before = _predict(cell, device_kind=kind, device_mib=device_mib)
         placed = cell.placement != "single"
         if placed:
             why = self.placement_skip(cell, kind)
@@ -271,6 +273,7 @@ class TransformersBackend:
             "decode_tokens_per_s": round(gen.decode_tokens_per_s, 2) if gen.decode_tokens_per_s else None,
             **({"latency": gen.latency} if gen.latency else {}),
             **drift(cell, gen.first_logits, context.reference_dir, reference_key(cell, self.identity)),
+            **({"device_memory_mib": round(device_mib, 1)} if device_mib else {}),
         }
         generation = {"new_token_ids": gen.new_token_ids, "text": gen.text, "nonfinite_steps": gen.nonfinite_steps}
         if cell.backend == "transformers":
@@ -278,7 +281,7 @@ class TransformersBackend:
 
             agreement.save(cell, gen.text, context.reference_dir)  # for the served twin, if the matrix has one
         tokens = {"text_tokens": gen.input_tokens - gen.visual_tokens, "visual_tokens": gen.visual_tokens}
-        after = _predict(cell, **tokens, device_kind=kind)
+        after = _predict(cell, **tokens, device_kind=kind, device_mib=device_mib)
         if placed:
             planned = _predict_placement(cell, self.free, **tokens)
             after = with_placement(after, planned)
