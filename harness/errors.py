@@ -53,7 +53,8 @@ def write_whole(path: Path, data: bytes, lost: str) -> None:
 
 class HarnessFault(Exception):
     """The harness could not do its own part of a cell: the runner's disk is full, it could not build the
-    cell's input, or the prompt it built carries no image token. The verdict is an error of category `harness`, never a failure of the model."""
+    cell's input, or the prompt it built carries no image token. The verdict is an error of category
+    `harness`, never a failure of the model."""
 
     def __init__(self, what: str, exc: BaseException | None = None, fix: str = ""):
         detail = f" ({type(exc).__name__}: {str(exc) or 'no message'})" if exc is not None else ""

@@ -15,7 +15,8 @@ from harness.judge.result import WorkerResult
 from harness.matrix.budgets import parse_budget_mib
 from harness.matrix.cells import Cell
 
-HARNESS_ERRORS = {"UserError", "HarnessFault"}  # raised by the harness for bad input: an error, not a failure of the model
+# Raised by the harness (bad input, its own fault): an error of the run, not a failure of the model.
+HARNESS_ERRORS = {"UserError", "HarnessFault"}
 
 
 @dataclass
