@@ -283,13 +283,14 @@ def test_every_planted_secret_is_absent_from_every_written_file(suite, matrix_fi
     assert "Traceback" not in result.stdout.str()
 
 
-def test_a_bad_baseline_name_fails_at_start_up(suite, matrix_file, monkeypatch):
+@pytest.mark.parametrize("name", ["a/b", "..", ".", ".hidden"])
+def test_a_bad_baseline_name_fails_at_start_up(suite, matrix_file, monkeypatch, name):
     from harness.run.runner import Runner
 
     spawned = []
     monkeypatch.setattr(Runner, "_spawn", lambda self: spawned.append(1))
     result = suite.runpytest(
-        "--compat-matrix", str(matrix_file(CELLS)), "--compat-reports", "reports", "--compat-save-baseline", "a/b"
+        "--compat-matrix", str(matrix_file(CELLS)), "--compat-reports", "reports", "--compat-save-baseline", name
     )
     assert result.ret == pytest.ExitCode.USAGE_ERROR and not spawned
     assert "--compat-save-baseline" in result.stderr.str() and "Traceback" not in result.stderr.str()
