@@ -5,6 +5,7 @@ qwen-compat schema                JSON Schema of matrix files
 qwen-compat explain TEXT|FILE|-   classify an error text, log file or standard input [--gpu --dtype --attn ...]
 qwen-compat gate --baseline DIR|NAME --current DIR   compare a run with a baseline (exit 1 on regression)
 qwen-compat report DIR...         merge many runners' reports into one fleet view
+qwen-compat export --format csv|jsonl|md DIR...   many runners' results as one table or JSON Lines
 qwen-compat plan MATRIX --device KEY [--json]   predicted peak memory of every cell of that device
 qwen-compat doctor [MATRIX]       this host's facts, and what the matrix will do here
 qwen-compat smoke --endpoint URL  a running server's release check (built-in matrix)
@@ -89,22 +90,50 @@ def _run(pytest_args: list[str]) -> int:
 
 def _gate(args) -> int:
     from harness.report import baselines, gate
+    from harness.report.ci import append_step_summary
 
-    baseline = baselines.resolve(args.baseline)
+    stores = [Path(d) for d in args.store]
+    reports = [Path(args.reports)] if args.reports else [Path(args.current), baselines.DEFAULT_REPORTS]
+    baseline = baselines.resolve(args.baseline, reports, stores)
     memory_tol = gate.parse_percent(args.memory_tolerance, "--memory-tolerance")
-    latency_tol = gate.parse_percent(args.latency_tolerance, "--latency-tolerance")
+    latency_tol = (
+        None if args.latency_tolerance is None else gate.parse_percent(args.latency_tolerance, "--latency-tolerance")
+    )
     changes = gate.compare(baseline, Path(args.current), memory_tol, latency_tol)
     gate.print_table(changes)
     gate.write(changes, Path(args.out or args.current))
-    return 1 if any(ch.kind == "regression" for ch in changes) else 0
+    _warn(append_step_summary(gate.markdown(changes)))
+    return 1 if gate.regressions(changes) else 0
 
 
 def _report(args) -> int:
     from harness.report import fleet
+    from harness.report.ci import append_step_summary
 
     html_path, md_path = fleet.write([Path(d) for d in args.dirs], Path(args.out or args.dirs[0]))
     print(f"fleet view: {html_path} and {md_path}")
+    _warn(append_step_summary(md_path.read_text()))
     return 0
+
+
+def _export(args) -> int:
+    from harness.report.exports import export
+    from harness.report.results import write_report
+
+    text = export([Path(d) for d in args.dirs], args.format)
+    if args.out:
+        write_report(Path(args.out), text)
+        print(f"export: {args.out}")
+    else:
+        from harness.secrets import scrub_text
+
+        sys.stdout.write(scrub_text(text))
+    return 0
+
+
+def _warn(line: str | None) -> None:
+    if line:
+        print(f"qwen-compat: {line}", file=sys.stderr)
 
 
 def _quiet_transformers() -> None:
@@ -244,14 +273,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("gate", help="compare a run with a baseline; exit 1 on any regression, 2 on bad input")
     p.add_argument("--baseline", required=True, help="reports folder, or a name saved with --compat-save-baseline")
     p.add_argument("--current", required=True, help="reports folder of the run to check")
+    p.add_argument(
+        "--reports",
+        help="reports folder whose baselines/NAME/ holds a named baseline (default: --current, then ./reports)",
+    )
+    p.add_argument(
+        "--store",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a storage root holding NAME/ baselines (repeatable)",
+    )
     p.add_argument("--memory-tolerance", default="5%", help="allowed rise of peak memory (default 5%%)")
-    p.add_argument("--latency-tolerance", default="15%", help="allowed rise of time to first token (default 15%%)")
+    p.add_argument(
+        "--latency-tolerance",
+        help="allowed rise of time to first token; given, latency is judged on every cell; not given, only where "
+        "both runs timed 3 or more repeats (then 15%%), and single samples are notes",
+    )
     p.add_argument("--out", help="where gate.json and gate.md go (default: the current folder)")
     p.set_defaults(func=_gate)
     p = sub.add_parser("report", help="merge per-GPU reports folders into one fleet view (HTML and Markdown)")
     p.add_argument("dirs", nargs="+", help="reports folders, each holding <device>/results.json")
     p.add_argument("--out", help="where fleet.html and fleet.md go (default: the first folder)")
     p.set_defaults(func=_report)
+    p = sub.add_parser("export", help="many runners' results as one CSV, JSON Lines or Markdown table")
+    p.add_argument("dirs", nargs="+", help="reports folders (each holding <device>/results.json) or device folders")
+    p.add_argument("--format", required=True, choices=("csv", "jsonl", "md"))
+    p.add_argument("--out", help="file to write (default: standard output)")
+    p.set_defaults(func=_export)
     p = sub.add_parser("plan", help="predicted peak memory of every cell a matrix runs on one device")
     p.add_argument("matrix")
     p.add_argument("--device", required=True, help="GPU table key, or auto (this host's card)")

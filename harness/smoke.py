@@ -66,7 +66,7 @@ def run(args) -> int:
     data = matrix(args.endpoint, model, family_of(model, args.family), args.api_key_env, args.max_new_tokens)
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     (folder / "test_smoke.py").write_text(SUITE)
-    (folder / "pytest.ini").write_text("[pytest]\njunit_family = xunit1\n")  # keeps the measurements in junit.xml
+    (folder / "pytest.ini").write_text("[pytest]\n")  # with -c: the caller's pytest configuration does not apply
     return int(
         pytest.main(
             [str(folder / "test_smoke.py"), "-c", str(folder / "pytest.ini"), "-p", "no:cacheprovider"]

@@ -178,6 +178,8 @@ def test_a_full_disk_stops_the_run_with_one_paragraph_and_leaves_valid_files(sui
         assert len(data["cells"]) < 12  # the run stopped
         for written in (disk / "cpu").glob("*.json"):
             json.loads(written.read_text())
+        lines = (disk / "cpu" / "results.jsonl").read_text().splitlines()
+        assert [json.loads(line)["id"] for line in lines] == [c["id"] for c in data["cells"]][: len(lines)]
         assert not list((disk / "cpu").glob(".*.partial"))
     finally:
         subprocess.run(["umount", str(disk)])
@@ -331,9 +333,15 @@ def test_every_planted_secret_is_absent_from_every_written_file(suite, matrix_fi
     assert (suite.path / "reports" / "cpu" / "results.json").exists()
     assert main(["gate", "--baseline", str(suite.path / "reports"), "--current", str(suite.path / "reports")]) == 0
     assert main(["report", str(suite.path / "reports"), "--out", str(suite.path / "fleet")]) == 0
-    written = [p for p in suite.path.rglob("*") if p.is_file() and p.suffix in {".json", ".xml", ".md", ".html"}]
+    written = [
+        p
+        for p in suite.path.rglob("*")
+        if p.is_file() and p.suffix in {".json", ".jsonl", ".csv", ".xml", ".md", ".html"}
+    ]
     assert {p.name for p in written} >= {
         "results.json",
+        "results.jsonl",
+        "results.csv",
         "junit.xml",
         "summary.md",
         "summary.html",
@@ -351,13 +359,14 @@ def test_every_planted_secret_is_absent_from_every_written_file(suite, matrix_fi
     assert "Traceback" not in result.stdout.str()
 
 
-def test_a_bad_baseline_name_fails_at_start_up(suite, matrix_file, monkeypatch):
+@pytest.mark.parametrize("name", ["a/b", "..", ".", ".hidden"])
+def test_a_bad_baseline_name_fails_at_start_up(suite, matrix_file, monkeypatch, name):
     from harness.run.runner import Runner
 
     spawned = []
     monkeypatch.setattr(Runner, "_spawn", lambda self: spawned.append(1))
     result = suite.runpytest(
-        "--compat-matrix", str(matrix_file(CELLS)), "--compat-reports", "reports", "--compat-save-baseline", "a/b"
+        "--compat-matrix", str(matrix_file(CELLS)), "--compat-reports", "reports", "--compat-save-baseline", name
     )
     assert result.ret == pytest.ExitCode.USAGE_ERROR and not spawned
     assert "--compat-save-baseline" in result.stderr.str() and "Traceback" not in result.stderr.str()
@@ -395,9 +404,27 @@ def test_measurements_reach_junit_under_the_default_family_with_warnings_as_erro
     path = matrix_file(CELLS.replace("[1, 2, 3, 4, 5, 6]", "[1]"))
     result = suite.runpytest("--compat-matrix", str(path), "--compat-reports", "reports", "-W", "error")
     assert result.ret == 0
-    junit = ET.parse(suite.path / "reports" / "cpu" / "junit.xml").getroot()
-    properties = {p.get("name"): p.get("value") for p in junit.iter("property")}
-    assert float(properties["peak_memory_mib"]) > 0 and properties["peak_memory_source"] == "worker_rss"
+    case = ET.parse(suite.path / "reports" / "cpu" / "junit.xml").getroot().find(".//testcase")
+    lines = dict(line.split("=", 1) for line in case.find("system-out").text.splitlines())
+    assert float(lines["peak_memory_mib"]) > 0 and lines["peak_memory_source"] == "worker_rss"
+    assert case.find("properties") is None  # test-case properties break Jenkins' schema: opt-in only
+    opted = suite.runpytest(
+        "--compat-matrix",
+        str(path),
+        "--compat-reports",
+        "opted",
+        "-W",
+        "error",
+        "--junitxml",
+        "pytest.xml",
+        "-o",
+        "compat_junit_properties=true",
+    )
+    assert opted.ret == 0
+    for junit in (suite.path / "opted" / "cpu" / "junit.xml", suite.path / "pytest.xml"):
+        properties = {p.get("name"): p.get("value") for p in ET.parse(junit).getroot().iter("property")}
+        assert float(properties["peak_memory_mib"]) > 0 and properties["peak_memory_source"] == "worker_rss"
+        assert "None" not in junit.read_text()
 
 
 def test_ci_fails_when_pytest_collects_no_tests(tmp_path):

@@ -49,16 +49,15 @@ def pytest_configure(config):
 
 @pytest.fixture
 def cell_run(request, cell) -> CellRun:
-    """Run the cell in the isolated worker and judge it; measurements go to the JUnit report as test-case
-    properties (appended directly: pytest writes them under every junit_family, and `record_property`
-    would warn under the default xunit2)."""
+    """Run the cell in the isolated worker and judge it. With `compat_junit_properties`, measurements also
+    go to pytest's own --junitxml as test-case properties (appended directly: pytest writes them under
+    every junit_family, and `record_property` would warn under the default xunit2)."""
     session: CompatSession = request.config.pluginmanager.get_plugin("qwen_compat_session")
     run = session.run(cell)
     request.node.stash[RUN_KEY] = run
-    properties = request.node.user_properties
-    for key, value in run.result.measurements.items():
-        properties.append((key, value))
-    properties.append(("category", run.verdict.category))
+    if session.option("compat_junit_properties"):
+        values = {**run.result.measurements, "category": run.verdict.category}
+        request.node.user_properties += [(k, v) for k, v in values.items() if v is not None]
     if run.verdict.outcome == "error":
         raise HarnessError(run.verdict.message)
     return run

@@ -1,5 +1,5 @@
 """One pytest process's matrix run: set-up (host, cells, resume), running cells in the worker, recording
-each finished cell, and the run's end (summaries, baseline, JUnit). The hooks that need this state are
+each finished cell, and the run's end (summaries, JUnit, baseline). The hooks that need this state are
 methods here; `harness.plugin` registers the object.
 
 Nothing but a real run touches the reports or starts a worker: `--help`, `--markers`,
@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -39,13 +38,12 @@ from harness.report.results import (
     environment,
     latest_records,
     load_results,
-    write_report,
+    references_dir,
 )
 from harness.run.disposition import disposition
 from harness.run.runner import Runner
 
 DEFAULT_MATRIX = "matrices/default.yaml"
-REFERENCE_DIR = ".reference-logits"
 RUN_KEY = pytest.StashKey["CellRun"]()
 
 
@@ -74,7 +72,6 @@ class CompatSession:
         self.recorded: dict[str, dict] = {}  # this run's finished cells, by id
         self.progress: Progress | None = None
         self.planned: list[Cell] = []
-        self.junit_tmp: Path | None = None
         self.problems: list[str] = []  # writing failures: said at the end, and the exit status is not 0
         self.notes: list[str] = []
         self.session = None
@@ -163,13 +160,9 @@ class CompatSession:
         )
 
     def configure_run(self) -> None:
-        """What a run needs from the start: JUnit written beside the results (kept only for a real
-        run), and SIGTERM handled as Ctrl-C so that a cancelled CI job still leaves its reports."""
+        """SIGTERM handled as Ctrl-C from the start, so that a cancelled CI job still leaves its reports."""
         if self.is_xdist_worker or self.config.option.collectonly:
             return
-        if not self.config.getoption("xmlpath", None):
-            self.junit_tmp = Path(tempfile.mkdtemp(prefix="qwen-compat-junit-")) / "junit.xml"
-            self.config.option.xmlpath = str(self.junit_tmp)
         if threading.current_thread() is threading.main_thread():
             self._previous_sigterm = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
 
@@ -197,7 +190,7 @@ class CompatSession:
         if note:
             self.notes.append(note)
         if not resume:  # float32 references belong to the run that made them
-            shutil.rmtree(self.reports_dir / REFERENCE_DIR, ignore_errors=True)
+            shutil.rmtree(references_dir(self.reports_dir), ignore_errors=True)
         self.began = True
 
     def _assign_gpu(self) -> None:
@@ -258,7 +251,7 @@ class CompatSession:
     def _runner(self) -> Runner:
         if self.runner is None:
             self.runner = Runner(
-                self.reports_dir / REFERENCE_DIR,
+                references_dir(self.reports_dir),
                 server_logs=self.reports_dir / "server-logs",
                 emulate=self.option("compat_emulate"),
                 run_predicted_oom=self.option("compat_run_predicted_oom"),
@@ -436,6 +429,7 @@ class CompatSession:
         if record is None or self.is_xdist_worker or self.results is None or self.problems:
             return
         self._begin()
+        record["test"] = report.nodeid  # the JUnit test case's name, as pytest gives it
         key = record.get("single_twin")
         twin = key and (self.recorded.get(key) or self.done.get(key))
         if twin and record.get("measurements"):
@@ -471,10 +465,12 @@ class CompatSession:
         self.stats["wall_s"] = round(time.monotonic() - self.started, 2)
         self.stats["interrupted"] = interrupted
         if self.stats["cells"]:
+            from harness.report.junit import JUnitOptions
             from harness.report.summary import write_summaries
 
+            junit = JUnitOptions.from_config(self.config, properties=self.option("compat_junit_properties"))
             try:
-                write_summaries(self.reports_dir, self.stats)
+                self.notes += write_summaries(self.reports_dir, self.stats, junit)
             except ReportWriteError as err:
                 self.problems.append(str(err))
         name = self.option("compat_save_baseline")
@@ -482,7 +478,10 @@ class CompatSession:
             from harness.report import baselines
 
             root = Path(self.option("compat_reports"))
-            baselines.save(name, root, root / "baselines")
+            try:
+                baselines.save(name, root, root / "baselines")
+            except ReportWriteError as err:
+                self.problems.append(str(err))
         if self.problems:
             session.exitstatus = pytest.ExitCode.INTERRUPTED
 
@@ -501,7 +500,8 @@ class CompatSession:
                 f"worker starts: {s['worker_starts']}"
             )
             terminalreporter.write_line(
-                f"reports: {self.reports_dir}/results.json, junit.xml, summary.md, summary.html"
+                f"reports: {self.reports_dir}/results.json, results.jsonl, results.csv, junit.xml, summary.md, "
+                "summary.html"
             )
         for problem in self.problems:
             terminalreporter.write_line(f"qwen-compat: {problem}", red=True, bold=True)
@@ -509,14 +509,6 @@ class CompatSession:
     def pytest_unconfigure(self, config):
         if self._previous_sigterm is not None:
             signal.signal(signal.SIGTERM, self._previous_sigterm)
-        if self.junit_tmp is not None:
-            if self.began and self.junit_tmp.exists():
-                try:
-                    write_report(self.reports_dir / "junit.xml", self.junit_tmp.read_text(), lost="junit.xml")
-                except ReportWriteError as err:
-                    print(f"qwen-compat: {err} (the JUnit report is at {self.junit_tmp})")
-                    return
-            shutil.rmtree(self.junit_tmp.parent, ignore_errors=True)
         if self.lock:
             self.lock.release()
 

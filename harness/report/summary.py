@@ -1,19 +1,27 @@
-"""The page a person reads: summary.md and a self-contained summary.html per device.
+"""The page a person reads: summary.md and a self-contained summary.html per device, and what else a
+run derives from its results.json: junit.xml, results.csv and the CI job summary.
 
-A grid of the matrix (rows: model / device / dtype / attention; columns: resolution / input / budget)
-coloured by outcome, with category and remedy on failing cells, and two plots embedded as PNG:
-peak memory against visual tokens per dtype, and time to first token against visual tokens.
+The page opens with when, from which commit and where the run ran; then a grid of the matrix (rows:
+model / device / dtype / attention; columns: resolution / input / budget) coloured by outcome, with
+category, message and remedy on failing cells and a link to their worker's stderr tail or server log;
+and two plots embedded as PNG: peak memory and time to first token against visual tokens, one line per
+model, dtype and attention, with the card's memory and the cells' budgets as lines.
 """
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
+import os
+import re
 from collections import defaultdict
 from pathlib import Path
 
+from harness.report import plots
+from harness.report.ci import append_step_summary
+from harness.report.exports import device_csv
+from harness.report.junit import JUnitOptions, junit_xml
+from harness.report.provenance import recorded_runner
 from harness.report.results import latest_records, load_results, write_report
 
 COLOURS = {
@@ -46,36 +54,6 @@ def grid(cells: list[dict]) -> tuple[list[str], list[str], dict]:
             cols.append(k)
         table[r][k] = c
     return rows, cols, table
-
-
-def _plot(cells: list[dict], y_key: str, y_label: str, title: str) -> str | None:
-    """A PNG (base64) of y against visual tokens, one series per dtype; None when nothing to plot."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    series = defaultdict(list)
-    for c in cells:
-        m = c.get("measurements") or {}
-        if m.get("visual_tokens") is not None and m.get(y_key) is not None:
-            series[c["dtype"]].append((m["visual_tokens"], m[y_key]))
-    if not series:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
-    for dtype, points in sorted(series.items()):
-        xs, ys = zip(*sorted(points), strict=True)
-        ax.scatter(xs, ys, label=dtype, s=18)
-    ax.set_xlabel("visual tokens")
-    ax.set_ylabel(y_label)
-    ax.set_title(title)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def counts(cells: list[dict]) -> dict[str, int]:
@@ -126,46 +104,152 @@ def _placement(c: dict) -> str:
     return "; ".join(p for p in parts if p).replace("|", "/")
 
 
+FAILING = ("failed", "error", "xfailed", "xpassed-strict")
+SERVER_LOG = re.compile(r"\blog (\S+\.log)\b")
+
+
+def origin(env: dict) -> str:
+    """When, from which commit, where: the line a reader needs first."""
+    p = env.get("provenance") or {}
+    commit = p.get("git_commit")
+    parts = [
+        f"started {p['started_utc']}" if p.get("started_utc") else "",
+        f"commit {commit[:12]}{' (dirty)' if p.get('git_dirty') else ''}" if commit else "commit unknown",
+        f"host {env.get('host')}" if env.get("host") else "",
+        f"runner {p['runner']}" if p.get("runner") and p.get("runner") != env.get("host") else "",
+        f"image {p['image']}" if p.get("image") else "",
+        f"digest {p['image_digest']}" if p.get("image_digest") else "",
+    ]
+    return " · ".join(part for part in parts if part)
+
+
+def versions(env: dict) -> str:
+    return (
+        f"torch {env.get('torch')}, transformers {env.get('transformers')}, flash-attn {env.get('flash_attn')}, "
+        f"vLLM {env.get('vllm')}, Python {env.get('python')}; matrix `{env.get('matrix_file')}`"
+        + (f"; emulated on {env['emulated_on']}" if env.get("emulated_on") else "")
+    )
+
+
+def _first_line(text: str | None, limit: int = 300) -> str:
+    return (text or "").strip().split("\n")[0][:limit]
+
+
+def _md(text) -> str:
+    return str(text or "").replace("|", "/").replace("\n", " ")
+
+
+def _counts_text(cells: list[dict]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts(cells).items()))
+
+
 def markdown(data: dict, stats: dict) -> str:
     cells = list(latest_records(data).values())
     env = data["environment"]
     lines = [
-        f"# qwen-compat: {env['device']} ({env['gpu_name']})",
+        f"# qwen-compat: {env.get('device')} ({env.get('gpu_name')})",
         "",
-        f"torch {env['torch']}, transformers {env['transformers']}, flash-attn {env['flash_attn']}, "
-        f"vLLM {env['vllm']}, Python {env['python']}; matrix `{env['matrix_file']}`"
-        + (f"; emulated on {env['emulated_on']}" if env.get("emulated_on") else ""),
+        origin(env),
+        "",
+        versions(env),
         "",
         "Outcomes: "
-        + ", ".join(f"{k} {v}" for k, v in sorted(counts(cells).items()))
+        + _counts_text(cells)
         + (f"; model loads: {stats['model_loads']}, worker starts: {stats['worker_starts']}" if stats else ""),
         "",
         plan_accuracy(cells),
         "",
         "| cell | outcome | category | peak MiB (source) | predicted MiB (error) | visual tokens | TTFT s "
-        "| placement: map, vs single | remedy |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| placement: map, vs single | message | remedy |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in cells:
         m = c.get("measurements") or {}
         peak = f"{m['peak_memory_mib']:.0f} ({m['peak_memory_source']})" if m.get("peak_memory_mib") else ""
         predicted = (c.get("prediction") or {}).get("predicted_peak_mib")
         plan = f"{predicted:.0f} ({_prediction_error(c)})" if predicted else ""
+        message = _first_line(c.get("message")) if c.get("outcome") in (*FAILING, "skipped") else ""
         lines.append(
-            f"| {c['id']} | {c['outcome']} | {c.get('category') or ''} | {peak} | {plan} | "
+            f"| {c['id']} | {c.get('outcome')} | {c.get('category') or ''} | {peak} | {plan} | "
             f"{m.get('visual_tokens', '')} | {m.get('prefill_s', '')} | {_placement(c)} | "
-            f"{(c.get('remedy') or '').replace('|', '/')} |"
+            f"{_md(message)} | {_md(c.get('remedy'))} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def html_page(data: dict, stats: dict) -> str:
+def step_markdown(data: dict, stats: dict, limit: int = 100) -> str:
+    """The run as a CI job summary: where it ran, its counts, and its failing cells with message and remedy."""
+    cells = list(latest_records(data).values())
+    env = data["environment"]
+    failing = [c for c in cells if c.get("outcome") in FAILING and c.get("outcome") != "xfailed"]
+    lines = [
+        f"## qwen-compat: {env.get('device')} ({env.get('gpu_name')}) on {recorded_runner(env)}",
+        "",
+        origin(env),
+        "",
+        f"**{len(cells)} cells**: {_counts_text(cells)}"
+        + ("; the run was interrupted" if (stats or {}).get("interrupted") else ""),
+        "",
+    ]
+    if failing:
+        lines += ["| failing cell | outcome | category | message | remedy |", "|---|---|---|---|---|"]
+        lines += [
+            f"| {_md(c['id'])} | {c.get('outcome')} | {c.get('category') or ''} | {_md(_first_line(c.get('message')))} "
+            f"| {_md(c.get('remedy'))} |"
+            for c in failing[:limit]
+        ]
+        if len(failing) > limit:
+            lines.append(f"\n{len(failing) - limit} more failing cells: see summary.md in the reports artifact.")
+    return "\n".join(lines) + "\n"
+
+
+def _server_log(c: dict, reports_dir: Path) -> str | None:
+    """A link (relative to the page) to the server log a failing served cell's message names, if it exists."""
+    found = SERVER_LOG.search(c.get("message") or "")
+    if not found or not Path(found[1]).is_file():
+        return None
+    return os.path.relpath(Path(found[1]).resolve(), Path(reports_dir).resolve())
+
+
+def _failure_detail(c: dict, tail_id: str | None, log: str | None) -> str:
+    esc = html.escape
+    links = []
+    if tail_id:
+        links.append(f"<a href='#{tail_id}'>worker stderr (tail)</a>")
+    if log:
+        links.append(f"<a href='{esc(log)}'>server log</a>")
+    return (
+        f"<div class='cat'>{esc(c.get('category') or '')}</div>"
+        f"<div class='message'>{esc(_first_line(c.get('message')))}</div>"
+        f"<div class='remedy'>{esc(c.get('remedy') or '')}</div>"
+        + (f"<div class='links'>{' · '.join(links)}</div>" if links else "")
+    )
+
+
+def _plots(cells: list[dict], env: dict) -> list[tuple[str | None, str]]:
+    labelled = [(plots.series_label(c), c) for c in cells]
+    lines = plots.memory_lines(cells, env.get("gpu_memory_mib"))
+    return [
+        (
+            plots.against_visual_tokens(
+                labelled, "peak_memory_mib", "peak memory (MiB)", "Peak memory vs visual tokens", lines
+            ),
+            "memory",
+        ),
+        (
+            plots.against_visual_tokens(labelled, "prefill_s", "time to first token (s)", "Latency vs visual tokens"),
+            "latency",
+        ),
+    ]
+
+
+def html_page(data: dict, stats: dict, reports_dir: Path = Path(".")) -> str:
     cells = list(latest_records(data).values())
     env = data["environment"]
     rows, cols, table = grid(cells)
     esc = html.escape
     head = "".join(f"<th>{esc(c)}</th>" for c in cols)
-    body = []
+    body, tails = [], []
     for r in rows:
         tds = []
         for k in cols:
@@ -174,52 +258,60 @@ def html_page(data: dict, stats: dict) -> str:
                 tds.append("<td class='empty'></td>")
                 continue
             m = c.get("measurements") or {}
+            outcome = c.get("outcome")
             detail = f"{m['peak_memory_mib']:.0f} MiB · {m.get('visual_tokens')} vt" if m.get("peak_memory_mib") else ""
             if _prediction_error(c):
                 detail += f" · plan {_prediction_error(c)}"
             if _slowdown(c):
                 detail += f" · vs single: {_slowdown(c)}"
             extra = ""
-            if c["outcome"] in ("failed", "error", "xfailed", "xpassed-strict"):
-                extra = (
-                    f"<div class='cat'>{esc(c.get('category') or '')}</div>"
-                    f"<div class='remedy'>{esc(c.get('remedy') or '')}</div>"
-                )
-            elif c["outcome"] == "skipped":
+            if outcome in FAILING:
+                tail_id = None
+                if c.get("stderr_tail"):
+                    tail_id = f"tail-{len(tails)}"
+                    tails.append(
+                        f"<details id='{tail_id}'><summary>{esc(c['id'])}: worker stderr (tail)</summary>"
+                        f"<pre>{esc(c['stderr_tail'])}</pre></details>"
+                    )
+                extra = _failure_detail(c, tail_id, _server_log(c, reports_dir))
+            elif outcome == "skipped":
                 extra = f"<div class='remedy'>{esc(c.get('message') or '')}</div>"
             tds.append(
-                f"<td class='cell {c['outcome']}' id='{esc(c['id'])}' title='{esc(c['id'])}' "
-                f"style='background:{COLOURS.get(c['outcome'], '#fff')}'>"
-                f"<b>{c['outcome']}</b><div>{detail}</div>{extra}</td>"
+                f"<td class='cell {esc(str(outcome))}' id='{esc(c['id'])}' title='{esc(c['id'])}' "
+                f"style='background:{COLOURS.get(outcome, '#fff')}'>"
+                f"<b>{esc(str(outcome))}</b><div>{detail}</div>{extra}</td>"
             )
         body.append(f"<tr><th>{esc(r)}</th>{''.join(tds)}</tr>")
-    plots = [
-        (_plot(cells, "peak_memory_mib", "peak memory (MiB)", "Peak memory vs visual tokens"), "memory"),
-        (_plot(cells, "prefill_s", "time to first token (s)", "Latency vs visual tokens"), "latency"),
-    ]
     imgs = "".join(
         f"<figure><img class='plot' id='plot-{name}' alt='{name} plot' src='data:image/png;base64,{png}'></figure>"
-        for png, name in plots
+        for png, name in _plots(cells, env)
         if png
     )
-    emulated = esc(" · emulated on " + env["emulated_on"]) if env.get("emulated_on") else ""
-    summary = ", ".join(f"{k} {v}" for k, v in sorted(counts(cells).items()))
     loads = f"; model loads: {stats['model_loads']}, worker starts: {stats['worker_starts']}" if stats else ""
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>qwen-compat {esc(env["device"])}</title>
+    tails_html = f"<h2>Worker stderr of failing cells</h2><div id='tails'>{''.join(tails)}</div>" if tails else ""
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>qwen-compat {esc(str(env.get("device")))}</title>
 <style>body{{font-family:sans-serif;margin:1.5em}}table{{border-collapse:collapse;font-size:12px}}
 td,th{{border:1px solid #bbb;padding:4px;vertical-align:top}}td.cell{{min-width:9em}}
-.cat{{font-weight:bold;color:#900}}.remedy{{font-size:11px;color:#333}}figure{{display:inline-block}}</style></head>
-<body><h1>qwen-compat: {esc(env["device"])} ({esc(env["gpu_name"])})</h1>
-<p>torch {esc(env["torch"])}, transformers {esc(env["transformers"])}, flash-attn {esc(env["flash_attn"])},
-vLLM {esc(env["vllm"])}; matrix {esc(str(env["matrix_file"]))}{emulated}</p>
-<p id="counts">{esc(summary)}{esc(loads)}</p><p id="plan">{esc(plan_accuracy(cells))}</p>
+.cat{{font-weight:bold;color:#900}}.message{{font-size:11px;color:#500}}.remedy{{font-size:11px;color:#333}}
+.links{{font-size:11px}}figure{{display:inline-block}}pre{{white-space:pre-wrap;font-size:11px}}</style></head>
+<body><h1>qwen-compat: {esc(str(env.get("device")))} ({esc(str(env.get("gpu_name")))})</h1>
+<p id="origin">{esc(origin(env))}</p>
+<p>{esc(versions(env))}</p>
+<p id="counts">{esc(_counts_text(cells))}{esc(loads)}</p><p id="plan">{esc(plan_accuracy(cells))}</p>
 <table id="grid"><tr><th></th>{head}</tr>{"".join(body)}</table>
-<div id="plots">{imgs}</div></body></html>"""
+<div id="plots">{imgs}</div>{tails_html}</body></html>"""
 
 
-def write_summaries(reports_dir: Path, stats: dict | None = None) -> None:
+def write_summaries(reports_dir: Path, stats: dict | None = None, junit: JUnitOptions | None = None) -> list[str]:
+    """Everything a run derives from its results.json; returns what the user should be told (a job
+    summary that could not be appended)."""
+    reports_dir = Path(reports_dir)
     data = load_results(reports_dir / "results.json")
     stats = stats or {}
     write_report(reports_dir / "run.json", json.dumps(stats, indent=1))
+    write_report(reports_dir / "junit.xml", junit_xml(data, junit or JUnitOptions()))
+    write_report(reports_dir / "results.csv", device_csv(data))
     write_report(reports_dir / "summary.md", markdown(data, stats))
-    write_report(reports_dir / "summary.html", html_page(data, stats))
+    write_report(reports_dir / "summary.html", html_page(data, stats, reports_dir))
+    warning = append_step_summary(step_markdown(data, stats))
+    return [warning] if warning else []
