@@ -99,7 +99,7 @@ def _gate(args) -> int:
     latency_tol = (
         None if args.latency_tolerance is None else gate.parse_percent(args.latency_tolerance, "--latency-tolerance")
     )
-    changes = gate.compare(baseline, Path(args.current), memory_tol, latency_tol)
+    changes = gate.compare(baseline, Path(args.current), memory_tol, latency_tol, args.unchecked_fails)
     gate.print_table(changes)
     gate.write(changes, Path(args.out or args.current))
     _warn(append_step_summary(gate.markdown(changes)))
@@ -290,6 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="allowed rise of time to first token; given, latency is judged on every cell; not given, only where "
         "both runs timed 3 or more repeats (then 15%%), and single samples are notes",
     )
+    p.add_argument(
+        "--unchecked-fails",
+        action="store_true",
+        help="a pass whose drift or agreement check had no twin in its run is a regression (default: a note)",
+    )
     p.add_argument("--out", help="where gate.json and gate.md go (default: the current folder)")
     p.set_defaults(func=_gate)
     p = sub.add_parser("report", help="merge per-GPU reports folders into one fleet view (HTML and Markdown)")
@@ -313,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--family", help="qwen2_vl, qwen2_5_vl, qwen3_vl or qwen3_vl_moe (default: from the name)")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--reports", default="reports", help="reports folder (results go to <reports>/cpu/)")
+    p.add_argument(
+        "--lenient", action="store_true", help="record the server's HTTP errors as skips (default: failures)"
+    )
     p.add_argument("pytest_args", nargs=argparse.REMAINDER, help="more pytest arguments")
     p.set_defaults(func=_smoke)
     p = sub.add_parser("doctor", help="this host's GPU, drivers and packages; what a matrix will do here")

@@ -77,6 +77,7 @@ def run(args) -> int:
                 str(reports),
                 "--compat-device",
                 "cpu",
+                *(["--compat-lenient"] if getattr(args, "lenient", False) else []),
                 *args.pytest_args,
             ]
         )

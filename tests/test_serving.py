@@ -478,13 +478,27 @@ def test_each_family_serves_an_image_cell(unpinned, tiny_cell, family, dtype):
         assert_agrees_with_the_in_process_model(cell, record)
 
 
-def test_a_video_the_server_does_not_take_is_skipped_in_its_own_words(served, tiny_cell):
-    reply = served.run(tiny_cell(resolution="224x224", input="video"))
+def test_a_video_the_server_fails_on_is_a_failure_in_its_own_words_and_a_skip_only_when_lenient(
+    served, tiny_cell, tmp_path
+):
+    """ba93f90 skipped every HTTP error of a video cell (a 500 with a CUDA error included): a server that
+    crashed on every video was green. transformers serve 5.24 answers 500; its log ends with the reason (how
+    it loads a video's audio, which needs a package the image lacks)."""
+    from harness.run.backends import RunContext
+    from harness.run.backends.openai import NOT_SUPPORTED, ServerError
+
+    cell = tiny_cell(resolution="224x224", input="video")
+    with pytest.raises(ServerError) as failed:
+        served.run(cell)
+    said = str(failed.value)
+    assert said.startswith("the server answered this video with an error (HTTP 500") and "Error: " in said
+    lenient = RunContext(emit=lambda m: None, reference_dir=tmp_path, server_logs=tmp_path, lenient=True)
+    reply = served.run(cell, lenient)
     assert not reply["ok"] and reply["skipped_category"] == "input-mismatch"
-    # transformers serve 5.24 answers 500; its log ends with the reason (here: how it loads a video's audio)
-    assert (
-        reply["skipped"].startswith("the server does not take this video (HTTP 500") and "Error: " in reply["skipped"]
-    )
+    # what is a skip: the engine's own words that it takes no such input
+    assert NOT_SUPPORTED.search("At most 0 video(s) may be provided in one prompt.")
+    assert NOT_SUPPORTED.search("Qwen2-VL does not support video input on this backend")
+    assert not NOT_SUPPORTED.search("RuntimeError: CUDA error: an illegal memory access was encountered")
 
 
 def test_a_launched_server_dies_with_the_process_that_launched_it(tmp_path):
@@ -534,11 +548,11 @@ budgets: {default: 8GiB}
 """
 
 
-def test_served_cells_beside_in_process_ones_agree_and_a_video_the_server_declines_is_skipped(suite, matrix_file):
+def test_served_cells_beside_in_process_ones_agree_and_a_video_the_server_fails_on_fails(suite, matrix_file):
     result = suite.runpytest(
         "--compat-matrix", str(matrix_file(SERVED_BESIDE_IN_PROCESS)), "--compat-reports", "reports"
     )
-    result.assert_outcomes(passed=5, skipped=1)
+    result.assert_outcomes(passed=5, failed=1)
     cells = {c["id"]: c for c in json.loads((suite.path / "reports" / "cpu" / "results.json").read_text())["cells"]}
     for kind in ("", "-images"):
         local, served = (
@@ -554,8 +568,7 @@ def test_served_cells_beside_in_process_ones_agree_and_a_video_the_server_declin
         assert m["prefill_s"] > 0 and m["decode_tokens_per_s"] > 0 and m["output_tokens"] == 8
         assert m["peak_memory_source"] == "server_rss" and 100 < m["peak_memory_mib"] < 8192
     video = cells["tiny-qwen2-vl-cpu-float32-sdpa-224x224-video-openai"]
-    assert video["outcome"] == "skipped" and video["category"] == "input-mismatch"
-    assert "the server does not take this video" in video["message"]
+    assert video["outcome"] == "failed" and "the server answered this video with an error" in video["message"]
     assert len(list((suite.path / "reports" / "cpu" / "server-logs").glob("server-*.log"))) == 1  # one per group
 
 
@@ -589,7 +602,9 @@ def test_a_served_budget_is_checked_against_the_engines_own_figures(tiny_cell):
     assert verdict.category == "over-budget" and "engine's own figures add up to 19272 MiB" in verdict.message
     assert judge(tiny_cell(backend="openai", budget="20GiB"), served).outcome == "passed"
     unmeasured = WorkerResult(ok=True, generation={"text": "A cat", "output_tokens": 2}, measurements={})
-    assert judge(tiny_cell(backend="openai", budget="1GiB"), unmeasured).outcome == "passed"  # nothing to check
+    # ba93f90 passed this (an unchecked budget); in-process the same is an error, and so it is here
+    unchecked = judge(tiny_cell(backend="openai", budget="1GiB"), unmeasured)
+    assert (unchecked.outcome, unchecked.category) == ("error", "harness") and "cannot be checked" in unchecked.message
 
 
 SERVER_FAULTS = """
@@ -630,7 +645,8 @@ def test_smoke_checks_a_running_endpoint_with_the_built_in_matrix(served, tiny_c
         capture_output=True,
         text=True,
     )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # strict by default: this server fails every video (HTTP 500), so the smoke test fails
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
     cells = {c["id"]: c for c in json.loads((tmp_path / "r" / "cpu" / "results.json").read_text())["cells"]}
     assert len(cells) == 5  # three image sizes, two images at once, a video
     outcomes = {i.split("-sdpa-")[1]: c["outcome"] for i, c in cells.items()}
@@ -639,7 +655,7 @@ def test_smoke_checks_a_running_endpoint_with_the_built_in_matrix(served, tiny_c
         "1024x1024-openai": "passed",
         "1920x1080-openai": "passed",
         "448x448-images-openai": "passed",
-        "448x448-video-openai": "skipped",  # transformers serve declines a video data URL, in its own words
+        "448x448-video-openai": "failed",  # transformers serve answers a video data URL with HTTP 500
     }
     big = next(c for i, c in cells.items() if "1920x1080" in i)["measurements"]
     assert (

@@ -28,6 +28,18 @@ class Verdict:
     matched: str | None = None
 
 
+CHECKS_WITH_TWINS = ("drift", "agreement")  # measured against another cell of the same run
+
+
+def unchecked(measurements: dict) -> list[str]:
+    """The checks a cell asked for and could not make (its twin was not in the run): a pass that says so."""
+    return [
+        f"{name}: {value}"
+        for name in CHECKS_WITH_TWINS
+        if isinstance(value := measurements.get(name), str) and value.startswith("not measured")
+    ]
+
+
 def is_degenerate(new_token_ids: list[int]) -> bool:
     """Degenerate: two or more new tokens, all the same token (fp16 overflow's '!!!!!!!!')."""
     return len(new_token_ids) >= 2 and len(set(new_token_ids)) == 1
@@ -48,9 +60,18 @@ ENGINE_PARTS = ("engine_weights_mib", "engine_kv_cache_mib", "engine_activation_
 
 def _engine_budget(cell: Cell, m: dict, budget: float) -> Verdict:
     """A served cell whose peak is out of reach: the budget against what the engine says it holds (vLLM's
-    weights, KV cache, activation peak and non-torch memory), where it said so; otherwise unchecked."""
+    weights, KV cache, activation peak and non-torch memory), where it said so; otherwise the budget cannot be
+    checked, which is an error of the run as it is in-process, never a pass."""
     if "engine_weights_mib" not in m:
-        return Verdict("passed")
+        reason = m.get("peak_memory_unmeasured") or "the server's processes are out of this host's view"
+        return Verdict(
+            "error",
+            "harness",
+            f"the memory budget {cell.budget} cannot be checked: the server's peak memory was not measured "
+            f"({reason}) and its log gave no memory figures",
+            "remove `budget` from cells of a server this host cannot see (an `endpoint:`, a container without "
+            "NVML access), or launch it here (`launch:`) on a GPU NVML reports",
+        )
     total = sum(m.get(part) or 0.0 for part in ENGINE_PARTS)
     if total <= budget:
         return Verdict("passed")

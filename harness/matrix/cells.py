@@ -85,13 +85,15 @@ class Cell:
 
     @property
     def xdist_group(self) -> str:
-        """Cells that run on one xdist worker: a model's placements together, so each can compare to `single`."""
-        return f"{self.model}/{self.dtype}/{self.attn_implementation}/{self.backend}"
+        """Cells that run on one xdist worker: a model's dtypes and placements together, so that each reduced
+        dtype meets its float32 twin (drift) and each placement its `single` twin (slowdown) on one worker."""
+        return f"{self.model}/{self.attn_implementation}"
 
     @property
     def group(self) -> str:
         """Cells sharing a loaded model: model, dtype, attention implementation, backend and placement."""
-        return self.xdist_group + ("" if self.placement == "single" else f"/{self.placement_id}")
+        placed = "" if self.placement == "single" else f"/{self.placement_id}"
+        return f"{self.model}/{self.dtype}/{self.attn_implementation}/{self.backend}{placed}"
 
     @property
     def drift_twin(self) -> str:

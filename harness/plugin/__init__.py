@@ -8,6 +8,8 @@ outcome), `session` (one process's run: set-up, running, recording, the end).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from harness.errors import UserError
@@ -35,7 +37,40 @@ def _informational(config) -> bool:
     )
 
 
+def _text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def _value_taken_for_a_path(config) -> str | None:
+    """pytest finds its rootdir and ini file before plugins' options are known, so in `--compat-matrix
+    /abs/m.yaml` it takes the value for a test path: the project's ini is then not found (no testpaths:
+    the harness's own tests get collected; no default matrix). The paragraph that says so, or None."""
+    here = config.invocation_params.dir
+    project = any(
+        (d / "pytest.ini").exists() or "[tool.pytest" in _text(d / "pyproject.toml") for d in [here, *here.parents]
+    )
+    if config.inipath is not None or not project:
+        return None
+    words = list(config.invocation_params.args)
+    takes_value = {f"--compat-{o.name}": o for o in options.OPTIONS if not o.flag}
+    for flag, value in zip(words, words[1:], strict=False):
+        if flag in takes_value and Path(value).is_absolute():
+            return (
+                f"pytest read '{value}' as a test path before qwen-compat could take it as the value of {flag}, "
+                "so it did not find this project's pytest settings (testpaths, markers, the default matrix). "
+                f"Fix: write {flag}={value} (with '='), or set it as an environment variable "
+                f"({takes_value[flag].env}={value})."
+            )
+    return None
+
+
 def pytest_configure(config):
+    misread = _value_taken_for_a_path(config)
+    if misread:
+        raise pytest.UsageError(misread)
     selection.register(config, FAMILIES)
     session = CompatSession(config, informational=_informational(config))
     config.pluginmanager.register(session, "qwen_compat_session")

@@ -43,6 +43,7 @@ OPTIONS = (
         "save-baseline", "after the run, keep its results as baseline NAME under <reports>/baselines/", metavar="NAME"
     ),
     Option("run-predicted-oom", "run cells the memory plan predicts to exceed the card", True),
+    Option("lenient", "record a served cell's HTTP error as a skip instead of a failure (default: strict)", True),
     Option(
         "junit-properties",
         "also write each cell's measurements as JUnit test-case <properties> (outside Jenkins' schema)",

@@ -37,7 +37,9 @@ def register(config, families) -> None:
     config.addinivalue_line("markers", "gpu: cells that target a GPU")
     config.addinivalue_line("markers", "slow: cells of true-size or downloaded models")
     config.addinivalue_line("markers", "placement: cells whose model is placed by device_map (not `single`)")
-    config.addinivalue_line("markers", "xdist_group(name): cells sharing a loaded model (pytest-xdist)")
+    config.addinivalue_line(
+        "markers", "xdist_group(name): cells that share one xdist worker: a model's dtypes, backends and placements"
+    )
 
 
 @functools.cache

@@ -21,7 +21,7 @@ import pytest
 from harness.devices import torch_build
 from harness.devices.host import Host, resolve
 from harness.errors import ReportWriteError, UserError
-from harness.judge.verdict import judge
+from harness.judge.verdict import judge, unchecked
 from harness.matrix import cells as cells_mod
 from harness.matrix import schema as matrix_mod
 from harness.matrix.cells import Cell
@@ -62,6 +62,13 @@ class CompatSession:
         )
         self.is_xdist_worker = hasattr(config, "workerinput")
         self.is_xdist_controller = getattr(config.option, "dist", "no") != "no" and not self.is_xdist_worker
+        # One id for the run, shared by the controller and its xdist workers: the float32 references a worker
+        # writes belong to this run, and the controller clears only earlier runs' (never its workers').
+        self.run_id = (
+            config.workerinput.get("qwen_compat_run_id")
+            if self.is_xdist_worker
+            else f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+        )
         self._cells: list[Cell] | None = None
         self.host: Host | None = None
         self.runner: Runner | None = None
@@ -189,8 +196,10 @@ class CompatSession:
             pytest.exit(str(err), returncode=pytest.ExitCode.INTERRUPTED)
         if note:
             self.notes.append(note)
-        if not resume:  # float32 references belong to the run that made them
-            shutil.rmtree(references_dir(self.reports_dir), ignore_errors=True)
+        if not resume:  # float32 references belong to the run that made them: earlier runs' go
+            for old in references_dir(self.reports_dir).glob("*"):
+                if old.name != self.run_id:
+                    shutil.rmtree(old, ignore_errors=True)
         self.began = True
 
     def _assign_gpu(self) -> None:
@@ -251,12 +260,27 @@ class CompatSession:
     def _runner(self) -> Runner:
         if self.runner is None:
             self.runner = Runner(
-                references_dir(self.reports_dir),
+                self._references(),
                 server_logs=self.reports_dir / "server-logs",
                 emulate=self.option("compat_emulate"),
                 run_predicted_oom=self.option("compat_run_predicted_oom"),
+                lenient=self.option("compat_lenient"),
             )
         return self.runner
+
+    def _references(self) -> Path:
+        """This run's float32 references; a resumed run keeps using the folder of the run it resumes."""
+        root = references_dir(self.reports_dir)
+        if self.option("compat_resume"):
+            earlier = sorted(p for p in root.glob("*") if p.is_dir())
+            if earlier:
+                return earlier[-1]
+        return root / self.run_id
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_configure_node(self, node):
+        """pytest-xdist: each worker learns the run's id before it starts."""
+        node.workerinput["qwen_compat_run_id"] = self.run_id
 
     def run(self, cell: Cell) -> CellRun:
         start = time.perf_counter()
@@ -318,6 +342,7 @@ class CompatSession:
                 stderr_tail=r.stderr_tail[-2000:] if r.died else "",
                 output_text=r.generation.get("text"),
             )
+        record["unchecked"] = unchecked(record.get("measurements") or {})
         record["single_twin"] = cell.single_twin
         record["expectation"] = cell.expectation.__dict__
         record["definition"] = cell.definition()

@@ -208,10 +208,22 @@ def _new_cell(device: str, cell_id: str, record: dict) -> Change:
     return Change(device, cell_id, "new", "new cell", "", record["outcome"])
 
 
-def compare(baseline: Path, current: Path, memory_tol: float = 0.05, latency_tol: float | None = None) -> list[Change]:
-    """Every change between the two runs; `latency_tol` None: latency judged only with enough repeats."""
+def compare(
+    baseline: Path,
+    current: Path,
+    memory_tol: float = 0.05,
+    latency_tol: float | None = None,
+    unchecked_fails: bool = False,
+) -> list[Change]:
+    """Every change between the two runs; `latency_tol` None: latency judged only with enough repeats;
+    `unchecked_fails`: a pass whose drift or agreement had no twin to compare with is a regression."""
     changes: list[Change] = []
     base_run, cur_run = load_run(baseline, "baseline"), load_run(current, "current", changes)
+    for device, cells in cur_run.items():
+        for cell_id, record in cells.items():
+            if record.get("outcome") == "passed" and record.get("unchecked"):
+                kind = "regression" if unchecked_fails else "note"
+                changes.append(Change(device, cell_id, kind, "passed unchecked", "", "; ".join(record["unchecked"])))
     for device, base_cells in base_run.items():
         if device not in cur_run:
             changes.append(Change(device, "*", "regression", "device missing", f"{len(base_cells)} cells", "absent"))

@@ -91,6 +91,7 @@ def key_values(record: dict) -> dict[str, object]:
     values = {key: record.get(key) for key in CELL_KEYS}
     values["predicted_peak_mib"] = (record.get("prediction") or {}).get("predicted_peak_mib")
     values.update(flatten(record.get("measurements") or {}))
+    values["unchecked"] = "; ".join(record.get("unchecked") or []) or None
     return {key: value for key, value in values.items() if value is not None and value != ""}
 
 

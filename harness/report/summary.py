@@ -140,7 +140,9 @@ def _md(text) -> str:
 
 
 def _counts_text(cells: list[dict]) -> str:
-    return ", ".join(f"{k} {v}" for k, v in sorted(counts(cells).items()))
+    said = ", ".join(f"{k} {v}" for k, v in sorted(counts(cells).items()))
+    unchecked = sum(1 for c in cells if c.get("unchecked") and c.get("outcome") == "passed")
+    return said + (f" ({unchecked} passed with a check unchecked: no twin in the run)" if unchecked else "")
 
 
 def markdown(data: dict, stats: dict) -> str:
@@ -169,6 +171,8 @@ def markdown(data: dict, stats: dict) -> str:
         predicted = (c.get("prediction") or {}).get("predicted_peak_mib")
         plan = f"{predicted:.0f} ({_prediction_error(c)})" if predicted else ""
         message = _first_line(c.get("message")) if c.get("outcome") in (*FAILING, "skipped") else ""
+        if c.get("unchecked"):
+            message = (message + " " if message else "") + "unchecked: " + "; ".join(c["unchecked"])
         lines.append(
             f"| {c['id']} | {c.get('outcome')} | {c.get('category') or ''} | {peak} | {plan} | "
             f"{m.get('visual_tokens', '')} | {m.get('prefill_s', '')} | {_placement(c)} | "
@@ -276,6 +280,8 @@ def html_page(data: dict, stats: dict, reports_dir: Path = Path(".")) -> str:
                 extra = _failure_detail(c, tail_id, _server_log(c, reports_dir))
             elif outcome == "skipped":
                 extra = f"<div class='remedy'>{esc(c.get('message') or '')}</div>"
+            if c.get("unchecked"):
+                extra += f"<div class='unchecked'>unchecked: {esc('; '.join(c['unchecked']))}</div>"
             tds.append(
                 f"<td class='cell {esc(str(outcome))}' id='{esc(c['id'])}' title='{esc(c['id'])}' "
                 f"style='background:{COLOURS.get(outcome, '#fff')}'>"

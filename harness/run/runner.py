@@ -39,6 +39,7 @@ class Runner:
         env: dict | None = None,
         emulate: str | None = None,
         run_predicted_oom: bool = False,
+        lenient: bool = False,
         server_logs: Path | None = None,
     ):
         self.reference_dir = Path(reference_dir)
@@ -46,6 +47,7 @@ class Runner:
         self.env = {**os.environ, **(env or {})}
         self.emulate = emulate
         self.run_predicted_oom = run_predicted_oom
+        self.lenient = lenient
         self.starts = 0
         self._proc: subprocess.Popen | None = None
         self._ready = False
@@ -159,19 +161,23 @@ class Runner:
                 "server_logs": str(self.server_logs) if self.server_logs else None,
                 "emulate": self.emulate,
                 "run_predicted_oom": self.run_predicted_oom,
+                "lenient": self.lenient,
             }
         )
-        deadline_s, loading = cell.timeout_s, False
+        # The cell's own timeout starts when the worker says the cell starts ("cell"); what comes before (a
+        # fresh worker's imports, the memory plan, loading the model) is set-up, under load_timeout_s.
+        deadline_s, loading = cell.load_timeout_s, True
         while True:
             message = self._read(deadline_s)
             if message is None:
                 result = self._dead_worker(cell, loading)
                 break
-            if message.get("event") == "loading":  # loading has its own, longer, limit
-                deadline_s, loading = cell.load_timeout_s, True
+            event = message.get("event")
+            if event in ("loading", "loaded"):
+                loaded = loaded or event == "loaded"
                 continue
-            if message.get("event") == "loaded":  # the cell's own timeout covers inference only
-                deadline_s, loading, loaded = cell.timeout_s, False, True
+            if event == "cell":
+                deadline_s, loading = cell.timeout_s, False
                 continue
             result = WorkerResult(**scrub({k: v for k, v in message.items() if k in WorkerResult.__dataclass_fields__}))
             sticky = not result.ok and is_sticky(f"{result.error_message}\n{result.traceback}")
@@ -196,7 +202,8 @@ class Runner:
         self._kill()
         if alive:
             message = (
-                f"model load exceeded its load_timeout_s of {cell.load_timeout_s:g} s; the worker was killed"
+                f"the cell's set-up (memory plan, load) exceeded its load_timeout_s of {cell.load_timeout_s:g} s; "
+                "the worker was killed"
                 if loading
                 else f"cell exceeded its timeout of {cell.timeout_s:g} s; the worker was killed"
             )

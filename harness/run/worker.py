@@ -71,6 +71,7 @@ class Worker:
             server_logs=self.server_logs(request),
             emulate=request.get("emulate"),
             run_predicted_oom=request.get("run_predicted_oom", False),
+            lenient=request.get("lenient", False),
         )
         return self.backend(cell, context.server_logs).run(cell, context)
 

@@ -28,3 +28,4 @@ class RunContext:
     server_logs: Path  # where launched servers' logs are kept
     emulate: str | None = None
     run_predicted_oom: bool = False
+    lenient: bool = False  # a served cell's HTTP error is recorded as a skip (--compat-lenient), not a failure

@@ -299,6 +299,15 @@ ERROR_LINE = re.compile(r"^[\w.]*(?:Error|Exception)\b:?")  # a Python exception
 FAULT_SIGNALS = {"segfault": signal.SIGSEGV, "abort": signal.SIGABRT, "oom": signal.SIGKILL}
 
 
+# An engine saying it does not take an input at all (vLLM: "At most 0 video(s) may be provided in one
+# prompt"; others: "... is not supported", "does not support video"): a skip, not a failure.
+NOT_SUPPORTED = re.compile(
+    r"(video|image)s?\b[^\n]{0,80}\b(not supported|unsupported|not (?:yet )?implemented)|"
+    r"does(?: not|n't) support (?:\w+ )?(video|image|multimodal)|At most 0 (video|image)",
+    re.IGNORECASE,
+)
+
+
 class HTTPError(ServerError):
     """The server answered the request with an HTTP error status (its body is in the message)."""
 
@@ -435,13 +444,20 @@ class OpenAIBackend:
         try:
             if cell.fault is not None:
                 self._inject(cell.fault)
+            if context:
+                context.emit({"event": "cell"})  # the cell's timeout starts here, after the server's start
             with sampler or contextlib.nullcontext():
                 reply = self.client.run(cell)
         except (ServerError, EndpointUnreachable) as exc:
-            if cell.input == "video" and isinstance(exc, HTTPError):
-                return {"ok": False, "skipped_category": "input-mismatch", "skipped": self._declined(exc)}
+            if isinstance(exc, HTTPError):
+                said = self._declined(exc, cell.input)
+                # Only the engine's own "not supported" is a skip; any other error is a verdict, as in-process,
+                # unless the run asked to be lenient (--compat-lenient).
+                if NOT_SUPPORTED.search(said) or (context and context.lenient):
+                    return {"ok": False, "skipped_category": "input-mismatch", "skipped": said}
+                exc = ServerError(said)
             if self.server is None:
-                raise
+                raise exc from None
             time.sleep(0.2)  # a server that broke the connection by dying is reapable a moment later
             ended = self.server.ended()
             if ended:
@@ -467,10 +483,9 @@ class OpenAIBackend:
             },
         }
 
-    def _declined(self, exc: HTTPError) -> str:
-        """A server that answers a video with an HTTP error does not take videos: in its own words, its
-        answer and, for a launched server, the error its log ends with (the body of a 500 is often just
-        "Internal Server Error")."""
+    def _declined(self, exc: HTTPError, kind: str) -> str:
+        """The server's HTTP error in its own words: its answer and, for a launched server, the error its log
+        ends with (the body of a 500 is often just "Internal Server Error")."""
         time.sleep(0.2)  # the server logs the error after answering
         lines = self.server.log_tail().splitlines() if self.server else []
         starts = [i for i, line in enumerate(lines) if ERROR_LINE.match(line)]
@@ -479,7 +494,8 @@ class OpenAIBackend:
             if not line.strip() or (reason and line.startswith(("INFO:", "WARNING:", " "))):
                 break
             reason.append(line.strip())
-        return f"the server does not take this video ({exc}){': ' + ' '.join(reason) if reason else ''}"
+        what = "video" if kind == "video" else "request"
+        return f"the server answered this {what} with an error ({exc}){': ' + ' '.join(reason) if reason else ''}"
 
     def _inject(self, fault) -> None:
         """The matrix's `faults:` for a served cell (harness self-tests): the launched server is killed by

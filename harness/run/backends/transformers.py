@@ -250,6 +250,7 @@ class TransformersBackend:
             prompt=cell.prompt,
             **inputs.image_source(cell.image),
         )
+        context.emit({"event": "cell"})  # the cell's timeout starts here, after the set-up
         prepared = inference.prepare(self.processor, self.model, spec)  # inputs are not the cell's memory
         device_map = dict(getattr(self.model, "hf_device_map", None) or {"": 0 if kind != "cpu" else "cpu"})
         other_gpus = sorted({d for d in device_map.values() if isinstance(d, int)})[1:]
