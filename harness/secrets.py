@@ -26,11 +26,16 @@ TOKEN_SHAPES = re.compile(
 )
 
 
+# A setting, not a secret: a short lowercase word (RAY_AUTH_MODE=token, HF_TOKEN_PATH-like flags). Scrubbed,
+# it would be cut out of every text, harness keys included ("new_token_ids" -> "new_***_ids").
+PLAIN_WORD = re.compile(r"[a-z_-]{1,11}|\d{1,7}|true|false|none|null", re.IGNORECASE)
+
+
 def secret_values() -> list[str]:
     """Values of environment variables that hold secrets, longest first (to be scrubbed whole)."""
     found = set()
     for name, value in os.environ.items():
-        if len(value) < 4:
+        if len(value) < 4 or PLAIN_WORD.fullmatch(value):
             continue
         if SECRET_NAME.search(name):
             found.add(value)
@@ -48,12 +53,13 @@ def scrub_text(text: str, secrets: list[str] | None = None) -> str:
 
 
 def scrub(value, secrets: list[str] | None = None):
-    """Scrub every string anywhere in a JSON-able structure (keys included)."""
+    """Scrub every string anywhere in a JSON-able structure (keys included, by the shapes of tokens only:
+    the harness's own keys are names, never values)."""
     secrets = secret_values() if secrets is None else secrets
     if isinstance(value, str):
         return scrub_text(value, secrets)
     if isinstance(value, dict):
-        return {scrub(k, secrets): scrub(v, secrets) for k, v in value.items()}
+        return {scrub_text(k, []) if isinstance(k, str) else k: scrub(v, secrets) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [scrub(v, secrets) for v in value]
     return value

@@ -60,3 +60,14 @@ def test_an_absolute_path_pytest_takes_for_a_test_path_is_one_paragraph(pytester
     assert f"{option}={value}" in err and "Traceback" not in err
     ok = pytester.runpytest_subprocess(f"{option}={value}", "--collect-only", "-q")
     assert "tests/" not in ok.stdout.str() and "Traceback" not in ok.stderr.str()
+
+
+def test_a_setting_whose_name_looks_secret_does_not_eat_the_harness_keys(monkeypatch):
+    """Ray 2.60 sets RAY_AUTH_MODE=token: scrubbing 'token' everywhere turned new_token_ids into new_***_ids,
+    and every cell's verdict failed on a missing key."""
+    from harness.secrets import scrub
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("MY_API_KEY", "k3y-Value-1234567")
+    out = scrub({"new_token_ids": [1], "text": "token k3y-Value-1234567", "hf_abcdefghijklmnopqrstuvwxyz": 1})
+    assert out == {"new_token_ids": [1], "text": "token ***", "***": 1}
