@@ -114,6 +114,15 @@ def node_sessions() -> list[psutil.Process]:
     return found
 
 
+def test_each_card_and_family_asks_for_the_accelerator_type_ray_gives_it():
+    from harness.dispatch.ray import resource
+
+    assert resource("cpu") is None and resource("a10g") == "accelerator_type:A10G"
+    assert resource("v100-16gb") == resource("v100-32gb") == resource("v100") == "accelerator_type:V100"
+    # Ray labels every A100 A100; the sizes' own names are Ray's, added by hand (ray start --resources)
+    assert resource("a100-80gb") == "accelerator_type:A100-80G" and resource("a100") == "accelerator_type:A100"
+
+
 def test_bad_input_is_one_paragraph_before_any_cluster(project, tmp_path):
     folder = project(TWO_MODELS.replace("[cpu, a10g, t4]", "[cpu, a10x]"))
     head = fleet(folder, "127.0.0.1:1")

@@ -26,7 +26,7 @@ from harness.devices.host import detect_host
 from harness.dispatch import session
 from harness.dispatch.work import Chunk, Work
 from harness.errors import UserError
-from harness.matrix.gpus import table
+from harness.matrix.gpus import covers, table
 
 # Never shipped: reports and caches (Ray leaves out .git and .venv itself, and honours the .gitignore).
 EXCLUDES = ["/reports", "__pycache__", ".pytest_cache", ".hypothesis", ".benchmarks"]
@@ -159,30 +159,31 @@ def on_node(payload: Payload):
             "node_unusable": True,
         }
         return
-    device, env, extra, emulated = payload.device, {}, [], False
+    device, env, extra, emulated, card = payload.device, {}, [], False, payload.device
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU's cells never run on a GPU the node happens to have
     else:
         found = detect_host()
-        if found.key != device:
+        card = found.key  # a family's cells (v100) run as the node's size (v100-32gb)
+        if found.key not in table() or not covers(device, found.key):
             if found.key != "cpu" or not payload.allow_emulated:
-                card = "no GPU" if found.key == "cpu" else f"a {found.name} ({found.key})"
+                has = "no GPU" if found.key == "cpu" else f"a {found.name} ({found.key})"
                 yield {
                     "kind": "refused",
-                    "reason": f"{here} advertises {resource(device)} but has {card}; its cells would not "
+                    "reason": f"{here} advertises {resource(device)} but has {has}; its cells would not "
                     "describe the card (correct the node's --resources, or pass --emulated-accelerators to "
                     "run a card's cells on a CPU node on purpose)",
                     "node_unusable": False,
                 }
                 return
-            emulated = True
+            emulated, card = True, device
         gpus = len(ray.get_gpu_ids())
         if gpus > 1 and importlib.util.find_spec("xdist"):
             extra = ["-n", str(gpus), "--compat-gpu-per-worker"]
     spec = session.Spec(
         matrix=payload.matrix,
         device=device if device == "cpu" or emulated else "auto",
-        reports_key=device,
+        reports_key=card,
         node_ids=payload.node_ids,
         pytest_args=payload.pytest_args,
         extra_args=extra,

@@ -1,6 +1,9 @@
-"""The head's side of a fleet run: every cell that comes back is appended at once to `<reports>/<device>/`
-(so an interrupted head keeps all it received), with a progress line; at the end the JUnit reports of the
-device's sessions are merged, its summaries written, then the fleet view of the whole folder."""
+"""The head's side of a fleet run: every cell that comes back is appended at once to `<reports>/<card>/`
+(so an interrupted head keeps all it received), with a progress line per device of the matrix; at the end
+the JUnit reports of each folder's sessions are merged, its summaries written, then the fleet view.
+
+The folder is the card the cell ran as, as a pytest run on that node names it: a family's cells (`v100`)
+land in the folder of the size that ran them (`v100-32gb/`)."""
 
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from harness.dispatch import session
 from harness.dispatch.work import Chunk, Work
 from harness.errors import UserError
 from harness.matrix.cells import Cell
+from harness.matrix.gpus import table
 from harness.report import fleet
 from harness.report.gate import FAILING
 from harness.report.lock import RunLock
@@ -34,11 +38,11 @@ class FleetReports:
         self.started = time.monotonic()
         self.locks: list[RunLock] = []
         self.headers: dict[str, dict] = {}  # device -> what its results.json header adds (the fleet's facts)
-        self.results: dict[str, ResultsFile] = {}
-        self.progress: dict[str, Progress] = {}
-        self.junit: dict[str, list[str]] = {}
+        self.results: dict[str, ResultsFile] = {}  # by folder
+        self.stats: dict[str, Counter] = {}  # by folder
+        self.junit: dict[str, list[str]] = {}  # by folder
+        self.progress: dict[str, Progress] = {}  # by device
         self.outcomes: dict[str, Counter] = {device: Counter() for device in self.cells}
-        self.stats = {device: {"cells": 0, "model_loads": 0, "worker_starts": 0} for device in self.cells}
         self.not_run_count: Counter = Counter()
         self.notes: list[str] = []
 
@@ -46,7 +50,8 @@ class FleetReports:
     def lock(self) -> None:
         """The folder and each device's folder, as a pytest run takes it: a second run on either is refused."""
         try:
-            for folder in [self.root, *(self.root / device for device in self.cells)]:
+            cards = [size for device in self.cells for size in (table()[device].sizes or (device,))]
+            for folder in [self.root, *(self.root / card for card in dict.fromkeys(cards))]:
                 lock = RunLock(folder)
                 lock.acquire()
                 self.locks.append(lock)
@@ -61,34 +66,36 @@ class FleetReports:
 
     # -- what comes back (the scheduler's sink) ------------------------------------------------------
     def environment(self, device: str, environment: dict) -> None:
-        if device in self.results:  # a re-run elsewhere: the first session's header stays
-            return
-        results = ResultsFile(self.root / device / "results.json")
-        results.start({**environment, "fleet": self.headers.get(device, {})}, resume=False)
-        self.results[device] = results
-        self.progress[device] = Progress(
-            lambda line, d=device: print(f"{d}: {line}", flush=True),
-            color=self.color,
-            planned=self.cells[device],
-            started=self.started,
-        )
+        folder = environment["device"]
+        if folder not in self.results:  # a re-run elsewhere: the first session's header stays
+            results = ResultsFile(self.root / folder / "results.json")
+            results.start({**environment, "fleet": self.headers.get(device, {})}, resume=False)
+            self.results[folder], self.stats[folder] = results, Counter()
+        if device not in self.progress:
+            self.progress[device] = Progress(
+                lambda line, d=device: print(f"{d}: {line}", flush=True),
+                color=self.color,
+                planned=self.cells[device],
+                started=self.started,
+            )
 
     def cell(self, device: str, record: dict) -> None:
-        self.results[device].append(record)
+        folder = record["device"]
+        self.results[folder].append(record)
+        self.stats[folder].update(
+            cells=1, model_loads=bool(record.get("model_loaded")), worker_starts=bool(record.get("worker_started"))
+        )
         self.outcomes[device][record["outcome"]] += 1
         self.not_run_count[device] += bool(record.get("not_run"))
-        stats = self.stats[device]
-        stats["cells"] += 1
-        stats["model_loads"] += bool(record.get("model_loaded"))
-        stats["worker_starts"] += bool(record.get("worker_started"))
         self.progress[device].cell_done(record)
 
     def end(self, device: str, message: dict) -> None:
+        folder = message["reports_key"]
         if message.get("junit"):
-            self.junit.setdefault(device, []).append(message["junit"])
+            self.junit.setdefault(folder, []).append(message["junit"])
         if message.get("server_logs"):
             with tarfile.open(fileobj=io.BytesIO(message["server_logs"]), mode="r:gz") as tar:
-                tar.extractall(self.root / device / "server-logs", filter="data")
+                tar.extractall(self.root / folder / "server-logs", filter="data")
 
     def not_run(self, chunk: Chunk, reason: str) -> None:
         """Cells no node can run: a session on this machine records them as skipped with the reason."""
@@ -128,10 +135,11 @@ class FleetReports:
     # -- the end -----------------------------------------------------------------------------------
     def finish(self, interrupted: bool) -> None:
         wall_s = round(time.monotonic() - self.started, 2)
-        for device in self.results:
-            if self.junit.get(device):
-                write_report(self.root / device / "junit.xml", merge_junit(self.junit[device]), lost="junit.xml")
-            write_summaries(self.root / device, {**self.stats[device], "wall_s": wall_s, "interrupted": interrupted})
+        for folder in self.results:
+            if self.junit.get(folder):
+                write_report(self.root / folder / "junit.xml", merge_junit(self.junit[folder]), lost="junit.xml")
+            stats = {"cells": 0, "model_loads": 0, "worker_starts": 0, **self.stats[folder]}
+            write_summaries(self.root / folder, {**stats, "wall_s": wall_s, "interrupted": interrupted})
         if self.results:
             html_path, md_path = fleet.write([self.root], self.root)
             print(f"fleet view: {html_path} and {md_path}")

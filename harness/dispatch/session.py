@@ -33,7 +33,7 @@ STOP_GRACE_S = 15.0  # SIGTERM, then SIGKILL: the plugin writes its reports and 
 class Spec:
     matrix: str  # relative to the session's working directory (the shipped project)
     device: str  # the --compat-device value: a GPU table key, or auto on a node that has the card
-    reports_key: str  # the folder the session writes under its reports folder (the device's key)
+    reports_key: str  # the folder the session writes under its reports folder: the card it runs as
     node_ids: list[str]
     pytest_args: list[str] = field(default_factory=list)
     extra_args: list[str] = field(default_factory=list)
@@ -101,6 +101,7 @@ def run(spec: Spec, workdir: Path, poll_s: float = 0.5):
         junit = reports / spec.reports_key / "junit.xml"
         yield {
             "kind": "end",
+            "reports_key": spec.reports_key,
             "returncode": proc.returncode,
             "output_tail": log.read_text(errors="replace")[-3000:],
             "junit": junit.read_text() if junit.exists() else None,

@@ -1,5 +1,6 @@
 """What a fleet run has to do: the matrix's cells as pytest selects them (the user's -k/-m applied), per
-device, cut into chunks of one model each.
+device as the matrix names it (a card, or a family such as v100: any of its sizes), cut into chunks of
+one model each.
 
 A chunk never splits a model: its float32 references, its `single` placement twins and its in-process
 twins of served cells are compared on the node that ran them, and the model loads once there.
@@ -99,43 +100,37 @@ class _Collector:
 
     def __init__(self):
         self.items: list[tuple[str, Cell]] = []
+        self.seen: set[str] = set()
         self.positional: list[str] = []
 
     def pytest_collection_finish(self, session):
+        """Called once per device's collection; each keeps only that device's cells."""
         config = session.config
         if config.args_source == pytest.Config.ArgsSource.ARGS:
             self.positional = list(config.args)
         for item in session.items:
             cell = getattr(item, "callspec", None) and item.callspec.params.get("cell")
-            if isinstance(cell, Cell):
+            if isinstance(cell, Cell) and cell.id not in self.seen:  # a family's cells come with each size too
+                self.seen.add(cell.id)
                 self.items.append((item.nodeid, cell))
 
 
 def collect(matrix: str, project: Path, pytest_args: list[str]) -> Work:
-    """Expand and select the matrix's cells as a node's session will (in this process, collection only)."""
+    """Expand and select the matrix's cells as each device's sessions will: one collection per device of the
+    matrix, in this process, with that device as the host (a host's session deselects other cards' cells)."""
     check_pytest_args(pytest_args)
     relative = project_relative(matrix, project)
-    matrix_mod.load(matrix)  # bad input (an unknown device, a typo): one paragraph, before any cluster
+    loaded = matrix_mod.load(matrix)  # bad input (an unknown device, a typo): one paragraph, before any cluster
+    devices = list(dict.fromkeys(d for section in loaded.all_sections() for d in section.devices))
+    devices.sort(key=lambda d: not table()[d].sizes)  # families first: their cells go to any size's nodes
     collector = _Collector()
-    output = io.StringIO()
     cwd = os.getcwd()
     try:
         os.chdir(project)
-        args = ["--collect-only", "-q", "--compat-matrix", relative, "--compat-device", "cpu", *pytest_args]
-        with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
-            code = pytest.main(args, plugins=[collector])
+        for device in devices:
+            _collect_device(collector, relative, device, pytest_args, matrix)
     finally:
         os.chdir(cwd)
-    if code not in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
-        said = [line.removeprefix("ERROR: ") for line in output.getvalue().splitlines() if line.startswith("ERROR: ")]
-        if code == pytest.ExitCode.USAGE_ERROR and said:  # the plugin's (or pytest's) own paragraph
-            raise UserError(said[0])
-        tail = output.getvalue().strip()[-1500:]
-        raise UserError(
-            f"pytest could not collect the matrix's cells (exit {int(code)}): {tail}",
-            file=matrix,
-            fix="run `pytest --collect-only --compat-matrix MATRIX [args]` to see the same error and fix it.",
-        )
     for key in {cell.device for _, cell in collector.items}:
         gpu = table()[key]
         if gpu.is_gpu and not gpu.ray_accelerator:
@@ -151,6 +146,23 @@ def collect(matrix: str, project: Path, pytest_args: list[str]) -> Work:
         chunks=_chunks(collector.items),
         node_args=[a for a in pytest_args if a not in collector.positional],
     )
+
+
+def _collect_device(collector: _Collector, relative: str, device: str, pytest_args: list[str], matrix: str) -> None:
+    output = io.StringIO()
+    args = ["--collect-only", "-q", "--compat-matrix", relative, "--compat-device", device, *pytest_args]
+    with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+        code = pytest.main(args, plugins=[collector])
+    if code not in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+        said = [line.removeprefix("ERROR: ") for line in output.getvalue().splitlines() if line.startswith("ERROR: ")]
+        if code == pytest.ExitCode.USAGE_ERROR and said:  # the plugin's (or pytest's) own paragraph
+            raise UserError(said[0])
+        tail = output.getvalue().strip()[-1500:]
+        raise UserError(
+            f"pytest could not collect the matrix's cells (exit {int(code)}): {tail}",
+            file=matrix,
+            fix="run `pytest --collect-only --compat-matrix MATRIX [args]` to see the same error and fix it.",
+        )
 
 
 def _by_device(items: list[tuple[str, Cell]]) -> dict[str, list[Cell]]:
