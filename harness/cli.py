@@ -6,6 +6,7 @@ qwen-compat explain TEXT|FILE|-   classify an error text, log file or standard i
 qwen-compat gate --baseline DIR|NAME --current DIR   compare a run with a baseline (exit 1 on regression)
 qwen-compat report DIR...         merge many runners' reports into one fleet view
 qwen-compat export --format csv|jsonl|md DIR...   many runners' results as one table or JSON Lines
+qwen-compat fleet MATRIX --ray ADDRESS [--reports DIR] [PYTEST ARGS]   the matrix on a Ray cluster, by card
 qwen-compat plan MATRIX --device KEY [--json]   predicted peak memory of every cell of that device
 qwen-compat doctor [MATRIX]       this host's facts, and what the matrix will do here
 qwen-compat smoke --endpoint URL  a running server's release check (built-in matrix)
@@ -140,6 +141,12 @@ def _export(args) -> int:
 def _warn(line: str | None) -> None:
     if line:
         print(f"qwen-compat: {line}", file=sys.stderr)
+
+
+def _fleet(args) -> int:
+    from harness.dispatch import fleet
+
+    return fleet.run(args)
 
 
 def _quiet_transformers() -> None:
@@ -312,6 +319,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, choices=("csv", "jsonl", "md"))
     p.add_argument("--out", help="file to write (default: standard output)")
     p.set_defaults(func=_export)
+    p = sub.add_parser(
+        "fleet",
+        help="run a matrix on a Ray cluster: each device's cells on the nodes advertising its accelerator type",
+        allow_abbrev=False,  # a pytest option must never be taken for an abbreviation of one of these
+    )
+    p.add_argument("matrix")
+    p.add_argument("--ray", required=True, metavar="ADDRESS", help="the cluster (HOST:PORT), or local (in-process)")
+    p.add_argument("--reports", default="reports", help="reports folder; each device's go to <reports>/<device>/")
+    p.add_argument("--baseline", help="after the run, the release gate against this folder or baseline name")
+    p.add_argument("--memory-tolerance", default="5%", help="the gate's allowed rise of peak memory (default 5%%)")
+    p.add_argument("--latency-tolerance", help="the gate's allowed rise of TTFT (default: judged only with 3+ repeats)")
+    p.add_argument(
+        "--emulated-accelerators",
+        action="store_true",
+        help="let a CPU node that advertises a card run that card's cells (tests of placement; records say so)",
+    )
+    p.set_defaults(func=_fleet, pytest_args=[], takes_pytest_args=True)
     p = sub.add_parser("plan", help="predicted peak memory of every cell a matrix runs on one device")
     p.add_argument("matrix")
     p.add_argument("--device", required=True, help="GPU table key, or auto (this host's card)")
@@ -339,7 +363,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["run"]:  # argparse would take pytest's own options (-m, -k) for ours
         return _run(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # `fleet` passes what it does not know to pytest; any other command refuses it
+        if not getattr(args, "takes_pytest_args", False):
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.pytest_args = unknown
     try:
         return args.func(args)
     except (UserError, ReportWriteError) as err:

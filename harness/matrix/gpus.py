@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, replace
 from functools import cache
@@ -24,6 +25,7 @@ class Gpu:
     source: str
     family: str = ""  # the card without its size (v100 for v100-16gb); a row of its own is its own family
     sizes: tuple[str, ...] = ()  # a family's entry: the table keys of its sizes, smallest first
+    ray_accelerator: str | None = None  # the resource `accelerator_type:<name>` a Ray node with this card advertises
 
     @property
     def is_gpu(self) -> bool:
@@ -66,8 +68,16 @@ def table() -> dict[str, Gpu]:
             nvml_names=(),
             family=family,
             sizes=tuple(g.key for g in sizes),
+            ray_accelerator=_family_ray_name(sizes),
         )
     return cards
+
+
+def _family_ray_name(sizes: list[Gpu]) -> str | None:
+    """The accelerator type every size's Ray node has: Ray's own label where the sizes have their own
+    (A100 for A100-40G and A100-80G, which Ray adds to a node only in addition to A100)."""
+    names = sorted({g.ray_accelerator or "" for g in sizes})
+    return os.path.commonprefix(names).rstrip("-") or None
 
 
 def cards() -> dict[str, Gpu]:
