@@ -278,6 +278,15 @@ class CompatSession:
         return root / self.run_id
 
     @pytest.hookimpl(optionalhook=True)
+    def pytest_xdist_make_scheduler(self, config, log):
+        """--dist loadgroup: a model's cells on one worker, by the matrix's groups (see plugin/scheduling.py)."""
+        if not self.active or config.getoption("dist") != "loadgroup" or self._cells is None:
+            return None
+        from harness.plugin.scheduling import cell_group_scheduler
+
+        return cell_group_scheduler(config, log, {c.id: c.xdist_group for c in self._cells})
+
+    @pytest.hookimpl(optionalhook=True)
     def pytest_configure_node(self, node):
         """pytest-xdist: each worker learns the run's id before it starts."""
         node.workerinput["qwen_compat_run_id"] = self.run_id
