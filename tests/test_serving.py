@@ -7,17 +7,20 @@ stand-in servers answer the way vLLM does when it fails (an error body, a stream
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import psutil
 import pytest
 
-from harness.engines.server import ServerStartError, engine_memory, free_port
+from harness.engines.server import Server, ServerStartError, engine_memory, free_port
 from harness.engines.templates import TEMPLATES, EngineMissing, Unsupported, launch_args, user_command
 from harness.errors import UserError
 from harness.run.backends.openai import (
@@ -487,36 +490,78 @@ def test_a_video_the_server_does_not_take_is_skipped_in_its_own_words(served, ti
     )
 
 
-def test_a_launched_server_dies_with_the_process_that_launched_it(tmp_path):
-    """A worker killed after a timeout must not leave its server running (and holding the card)."""
+WRAPPED_SERVER = (
+    "bash -c '{setsid}{python} -m http.server --bind 127.0.0.1 {port} & wait'"  # a shell wrapper and what it runs
+)
+
+
+def _gone(pid: int, timeout_s: float = 15.0) -> bool:
+    """The process has ended (a zombie that a container's first process does not reap has ended too)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_a_launched_server_of_several_processes_dies_with_the_process_that_launched_it(tmp_path):
+    """A worker killed after a timeout (or pytest killed) must not leave its server running, holding the card
+    and the port: PR_SET_PDEATHSIG reaches only the shell, and the server it runs outlived it."""
+    import shlex
     import subprocess
 
+    command = WRAPPED_SERVER.format(setsid="", python=sys.executable, port="{port}")
     launcher = subprocess.Popen(
         [
             sys.executable,
             "-c",
-            "import sys, time\n"
+            "import shlex, sys, time\n"
             "from harness.engines.server import Server, free_port\n"
-            "command = [sys.executable, '-m', 'http.server', '--bind', '127.0.0.1', '{port}']\n"
             "port = free_port()\n"
-            f"server = Server([w.format(port=port) for w in command], host='127.0.0.1', port=port, "
-            f"log_path='{tmp_path}/server.log', ready_path='/')\n"
+            f"argv = [w.format(port=port) for w in shlex.split({command!r})]\n"
+            f"server = Server(argv, host='127.0.0.1', port=port, log_path={str(tmp_path / 'server.log')!r}, "
+            "ready_path='/')\n"
             "server.start()\n"
-            "print(server.proc.pid, flush=True)\n"
-            "time.sleep(60)\n",
+            "print(server.proc.pid, port, flush=True)\n"
+            "time.sleep(120)\n",
         ],
         stdout=subprocess.PIPE,
         text=True,
     )
-    server_pid = int(launcher.stdout.readline())
-    launcher.kill()
-    launcher.wait()
-    time.sleep(0.5)
-    try:  # gone, or a zombie waiting for an init that does not reap
-        state = next(line for line in open(f"/proc/{server_pid}/status") if line.startswith("State:"))
-        assert "zombie" in state
-    except FileNotFoundError:
-        pass
+    shell, port = (int(word) for word in launcher.stdout.readline().split())
+    tree = [psutil.Process(shell), *psutil.Process(shell).children()]  # the shell, and the python that listens
+    try:
+        launcher.kill()  # SIGKILL: no handler, no finally, nothing of the launcher runs
+        launcher.wait()
+        assert all(_gone(process.pid) for process in tree), [shlex.join(p.cmdline()) for p in tree]
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as a server binds it (TIME_WAIT is no use)
+            probe.bind(("127.0.0.1", port))  # the port is free again
+    finally:
+        for process in tree:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+
+
+def test_stopping_a_server_stops_a_process_of_its_tree_that_left_its_group(tmp_path):
+    import shlex
+
+    port = free_port()
+    command = WRAPPED_SERVER.format(setsid="setsid ", python=sys.executable, port=port)
+    server = Server(shlex.split(command), host="127.0.0.1", port=port, log_path=tmp_path / "s.log", ready_path="/")
+    server.start()
+    (detached,) = psutil.Process(server.proc.pid).children()  # setsid: a session, and a group, of its own
+    assert os.getpgid(detached.pid) != server.proc.pid
+    try:
+        server.stop()
+        assert _gone(detached.pid) and not server.alive()
+    finally:
+        with contextlib.suppress(psutil.Error):
+            detached.kill()
 
 
 # --- through the whole harness: matrix -> cells -> runner -> worker -> backend -> verdict -> reports ----------

@@ -1,9 +1,10 @@
 """A server the harness launches: start it, wait until it is ready, watch it, measure it, stop it.
 
 One server per group, on 127.0.0.1 and a free port. Its stdout and stderr go to a log file that is
-kept (the tail goes into every failure it causes). It runs in a session of its own, so stopping it
-stops its whole process tree (vLLM's engine core, tensor-parallel workers), and it is killed by the
-kernel if the process that launched it dies. Readiness is its own
+kept (the tail goes into every failure it causes). It runs in a session of its own, and stopping it
+stops its process group and every process of its tree (a shell wrapper's children, vLLM's engine core,
+tensor-parallel workers, one that made a session of its own); when the process that launched it dies,
+however it dies, its reaper (harness/engines/reaper.py) does the same. Readiness is its own
 route answering 200 within the start-up timeout; a server that exits or never becomes ready is one
 `ServerStartError` carrying the log tail.
 
@@ -29,8 +30,11 @@ from pathlib import Path
 
 import httpx
 
+from harness.engines import reaper
+
 LOG_TAIL_CHARS = 4000
 MIB = 2**20
+STOP_GRACE_S = 10.0  # between SIGTERM and SIGKILL
 
 
 class ServerStartError(RuntimeError):
@@ -78,6 +82,7 @@ class Server:
         self.ready_path, self.startup_timeout_s = ready_path, startup_timeout_s
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
+        self.reaper: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
@@ -103,11 +108,13 @@ class Server:
                 raise ServerStartError(
                     f"the server command could not start: {exc}\n$ {shlex.join(self.argv)}"
                 ) from None
+        self.reaper = reaper.start(self.proc.pid, STOP_GRACE_S)
         deadline = start + self.startup_timeout_s
         with httpx.Client(timeout=httpx.Timeout(2.0)) as http:
             while True:
                 code = self.proc.poll()
                 if code is not None:
+                    self.stop()  # what the server started may outlive it
                     raise ServerStartError(self.failure(f"the server {_describe_exit(code)} while starting"))
                 try:
                     if http.get(self.url + self.ready_path).status_code == 200:
@@ -152,24 +159,21 @@ class Server:
         except OSError:
             return ""
 
-    def stop(self, grace_s: float = 10.0) -> None:
-        """SIGTERM to the server's process group, SIGKILL after `grace_s`."""
+    def stop(self, grace_s: float = STOP_GRACE_S) -> None:
+        """SIGTERM to the server's process group and its whole tree, SIGKILL after `grace_s`; then its reaper
+        goes, after stopping any process it saw that is still running (one left behind by a parent that died)."""
         if self.proc is None:
             return
-        if self.proc.poll() is None:
+        descendants = reaper.snapshot(self.proc.pid)[1:]  # found through the leader, while it lives
+        reaper.terminate(self.proc.pid, descendants, grace_s, leader=self.proc)
+        if self.reaper:
+            self.reaper.stdin.close()
             try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout=grace_s)
+                self.reaper.wait(timeout=grace_s + 10)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-            except ProcessLookupError:
-                self.proc.wait()
-        else:  # the leader is gone; children left in its group must go too
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+                self.reaper.kill()
+                self.reaper.wait()
+            self.reaper = None
 
     # -- memory ---------------------------------------------------------------------------------------
     def tree(self) -> list[int]:
