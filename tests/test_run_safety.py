@@ -8,6 +8,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -186,10 +187,12 @@ def test_a_full_disk_stops_the_run_with_one_paragraph_and_leaves_valid_files(sui
 
 
 @pytest.fixture
-def full_disk(tmp_path):
-    """A folder on a 40 KiB tmpfs, already full: every write there fails with ENOSPC, as on a full disk."""
-    disk = tmp_path / "full"
+def full_disk():
+    """A folder on a 40 KiB tmpfs, already full: every write there fails with ENOSPC, as on a full disk. Mounted
+    outside pytest's temporary folders, which another pytest run may move away while it is mounted."""
+    disk = Path(tempfile.mkdtemp(prefix="qwen-compat-full-disk-"))
     if not _mount_tmpfs(disk, "40k"):
+        disk.rmdir()
         pytest.skip("mounting a tiny tmpfs needs root with CAP_SYS_ADMIN (CI has it)")
     try:
         with contextlib.suppress(OSError), open(disk / "filler", "wb") as f:
@@ -197,6 +200,7 @@ def full_disk(tmp_path):
         yield disk
     finally:
         subprocess.run(["umount", str(disk)])
+        disk.rmdir()
 
 
 def test_a_reference_that_does_not_fit_on_the_disk_leaves_no_truncated_file(full_disk, tiny_cell):
