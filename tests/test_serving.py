@@ -321,6 +321,28 @@ def test_an_answer_still_streaming_at_the_cells_timeout_is_a_timeout(stand_in, t
         Client(Endpoint(server.url)).run(tiny_cell(timeout_s=0.5))
 
 
+def test_a_server_that_sends_no_usage_has_its_tokens_counted_from_the_stream(stand_in, tiny_cell):
+    """The audit's case: text came back, no `usage` chunk, and every cell failed as "no new token"."""
+    from harness.judge.result import WorkerResult
+    from harness.judge.verdict import judge
+
+    chunks = [_chunk("A"), _chunk(" cat"), _chunk(" sits"), _chunk(finish="length")]
+    server = stand_in(lambda h: _events(h, chunks))
+    record = OpenAIBackend(Target(endpoint=server.url), log_dir=None).run(tiny_cell())
+    m = record["measurements"]
+    assert record["generation"]["text"] == "A cat sits" and record["generation"]["output_tokens"] == 3
+    assert m["output_tokens_source"] == "text chunks" and "sent no usage" in m["tokens_note"]
+    assert m["input_tokens"] is None and m["decode_tokens_per_s"] > 0
+    served = WorkerResult(ok=True, generation=record["generation"], measurements=m)
+    assert judge(tiny_cell(backend="openai"), served).outcome == "passed"
+    silent = stand_in(lambda h: _events(h, [_chunk(finish="stop")]))  # nothing at all came back: that is a failure
+    reply = OpenAIBackend(Target(endpoint=silent.url), log_dir=None).run(tiny_cell())
+    verdict = judge(
+        tiny_cell(backend="openai"), WorkerResult(ok=True, **{k: reply[k] for k in ("generation", "measurements")})
+    )
+    assert verdict.category == "numerical" and "no new token" in verdict.message
+
+
 def test_an_unreachable_endpoint_is_one_paragraph_naming_it(tiny_cell):
     url = f"http://127.0.0.1:{free_port()}/v1"
     backend = OpenAIBackend(Target(endpoint=url, matrix_file="release.yaml"), log_dir=None)

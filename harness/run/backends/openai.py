@@ -5,8 +5,10 @@ as base64 data URLs: images as lossless PNG `image_url` parts, a video as one `v
 vLLM's frame-sequence form (`data:video/jpeg;base64,<frame>,<frame>,...`). Decoding is greedy
 (temperature 0, a fixed seed) and streamed, so time to first token and the decode rate come from
 the arrival of the chunks; token counts come from the final `usage` (asked for with
-`stream_options.include_usage`), token log-probabilities from `logprobs` where the server returns
-them. httpx, with a connect timeout per endpoint and the cell's own timeout for reading.
+`stream_options.include_usage`), or, from a server that sends none, from the stream itself (its
+log-probabilities, one per token, or its chunks that carry text), said so in the measurements;
+token log-probabilities from `logprobs` where the server returns them. httpx, with a connect timeout
+per endpoint and the cell's own timeout for reading.
 
 Failures keep what the server said: an HTTP error keeps its status and body, a stream that ends
 before a `finish_reason` is an error, and an endpoint that cannot be reached is one paragraph naming
@@ -78,14 +80,27 @@ class Reply:
     decode_tokens_per_s: float | None
     request_s: float
     logprobs: list[dict] = field(default_factory=list)  # per token: token, logprob, top {token: logprob}
+    output_tokens_source: str = "usage"  # usage | logprobs | text chunks (a server that sent no usage)
 
     def measurements(self) -> dict:
         return {
             "input_tokens": self.input_tokens,
             "output_tokens": self.output_tokens,
+            **self._counted(),
             "prefill_s": _round(self.prefill_s, 4),
             "decode_tokens_per_s": _round(self.decode_tokens_per_s, 2),
             "request_s": round(self.request_s, 4),
+        }
+
+    def _counted(self) -> dict:
+        """How the output tokens were counted, where the server sent no usage."""
+        if self.output_tokens_source == "usage":
+            return {}
+        each = "" if self.output_tokens_source == "logprobs" else " (about one token each)"
+        return {
+            "output_tokens_source": self.output_tokens_source,
+            "tokens_note": f"the server sent no usage: output tokens counted from the stream's "
+            f"{self.output_tokens_source}{each}; input and visual tokens unknown",
         }
 
 
@@ -237,7 +252,7 @@ def _read_stream(lines, start: float, timeout_s: float, hide) -> Reply:
     text, logprobs = [], []
     first = last = None
     finish = usage = None
-    chunks = 0
+    chunks = text_chunks = 0
     for line in lines:
         if not line.startswith("data:"):
             continue
@@ -261,6 +276,7 @@ def _read_stream(lines, start: float, timeout_s: float, hide) -> Reply:
                 first = first or now
                 last = now
                 text.append(piece)
+                text_chunks += 1
             for entry in (choice.get("logprobs") or {}).get("content") or ():
                 logprobs.append(
                     {
@@ -277,9 +293,10 @@ def _read_stream(lines, start: float, timeout_s: float, hide) -> Reply:
             "no finish_reason"
         )
     usage = usage or {}
-    output_tokens = usage.get("completion_tokens")
-    steps = output_tokens if output_tokens is not None else len(logprobs) or None
-    rate = (steps - 1) / (last - first) if steps and steps > 1 and last > first else None
+    output_tokens, source = usage.get("completion_tokens"), "usage"
+    if output_tokens is None:  # no usage chunk: what the stream itself shows
+        output_tokens, source = (len(logprobs), "logprobs") if logprobs else (text_chunks, "text chunks")
+    rate = (output_tokens - 1) / (last - first) if output_tokens > 1 and first and last > first else None
     return Reply(
         text="".join(text),
         finish_reason=finish,
@@ -289,6 +306,7 @@ def _read_stream(lines, start: float, timeout_s: float, hide) -> Reply:
         decode_tokens_per_s=rate,
         request_s=end - start,
         logprobs=logprobs,
+        output_tokens_source=source,
     )
 
 
