@@ -385,6 +385,31 @@ def test_the_api_key_comes_from_the_environment_and_reaches_no_record(stand_in, 
         backend.run(tiny_cell())
 
 
+def test_the_key_api_key_env_names_is_scrubbed_whatever_the_variables_name(stand_in, tiny_cell, tmp_path, monkeypatch):
+    """The audit's case: a variable whose name looks like nothing secret, and a server that echoes its value."""
+    import dataclasses
+
+    from harness.run.runner import Runner
+
+    secret = "gw-4f9a2c7e1b5d"
+    monkeypatch.setenv("RELEASE_GATE", secret)
+
+    def echo(handler):
+        usage = {"prompt_tokens": 12, "completion_tokens": 2, "total_tokens": 14}
+        _events(handler, [_chunk(f"key {secret}"), _chunk(finish="length", usage=usage)])
+
+    server = stand_in(echo)
+    cell = tiny_cell(backend="openai", serving={"endpoint": server.url, "api_key_env": "RELEASE_GATE"})
+    runner = Runner(tmp_path / "references")
+    try:
+        result = runner.run(cell)
+    finally:
+        runner.close()
+    assert server.headers["Authorization"] == f"Bearer {secret}"  # the key was used
+    assert result.ok and result.generation["text"] == "key ***"
+    assert secret not in json.dumps(dataclasses.asdict(result))
+
+
 def test_the_request_carries_the_cells_pixels_and_greedy_decoding(tiny_cell):
     body = chat_body(tiny_cell(input="images", max_pixels=12544), "m")
     parts = body["messages"][0]["content"]

@@ -22,7 +22,7 @@ from pathlib import Path
 from harness.judge.failures import is_sticky
 from harness.judge.result import STDERR_TAIL_CHARS, WorkerResult
 from harness.matrix.cells import Cell
-from harness.secrets import scrub
+from harness.secrets import scrub, secret_values
 
 STARTUP_TIMEOUT_S = 600.0
 
@@ -173,7 +173,8 @@ class Runner:
             if message.get("event") == "loaded":  # the cell's own timeout covers inference only
                 deadline_s, loading, loaded = cell.timeout_s, False, True
                 continue
-            result = WorkerResult(**scrub({k: v for k, v in message.items() if k in WorkerResult.__dataclass_fields__}))
+            fields = {k: v for k, v in message.items() if k in WorkerResult.__dataclass_fields__}
+            result = WorkerResult(**scrub(fields, _secrets(cell)))
             sticky = not result.ok and is_sticky(f"{result.error_message}\n{result.traceback}")
             if sticky and cell.backend == "transformers":  # a server's CUDA error is the server's (it is replaced)
                 self._kill()  # the CUDA context is poisoned: the next cell gets a fresh worker
@@ -192,7 +193,7 @@ class Runner:
         if alive:
             self._proc.kill()
         code = self._proc.wait()
-        tail = scrub(self._stderr_tail())
+        tail = scrub(self._stderr_tail(), _secrets(cell))
         self._kill()
         if alive:
             message = (
@@ -210,3 +211,9 @@ class Runner:
             else f"worker exited with code {code} while running the cell"
         )
         return WorkerResult(returncode=code, signal_name=name, stderr_tail=tail, error_message=message)
+
+
+def _secrets(cell: Cell) -> list[str]:
+    """What to scrub from what came back for a cell: the usual secrets, and the key its server is reached with,
+    whatever the name of the variable that holds it (a server may echo it, in an error or an answer)."""
+    return secret_values([(cell.serving or {}).get("api_key_env")] if cell.serving else [])

@@ -38,6 +38,7 @@ from harness.judge.failures import is_sticky
 from harness.matrix import inputs
 from harness.matrix.cells import Cell
 from harness.run.backends import RunContext
+from harness.secrets import scrub, scrub_text, secret_values
 
 HOST = "127.0.0.1"  # launched servers listen here only
 SEED = 0
@@ -192,7 +193,7 @@ class Client:
 
     def _hide_key(self, text: str) -> str:
         key = self._key()
-        return text.replace(key, "***") if key else text
+        return scrub_text(text, [key]) if key else text
 
     def _unreachable(self, exc: Exception) -> EndpointUnreachable:
         return EndpointUnreachable(
@@ -468,22 +469,25 @@ class OpenAIBackend:
             if "exceeded its timeout" in message or is_sticky(message):
                 self.stop()  # a hung or poisoned server is replaced for the next cell
             raise ServerError(message) from None
-        return {
-            "ok": True,
-            "generation": {
-                "text": reply.text,
-                "output_tokens": reply.output_tokens,
-                "finish_reason": reply.finish_reason,
-                "logprobs": reply.logprobs,
+        return scrub(  # an answer may echo the key
+            {
+                "ok": True,
+                "generation": {
+                    "text": reply.text,
+                    "output_tokens": reply.output_tokens,
+                    "finish_reason": reply.finish_reason,
+                    "logprobs": reply.logprobs,
+                },
+                "measurements": {
+                    **reply.measurements(),
+                    "visual_tokens": self._visual_tokens(cell, reply.input_tokens),
+                    "load_s": round(load_s, 4),
+                    **self._memory(cell, sampler, source),
+                    **(agreement.compare(cell, reply.text, context.reference_dir) if context else {}),
+                },
             },
-            "measurements": {
-                **reply.measurements(),
-                "visual_tokens": self._visual_tokens(cell, reply.input_tokens),
-                "load_s": round(load_s, 4),
-                **self._memory(cell, sampler, source),
-                **(agreement.compare(cell, reply.text, context.reference_dir) if context else {}),
-            },
-        }
+            secret_values([self.client.endpoint.api_key_env]),
+        )
 
     def _declined(self, exc: HTTPError) -> str:
         """A server that answers a video with an HTTP error does not take videos: in its own words, its
