@@ -153,6 +153,57 @@ def test_resume_refuses_cells_whose_definition_changed(suite, matrix_file):
     assert "2 recorded cells changed" in said and "max_new_tokens" in said and "Fix:" in said
 
 
+def test_the_lock_lives_with_the_reports_so_a_run_with_another_temporary_directory_is_refused(tmp_path):
+    """As a second container or host sharing the reports folder would be: nothing but the folder is shared."""
+    from harness.report.lock import RunLock
+
+    lock = RunLock(tmp_path / "reports" / "cpu")
+    lock.acquire()
+    try:
+        assert (tmp_path / "reports" / ".qwen-compat-cpu.lock").is_file()  # at the root, not in what CI uploads
+        other_tmp = tmp_path / "other-tmp"
+        other_tmp.mkdir()
+        second = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import sys\nfrom harness.report.lock import RunLock\nRunLock(sys.argv[1]).acquire()",
+                str(tmp_path / "reports" / "cpu"),
+            ],
+            env={**os.environ, "TMPDIR": str(other_tmp)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert second.returncode != 0 and f"pid {os.getpid()}" in second.stderr and "UserError" in second.stderr
+        assert RunLock(tmp_path / "reports" / "a10g").acquire() is None  # another device's folder is free
+    finally:
+        lock.release()
+    assert not (tmp_path / "reports" / ".qwen-compat-cpu.lock").exists()
+
+
+def test_a_lock_left_by_a_dead_run_is_taken_only_where_its_death_can_be_seen(tmp_path):
+    import json
+
+    from harness.errors import UserError
+    from harness.report import lock as lock_mod
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    path = tmp_path / "reports" / ".qwen-compat-cpu.lock"
+    path.parent.mkdir()
+    left = {"pid": dead.pid, **lock_mod._machine(), "started": 1.0}
+    path.write_text(json.dumps(left))  # a run on this host killed by SIGKILL
+    taken = lock_mod.RunLock(tmp_path / "reports" / "cpu")
+    taken.acquire()
+    assert json.loads(path.read_text())["pid"] == os.getpid()
+    taken.release()
+    path.write_text(json.dumps({**left, "host": "runner-7"}))  # another host's: nothing here can check it
+    with pytest.raises(UserError) as err:
+        lock_mod.RunLock(tmp_path / "reports" / "cpu").acquire()
+    assert "runner-7" in str(err.value) and str(path) in str(err.value) and "Fix:" in str(err.value)
+
+
 def _mount_tmpfs(folder: Path, size: str) -> bool:
     folder.mkdir(parents=True, exist_ok=True)
     return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)]).returncode == 0
