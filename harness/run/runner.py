@@ -4,7 +4,9 @@ ends one cell, never the run.
 `Runner` (imported by the pytest process; never imports torch) starts one worker (`python -m
 harness.run.worker`, a fresh interpreter, never a fork), sends it cells as JSON lines, waits with the
 cell's timeout (the model load, announced by the worker, has its own), and replaces the worker
-only after a crash, a timeout, or an error that poisons the worker's CUDA context.
+only after a crash, a timeout, or an error that poisons the worker's CUDA context. Each worker has a
+temporary folder of its own (its TMPDIR: offloaded weights, servers' scratch), removed when the worker
+ends however it ends.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +25,7 @@ from pathlib import Path
 from harness.judge.failures import is_sticky
 from harness.judge.result import STDERR_TAIL_CHARS, WorkerResult
 from harness.matrix.cells import Cell
+from harness.run.worker import WORKER_TMP_PREFIX
 from harness.secrets import scrub, secret_values
 
 STARTUP_TIMEOUT_S = 600.0
@@ -53,6 +57,7 @@ class Runner:
         self._eof = False
         self.start_error: str | None = None
         self._stderr = None
+        self._tmp: str | None = None  # the worker's own TMPDIR
 
     # -- process management -------------------------------------------------------------------
     def prestart(self) -> None:
@@ -62,12 +67,13 @@ class Runner:
 
     def _spawn(self) -> None:
         self._stderr = tempfile.TemporaryFile(mode="w+b")
+        self._tmp = tempfile.mkdtemp(prefix=WORKER_TMP_PREFIX)  # removed with the worker, even one killed
         self._proc = subprocess.Popen(
             self.command,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._stderr,
-            env=self.env,
+            env={**self.env, "TMPDIR": self._tmp},
         )
         self.starts += 1
         self._ready = False
@@ -99,6 +105,7 @@ class Runner:
             self._proc.stdin.close()
             self._proc.stdout.close()
             self._stderr.close()
+            shutil.rmtree(self._tmp, ignore_errors=True)
         self._proc = None
 
     def close(self, now: bool = False) -> None:
