@@ -23,6 +23,7 @@ import pytest
 from harness.engines.server import Server, ServerStartError, engine_memory, free_port
 from harness.engines.templates import TEMPLATES, EngineMissing, Unsupported, launch_args, user_command
 from harness.errors import UserError
+from harness.judge.failures import classify
 from harness.run.backends.openai import (
     Client,
     Endpoint,
@@ -489,8 +490,28 @@ def test_a_server_killed_mid_cell_is_a_crash_with_its_log_and_the_next_cell_gets
     text = str(err.value)
     assert "the server was killed by signal 9 (SIGKILL) while running the cell" in text
     assert "--- server log (tail) ---" in text and "Uvicorn running on" in text
+    # nobody ran out of memory (the kernel's OOM killer did nothing): a SIGKILL alone is no evidence of it
+    assert "with no out-of-memory evidence" in text and classify(text).category == "crash"
     record = served.run(tiny_cell(resolution="224x224"))
     assert served.server.proc.pid != first and record["measurements"]["load_s"] > 0
+
+
+def test_a_server_killed_by_sigkill_is_out_of_memory_where_the_oom_killer_acted(tmp_path, monkeypatch):
+    import subprocess
+
+    from harness.engines import server as server_mod
+
+    killed = Server(["sleep", "30"], host="127.0.0.1", port=0, log_path=tmp_path / "log")
+    killed.proc = subprocess.Popen(["sleep", "30"])
+    killed._oom_kills = 4
+    killed.proc.kill()
+    killed.proc.wait()
+    monkeypatch.setattr(server_mod, "oom_kills", lambda: 5)  # the kernel's count moved while the server ran
+    said = f"the server {killed.ended()} while running the cell{killed.kill_evidence()}: connection broke"
+    assert "OOM killer killed 1 process(es) meanwhile" in said and classify(said).category == "out-of-memory"
+    monkeypatch.setattr(server_mod, "oom_kills", lambda: 4)
+    said = f"the server {killed.ended()} while running the cell{killed.kill_evidence()}: connection broke"
+    assert classify(said).category == "crash"
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ into named figures: an engine that preallocates a fraction of the card makes any
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -57,6 +58,41 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def _cgroup_oom_files() -> list[Path]:
+    """Where this process's memory cgroup counts its OOM kills: cgroup v2 `memory.events`, v1
+    `memory.oom_control`, at the path /proc/self/cgroup names or, in a container that mounts its own cgroup
+    at the root, there."""
+    found = []
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if controllers == "":
+                found += [
+                    Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.events",
+                    Path("/sys/fs/cgroup/memory.events"),
+                ]
+            elif "memory" in controllers.split(","):
+                root = Path("/sys/fs/cgroup/memory")
+                found += [root / path.lstrip("/") / "memory.oom_control", root / "memory.oom_control"]
+    return list(dict.fromkeys(found))
+
+
+def _count(path: Path, prefix: str = "oom_kill ") -> int | None:
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        return int(next(line for line in path.read_text().splitlines() if line.startswith(prefix)).split()[1])
+    return None
+
+
+def oom_kills() -> int | None:
+    """How many processes the kernel's OOM killer has killed: on the host (/proc/vmstat, Linux 4.13+) plus in this
+    process's memory cgroup (where a container's limit is enforced); None where neither can be read. A SIGKILL is
+    out of memory only where this count moved."""
+    host = _count(Path("/proc/vmstat"))
+    group = next((n for n in map(_count, _cgroup_oom_files()) if n is not None), None)
+    counts = [n for n in (host, group) if n is not None]
+    return sum(counts) if counts else None
+
+
 def _describe_exit(code: int) -> str:
     if code < 0:
         return f"was killed by signal {-code} ({signal.Signals(-code).name})"
@@ -83,6 +119,7 @@ class Server:
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
         self.reaper: subprocess.Popen | None = None
+        self._oom_kills: int | None = None  # the OOM killer's count when the server started
 
     @property
     def url(self) -> str:
@@ -91,6 +128,7 @@ class Server:
     def start(self) -> float:
         """Start the server and wait until its readiness route answers 200; returns the seconds it took."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._oom_kills = oom_kills()
         start = time.perf_counter()
         with open(self.log_path, "ab") as log:
             log.write(f"$ {shlex.join(self.argv)}\n".encode())
@@ -143,6 +181,18 @@ class Server:
         if self.proc is None or self.proc.poll() is None:
             return None
         return _describe_exit(self.proc.returncode)
+
+    def kill_evidence(self) -> str:
+        """For a server killed by SIGKILL: whether the kernel's OOM killer acted since it started (the evidence of
+        out of memory), said in the words the failure catalog reads; "" for any other end."""
+        if self.proc is None or self.proc.returncode != -signal.SIGKILL:
+            return ""
+        now = oom_kills()
+        if now is None or self._oom_kills is None:
+            return ", with no out-of-memory evidence (the kernel's OOM-killer counts cannot be read here)"
+        if now > self._oom_kills:
+            return f"; the kernel's OOM killer killed {now - self._oom_kills} process(es) meanwhile (oom_kill)"
+        return ", with no out-of-memory evidence (the kernel's oom_kill counts did not move)"
 
     def log_tail(self, chars: int = LOG_TAIL_CHARS) -> str:
         try:

@@ -464,7 +464,8 @@ class OpenAIBackend:
             time.sleep(0.2)  # a server that broke the connection by dying is reapable a moment later
             ended = self.server.ended()
             if ended:
-                raise ServerCrashed(self.server.failure(f"the server {ended} while running the cell: {exc}")) from None
+                how = f"the server {ended} while running the cell{self.server.kill_evidence()}: {exc}"
+                raise ServerCrashed(self.server.failure(how)) from None
             message = self.server.failure(str(exc))
             if "exceeded its timeout" in message or is_sticky(message):
                 self.stop()  # a hung or poisoned server is replaced for the next cell
