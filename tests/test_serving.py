@@ -24,16 +24,9 @@ from harness.engines.server import Server, ServerStartError, engine_memory, free
 from harness.engines.templates import TEMPLATES, EngineMissing, Unsupported, launch_args, user_command
 from harness.errors import UserError
 from harness.judge.failures import classify
-from harness.run.backends.openai import (
-    Client,
-    Endpoint,
-    EndpointUnreachable,
-    OpenAIBackend,
-    ServerCrashed,
-    ServerError,
-    Target,
-    chat_body,
-)
+from harness.run.backends.openai.group import OpenAIBackend, ServerCrashed, Target
+from harness.run.backends.openai.request import chat_body
+from harness.run.backends.openai.stream import Client, Endpoint, EndpointUnreachable, ServerError
 
 # --- launch templates: the exact command line -------------------------------------------------------------
 

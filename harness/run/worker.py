@@ -53,7 +53,7 @@ class Worker:
             self.stop_served()
             return self.transformers
         if self.served_group != cell.group:
-            from harness.run.backends.openai import OpenAIBackend, Target
+            from harness.run.backends.openai.group import OpenAIBackend, Target
 
             self.stop_served()
             self.transformers.stop()  # a launched server gets the memory the in-process model held
