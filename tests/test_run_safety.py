@@ -160,7 +160,7 @@ def test_the_lock_lives_with_the_reports_so_a_run_with_another_temporary_directo
     lock = RunLock(tmp_path / "reports" / "cpu")
     lock.acquire()
     try:
-        assert (tmp_path / "reports" / ".qwen-compat-cpu.lock").is_file()  # at the root, not in what CI uploads
+        assert (tmp_path / "reports" / ".qwen-compat" / "locks" / "cpu.lock").is_file()  # not in what CI uploads
         other_tmp = tmp_path / "other-tmp"
         other_tmp.mkdir()
         second = subprocess.run(
@@ -179,7 +179,7 @@ def test_the_lock_lives_with_the_reports_so_a_run_with_another_temporary_directo
         assert RunLock(tmp_path / "reports" / "a10g").acquire() is None  # another device's folder is free
     finally:
         lock.release()
-    assert not (tmp_path / "reports" / ".qwen-compat-cpu.lock").exists()
+    assert not (tmp_path / "reports" / ".qwen-compat" / "locks" / "cpu.lock").exists()
 
 
 def test_a_lock_left_by_a_dead_run_is_taken_only_where_its_death_can_be_seen(tmp_path):
@@ -190,8 +190,8 @@ def test_a_lock_left_by_a_dead_run_is_taken_only_where_its_death_can_be_seen(tmp
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    path = tmp_path / "reports" / ".qwen-compat-cpu.lock"
-    path.parent.mkdir()
+    path = tmp_path / "reports" / ".qwen-compat" / "locks" / "cpu.lock"
+    path.parent.mkdir(parents=True)
     left = {"pid": dead.pid, **lock_mod._machine(), "started": 1.0}
     path.write_text(json.dumps(left))  # a run on this host killed by SIGKILL
     taken = lock_mod.RunLock(tmp_path / "reports" / "cpu")

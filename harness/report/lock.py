@@ -1,14 +1,14 @@
 """One run at a time per device folder: a second run on a folder in use is refused at once.
 
-The lock is a file beside the folder, at the reports root (`<reports>/.qwen-compat-<device>.lock`, outside
-the device folder that CI uploads), created whole and exclusively (a hard link to a file already written:
-atomic on local file systems and on NFS), so a second run is refused whatever its temporary directory,
-container or host; where the file system cannot do that, the run is refused with a paragraph saying so.
-The file says who holds it (pid, host, start time, boot, pid namespace). A run killed before it could
-remove the file leaves it behind: a later run takes it over only when it can tell that the owner is gone
-(the same host, boot and pid namespace, and that pid no longer running, or running a younger process);
-an owner elsewhere cannot be checked, and the message names the file to remove once that run is known
-to be gone.
+The lock is a file beside the folder, among what runs keep for themselves at the reports root
+(`<reports>/.qwen-compat/locks/<device>.lock`, outside the device folder that CI uploads), created
+whole and exclusively (a hard link to a file already written: atomic on local file systems and on
+NFS), so a second run is refused whatever its temporary directory, container or host; where the file
+system cannot do that, the run is refused with a paragraph saying so. The file says who holds it (pid,
+host, start time, boot, pid namespace). A run killed before it could remove the file leaves it
+behind: a later run takes it over only when it can tell that the owner is gone (the same host, boot
+and pid namespace, and that pid no longer running, or running a younger process); an owner elsewhere
+cannot be checked, and the message names the file to remove once that run is known to be gone.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pathlib import Path
 import psutil
 
 from harness.errors import UserError
+from harness.report.results import INTERNAL_DIR
 
 
 def _read(path: str) -> str | None:
@@ -50,7 +51,7 @@ def _machine() -> dict:
 class RunLock:
     def __init__(self, reports_dir: Path):
         self.reports_dir = Path(reports_dir).resolve()
-        self.path = self.reports_dir.parent / f".qwen-compat-{self.reports_dir.name}.lock"
+        self.path = self.reports_dir.parent / INTERNAL_DIR / "locks" / f"{self.reports_dir.name}.lock"
         self._mine: str | None = None  # the lock file's text while this run holds it
 
     def acquire(self) -> None:
