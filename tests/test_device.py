@@ -117,7 +117,7 @@ def test_cpu_peak_memory_is_reset_for_each_cell():
         ("NVIDIA H100 80GB HBM3", "h100"),
         ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", "h100"),  # a slice is matched by its card's name
         ("NVIDIA H200", "h200"),
-        ("NVIDIA A100-SXM4-80GB MIG 1g.10gb", "a100"),
+        ("NVIDIA A100-SXM4-80GB MIG 1g.10gb", "a100-80gb"),
         ("Tesla T4", "t4"),
         ("NVIDIA A10", "a10"),
         ("NVIDIA A10G", "a10g"),
@@ -157,7 +157,7 @@ def test_a_mig_slice_is_its_cards_model_with_the_slices_memory(monkeypatch, slic
     monkeypatch.setitem(sys.modules, "pynvml", host.module())
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", one_g.uuid)
     found = device.detect_host()
-    assert (found.key, found.mig, found.memory_mib, found.compute_capability) == ("a100", "1g.10gb", 9728, "8.0")
+    assert (found.key, found.mig, found.memory_mib, found.compute_capability) == ("a100-80gb", "1g.10gb", 9728, "8.0")
     assert found.name == "NVIDIA A100-SXM4-80GB MIG 1g.10gb"
 
 
@@ -180,5 +180,5 @@ def test_a_percentage_budget_on_a_mig_slice_is_of_the_slice(monkeypatch, tiny_ce
         generation={"new_token_ids": [1, 2], "text": "ab"},
         measurements={"peak_memory_mib": 9000.0, "peak_memory_source": "nvml_device_delta", "device_memory_mib": 9728},
     )
-    verdict = judge(tiny_cell(device="a100", budget="90%"), worker)
+    verdict = judge(tiny_cell(device="a100-80gb", budget="90%"), worker)
     assert verdict.category == "over-budget" and "budget of 8755 MiB" in verdict.message

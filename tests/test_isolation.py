@@ -235,7 +235,6 @@ def test_a_worker_whose_parent_is_killed_removes_its_temporary_folder(tmp_path, 
         time.sleep(0.2)
     parent.send_signal(signal.SIGKILL)
     parent.wait()
-    while list(scratch.rglob("qwen-compat-offload-*")):  # the orphaned worker notices within a second
+    while list(scratch.iterdir()):  # the orphaned worker notices within a second and removes its folder, whole
         assert time.monotonic() < deadline, list(scratch.rglob("*"))
         time.sleep(0.2)
-    assert not list(scratch.glob("qwen-compat-worker-*"))
