@@ -283,7 +283,7 @@ def test_a_full_disk_in_the_worker_is_the_harness_s_error_not_the_model_s(full_d
     for reply in (failure_reply(cell, raised), failure_reply(cell, wrapped)):
         verdict = judge(cell, WorkerResult(**reply))
         assert (verdict.outcome, verdict.category) == ("error", "harness"), verdict
-        assert "disk is full" in verdict.message and "Fix:" in verdict.message
+        assert "disk is full" in verdict.message and "Fix:" in verdict.message and "not the model" in verdict.remedy
 
 
 def test_a_picture_the_harness_cannot_build_is_the_harness_s_error(tiny_cell):
