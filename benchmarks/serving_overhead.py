@@ -28,7 +28,7 @@ from openai import OpenAI
 from harness.matrix import inputs
 from harness.matrix.cells import expand
 from harness.matrix.schema import Matrix
-from harness.run.backends.openai import OpenAIBackend, Target
+from harness.run.backends.openai.group import OpenAIBackend, Target
 
 
 def cells(tokens: int):

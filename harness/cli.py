@@ -23,12 +23,16 @@ from pathlib import Path
 from harness.errors import ReportWriteError, UserError
 
 
-def _is_file(text: str) -> bool:
-    """A one-line argument naming an existing file; a long text is never taken for a path."""
+def _exists(text: str) -> bool:
+    """A one-line argument naming something that exists (a file, a folder); a long text is never taken for a path."""
     try:
-        return "\n" not in text and Path(text).is_file()
+        return "\n" not in text and Path(text).exists()
     except (OSError, ValueError):  # File name too long, embedded NUL: a text, not a path
         return False
+
+
+# One word with a folder separator or a log's extension: meant as a file, never an error text.
+PATH_LIKE = re.compile(r"\S*/\S*|\S+\.(?:log|txt|out|err|json|jsonl|yaml|yml|html|xml)", re.IGNORECASE)
 
 
 def _explain_input(arg: str | None) -> str:
@@ -38,11 +42,26 @@ def _explain_input(arg: str | None) -> str:
         raise UserError(
             "explain needs an error text.", key="TEXT", fix="pass the text, a log file, or '-' to read standard input."
         )
-    if _is_file(arg):
+    if _exists(arg):
+        if Path(arg).is_dir():
+            raise UserError(f"{arg} is a folder, not a log.", file=arg, fix="pass one log file, or the error text.")
         try:
-            return Path(arg).read_text(errors="replace")
+            data = Path(arg).read_bytes()
         except OSError as err:
             raise UserError(f"cannot read {arg}: {err.strerror}.", file=arg, fix="check the path.") from None
+        if b"\0" in data[:8192]:
+            raise UserError(
+                f"{arg} is a binary file, not a log: there is no error text in it to classify.",
+                file=arg,
+                fix="pass the log or the error text itself (a core dump or a checkpoint is not one).",
+            )
+        return data.decode(errors="replace")
+    if PATH_LIKE.fullmatch(arg.strip()):
+        raise UserError(
+            f"there is no file {arg}: it reads as a path, and a path is not an error text.",
+            file=arg,
+            fix="check the path, or pass the error text itself (quoted) or '-' to read standard input.",
+        )
     return arg
 
 

@@ -3,7 +3,8 @@
 Three nets, applied to every string of every file qwen-compat writes (results, JUnit, summaries,
 run.json, gate and fleet outputs, stderr tails):
 - values of environment variables whose names suggest a secret (TOKEN, KEY, SECRET, PASSWORD,
-  PASS, PAT, JWT, CREDENTIAL, AUTH, DSN), and `*_URL` values that carry credentials;
+  PASS, PAT, JWT, CREDENTIAL, AUTH, DSN), `*_URL` values that carry credentials, and the variables
+  a matrix names as holding a key (`api_key_env`), whatever their names;
 - credentials inside URLs: `user:password@` userinfo and token-like query parameters;
 - strings shaped like known tokens: `hf_…`, `sk-…`, `ghp_…`/`github_pat_…`, `AKIA…`, `Bearer …`.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 
 MASK = "***"
 SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASS|(^|_)PAT($|_)|JWT|CREDENTIAL|AUTH|DSN", re.IGNORECASE)
@@ -31,9 +33,12 @@ TOKEN_SHAPES = re.compile(
 PLAIN_WORD = re.compile(r"[a-z_-]{1,11}|\d{1,7}|true|false|none|null", re.IGNORECASE)
 
 
-def secret_values() -> list[str]:
-    """Values of environment variables that hold secrets, longest first (to be scrubbed whole)."""
-    found = set()
+def secret_values(named: Iterable[str] = ()) -> list[str]:
+    """Values of environment variables that hold secrets, longest first (to be scrubbed whole): those whose
+    names suggest one, and those `named` (a matrix's `api_key_env`), whose values are secrets whatever the
+    names say."""
+    named = set(named)
+    found = {value for name, value in os.environ.items() if name in named and value}
     for name, value in os.environ.items():
         if len(value) < 4 or PLAIN_WORD.fullmatch(value):
             continue

@@ -52,7 +52,7 @@ def run(args) -> int:
     """Write the matrix and a one-test suite under the reports folder, then run them with pytest."""
     import pytest
 
-    from harness.run.backends.openai import Client, Endpoint
+    from harness.run.backends.openai.stream import Client, Endpoint
 
     client = Client(Endpoint(args.endpoint, model=args.model, api_key_env=args.api_key_env))
     try:

@@ -82,6 +82,23 @@ def test_explain_reads_a_log_file(tmp_path, capsys):
     assert out.startswith("category: kernel-launch\n") and "remedy:" in out and "evidence: RuntimeError" in out
 
 
+def test_explain_refuses_a_binary_file_a_folder_and_a_mistyped_path(tmp_path, capsys):
+    core = tmp_path / "core.1234"
+    core.write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 8)
+    for arg, says in (
+        (str(core), "is a binary file, not a log"),
+        (str(tmp_path), "is a folder, not a log"),
+        (str(tmp_path / "rnu.log"), "there is no file"),
+        ("logs/vllm-server.log", "there is no file"),
+    ):
+        assert main(["explain", arg]) == 2, arg
+        said = capsys.readouterr()
+        assert says in said.err and arg in said.err and "Fix:" in said.err and "Traceback" not in said.err
+        assert "category:" not in said.out
+    assert main(["explain", "Killed"]) == 0  # one word that is no path is a text
+    assert "category: out-of-memory" in capsys.readouterr().out
+
+
 def test_explain_reads_standard_input_with_a_dash_or_a_pipe():
     text = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB.\n"
     cli = [sys.executable, "-m", "harness.cli", "explain"]

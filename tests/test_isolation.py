@@ -182,3 +182,61 @@ def test_loading_has_its_own_limit_and_the_cell_timeout_covers_inference_only(tm
     assert "load_timeout_s of 0.5 s" in timed_out.error_message
     verdict = judge(tiny_cell(), timed_out)
     assert verdict.category == "timeout" and verdict.matched == "load-timeout" and "load_timeout_s" in verdict.remedy
+
+
+def _offloaded_hang(tiny_cell, timeout_s: float):
+    """A cell whose weights are partly on disk (offloaded into the worker's temporary folder) and which then hangs
+    (its timeout also covers the planning before the load: it must not run out before the folder exists)."""
+    return tiny_cell(placement={"max_memory": {"cpu": "0.4MiB"}}, fault="hang", timeout_s=timeout_s, max_new_tokens=2)
+
+
+def test_a_worker_killed_at_its_timeout_leaves_no_offload_or_temporary_folder(tmp_path, tiny_cell, monkeypatch):
+    import tempfile
+
+    from harness.run.runner import Runner
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # read TMPDIR again
+    runner = Runner(tmp_path / "refs")
+    try:
+        result = runner.run(_offloaded_hang(tiny_cell, timeout_s=30))
+    finally:
+        runner.close()
+    assert result.timed_out
+    assert not list(scratch.rglob("qwen-compat-offload-*")) and not list(scratch.glob("qwen-compat-worker-*"))
+
+
+def test_a_worker_whose_parent_is_killed_removes_its_temporary_folder(tmp_path, tiny_cell):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    cell = _offloaded_hang(tiny_cell, timeout_s=600)  # killed long before
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import json, sys\n"
+            "from harness.matrix.cells import Cell\n"
+            "from harness.run.runner import Runner\n"
+            f"Runner({str(tmp_path / 'refs')!r}).run(Cell.from_dict(json.loads(sys.argv[1])))\n",
+            json.dumps(cell.to_dict()),
+        ],
+        env={**os.environ, "TMPDIR": str(scratch)},
+    )
+    deadline = time.monotonic() + 120
+    while not list(scratch.rglob("qwen-compat-offload-*")):  # the worker has loaded, offloading to its folder
+        assert time.monotonic() < deadline and parent.poll() is None
+        time.sleep(0.2)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    while list(scratch.iterdir()):  # the orphaned worker notices within a second and removes its folder, whole
+        assert time.monotonic() < deadline, list(scratch.rglob("*"))
+        time.sleep(0.2)

@@ -107,8 +107,12 @@ def _load(cell, value, folder):
 
 @pytest.mark.parametrize(
     "value",
-    [{"max_memory": {"cpu": "0.4MiB"}}, {"offload": ["vision"], "disk": ["lm_head", "layers:1"]}],
-    ids=["cpu-cap-forces-disk", "pinned-disk"],
+    [
+        {"max_memory": {"cpu": "0.4MiB"}},
+        {"max_memory": {"cpu": "0.2MiB"}},  # everything on disk: the model's `device` reads meta
+        {"offload": ["vision"], "disk": ["lm_head", "layers:1"]},
+    ],
+    ids=["cpu-cap-forces-disk", "everything-on-disk", "pinned-disk"],
 )
 def test_disk_offload_generates_and_the_planned_split_is_the_one_transformers_used(tiny_cell, tmp_path, value):
     cell = tiny_cell("qwen2_vl")

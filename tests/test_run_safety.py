@@ -8,6 +8,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -152,6 +153,57 @@ def test_resume_refuses_cells_whose_definition_changed(suite, matrix_file):
     assert "2 recorded cells changed" in said and "max_new_tokens" in said and "Fix:" in said
 
 
+def test_the_lock_lives_with_the_reports_so_a_run_with_another_temporary_directory_is_refused(tmp_path):
+    """As a second container or host sharing the reports folder would be: nothing but the folder is shared."""
+    from harness.report.lock import RunLock
+
+    lock = RunLock(tmp_path / "reports" / "cpu")
+    lock.acquire()
+    try:
+        assert (tmp_path / "reports" / ".qwen-compat" / "locks" / "cpu.lock").is_file()  # not in what CI uploads
+        other_tmp = tmp_path / "other-tmp"
+        other_tmp.mkdir()
+        second = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import sys\nfrom harness.report.lock import RunLock\nRunLock(sys.argv[1]).acquire()",
+                str(tmp_path / "reports" / "cpu"),
+            ],
+            env={**os.environ, "TMPDIR": str(other_tmp)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert second.returncode != 0 and f"pid {os.getpid()}" in second.stderr and "UserError" in second.stderr
+        assert RunLock(tmp_path / "reports" / "a10g").acquire() is None  # another device's folder is free
+    finally:
+        lock.release()
+    assert not (tmp_path / "reports" / ".qwen-compat" / "locks" / "cpu.lock").exists()
+
+
+def test_a_lock_left_by_a_dead_run_is_taken_only_where_its_death_can_be_seen(tmp_path):
+    import json
+
+    from harness.errors import UserError
+    from harness.report import lock as lock_mod
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    path = tmp_path / "reports" / ".qwen-compat" / "locks" / "cpu.lock"
+    path.parent.mkdir(parents=True)
+    left = {"pid": dead.pid, **lock_mod._machine(), "started": 1.0}
+    path.write_text(json.dumps(left))  # a run on this host killed by SIGKILL
+    taken = lock_mod.RunLock(tmp_path / "reports" / "cpu")
+    taken.acquire()
+    assert json.loads(path.read_text())["pid"] == os.getpid()
+    taken.release()
+    path.write_text(json.dumps({**left, "host": "runner-7"}))  # another host's: nothing here can check it
+    with pytest.raises(UserError) as err:
+        lock_mod.RunLock(tmp_path / "reports" / "cpu").acquire()
+    assert "runner-7" in str(err.value) and str(path) in str(err.value) and "Fix:" in str(err.value)
+
+
 def _mount_tmpfs(folder: Path, size: str) -> bool:
     folder.mkdir(parents=True, exist_ok=True)
     return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)]).returncode == 0
@@ -186,10 +238,12 @@ def test_a_full_disk_stops_the_run_with_one_paragraph_and_leaves_valid_files(sui
 
 
 @pytest.fixture
-def full_disk(tmp_path):
-    """A folder on a 40 KiB tmpfs, already full: every write there fails with ENOSPC, as on a full disk."""
-    disk = tmp_path / "full"
+def full_disk():
+    """A folder on a 40 KiB tmpfs, already full: every write there fails with ENOSPC, as on a full disk. Mounted
+    outside pytest's temporary folders, which another pytest run may move away while it is mounted."""
+    disk = Path(tempfile.mkdtemp(prefix="qwen-compat-full-disk-"))
     if not _mount_tmpfs(disk, "40k"):
+        disk.rmdir()
         pytest.skip("mounting a tiny tmpfs needs root with CAP_SYS_ADMIN (CI has it)")
     try:
         with contextlib.suppress(OSError), open(disk / "filler", "wb") as f:
@@ -197,6 +251,7 @@ def full_disk(tmp_path):
         yield disk
     finally:
         subprocess.run(["umount", str(disk)])
+        disk.rmdir()
 
 
 def test_a_reference_that_does_not_fit_on_the_disk_leaves_no_truncated_file(full_disk, tiny_cell):
@@ -228,7 +283,7 @@ def test_a_full_disk_in_the_worker_is_the_harness_s_error_not_the_model_s(full_d
     for reply in (failure_reply(cell, raised), failure_reply(cell, wrapped)):
         verdict = judge(cell, WorkerResult(**reply))
         assert (verdict.outcome, verdict.category) == ("error", "harness"), verdict
-        assert "disk is full" in verdict.message and "Fix:" in verdict.message
+        assert "disk is full" in verdict.message and "Fix:" in verdict.message and "not the model" in verdict.remedy
 
 
 def test_a_picture_the_harness_cannot_build_is_the_harness_s_error(tiny_cell):

@@ -7,29 +7,26 @@ stand-in servers answer the way vLLM does when it fails (an error body, a stream
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import psutil
 import pytest
 
-from harness.engines.server import ServerStartError, engine_memory, free_port
+from harness.engines.server import Server, ServerStartError, engine_memory, free_port
 from harness.engines.templates import TEMPLATES, EngineMissing, Unsupported, launch_args, user_command
 from harness.errors import UserError
-from harness.run.backends.openai import (
-    Client,
-    Endpoint,
-    EndpointUnreachable,
-    OpenAIBackend,
-    ServerCrashed,
-    ServerError,
-    Target,
-    chat_body,
-)
+from harness.judge.failures import classify
+from harness.run.backends.openai.group import OpenAIBackend, ServerCrashed, Target
+from harness.run.backends.openai.request import chat_body
+from harness.run.backends.openai.stream import Client, Endpoint, EndpointUnreachable, ServerError
 
 # --- launch templates: the exact command line -------------------------------------------------------------
 
@@ -318,6 +315,28 @@ def test_an_answer_still_streaming_at_the_cells_timeout_is_a_timeout(stand_in, t
         Client(Endpoint(server.url)).run(tiny_cell(timeout_s=0.5))
 
 
+def test_a_server_that_sends_no_usage_has_its_tokens_counted_from_the_stream(stand_in, tiny_cell):
+    """The audit's case: text came back, no `usage` chunk, and every cell failed as "no new token"."""
+    from harness.judge.result import WorkerResult
+    from harness.judge.verdict import judge
+
+    chunks = [_chunk("A"), _chunk(" cat"), _chunk(" sits"), _chunk(finish="length")]
+    server = stand_in(lambda h: _events(h, chunks))
+    record = OpenAIBackend(Target(endpoint=server.url), log_dir=None).run(tiny_cell())
+    m = record["measurements"]
+    assert record["generation"]["text"] == "A cat sits" and record["generation"]["output_tokens"] == 3
+    assert m["output_tokens_source"] == "text chunks" and "sent no usage" in m["tokens_note"]
+    assert m["input_tokens"] is None and m["decode_tokens_per_s"] > 0
+    served = WorkerResult(ok=True, generation=record["generation"], measurements=m)
+    assert judge(tiny_cell(backend="openai"), served).outcome == "passed"
+    silent = stand_in(lambda h: _events(h, [_chunk(finish="stop")]))  # nothing at all came back: that is a failure
+    reply = OpenAIBackend(Target(endpoint=silent.url), log_dir=None).run(tiny_cell())
+    verdict = judge(
+        tiny_cell(backend="openai"), WorkerResult(ok=True, **{k: reply[k] for k in ("generation", "measurements")})
+    )
+    assert verdict.category == "numerical" and "no new token" in verdict.message
+
+
 def test_an_unreachable_endpoint_is_one_paragraph_naming_it(tiny_cell):
     url = f"http://127.0.0.1:{free_port()}/v1"
     backend = OpenAIBackend(Target(endpoint=url, matrix_file="release.yaml"), log_dir=None)
@@ -358,6 +377,31 @@ def test_the_api_key_comes_from_the_environment_and_reaches_no_record(stand_in, 
     monkeypatch.delenv("RELEASE_GATE_AUTH")
     with pytest.raises(UserError, match="RELEASE_GATE_AUTH, which is not set"):
         backend.run(tiny_cell())
+
+
+def test_the_key_api_key_env_names_is_scrubbed_whatever_the_variables_name(stand_in, tiny_cell, tmp_path, monkeypatch):
+    """The audit's case: a variable whose name looks like nothing secret, and a server that echoes its value."""
+    import dataclasses
+
+    from harness.run.runner import Runner
+
+    secret = "gw-4f9a2c7e1b5d"
+    monkeypatch.setenv("RELEASE_GATE", secret)
+
+    def echo(handler):
+        usage = {"prompt_tokens": 12, "completion_tokens": 2, "total_tokens": 14}
+        _events(handler, [_chunk(f"key {secret}"), _chunk(finish="length", usage=usage)])
+
+    server = stand_in(echo)
+    cell = tiny_cell(backend="openai", serving={"endpoint": server.url, "api_key_env": "RELEASE_GATE"})
+    runner = Runner(tmp_path / "references")
+    try:
+        result = runner.run(cell)
+    finally:
+        runner.close()
+    assert server.headers["Authorization"] == f"Bearer {secret}"  # the key was used
+    assert result.ok and result.generation["text"] == "key ***"
+    assert secret not in json.dumps(dataclasses.asdict(result))
 
 
 def test_the_request_carries_the_cells_pixels_and_greedy_decoding(tiny_cell):
@@ -439,8 +483,28 @@ def test_a_server_killed_mid_cell_is_a_crash_with_its_log_and_the_next_cell_gets
     text = str(err.value)
     assert "the server was killed by signal 9 (SIGKILL) while running the cell" in text
     assert "--- server log (tail) ---" in text and "Uvicorn running on" in text
+    # nobody ran out of memory (the kernel's OOM killer did nothing): a SIGKILL alone is no evidence of it
+    assert "with no out-of-memory evidence" in text and classify(text).category == "crash"
     record = served.run(tiny_cell(resolution="224x224"))
     assert served.server.proc.pid != first and record["measurements"]["load_s"] > 0
+
+
+def test_a_server_killed_by_sigkill_is_out_of_memory_where_the_oom_killer_acted(tmp_path, monkeypatch):
+    import subprocess
+
+    from harness.engines import server as server_mod
+
+    killed = Server(["sleep", "30"], host="127.0.0.1", port=0, log_path=tmp_path / "log")
+    killed.proc = subprocess.Popen(["sleep", "30"])
+    killed._oom_kills = 4
+    killed.proc.kill()
+    killed.proc.wait()
+    monkeypatch.setattr(server_mod, "oom_kills", lambda: 5)  # the kernel's count moved while the server ran
+    said = f"the server {killed.ended()} while running the cell{killed.kill_evidence()}: connection broke"
+    assert "OOM killer killed 1 process(es) meanwhile" in said and classify(said).category == "out-of-memory"
+    monkeypatch.setattr(server_mod, "oom_kills", lambda: 4)
+    said = f"the server {killed.ended()} while running the cell{killed.kill_evidence()}: connection broke"
+    assert classify(said).category == "crash"
 
 
 @pytest.fixture(scope="module")
@@ -485,7 +549,8 @@ def test_a_video_the_server_fails_on_is_a_failure_in_its_own_words_and_a_skip_on
     crashed on every video was green. transformers serve 5.24 answers 500; its log ends with the reason (how
     it loads a video's audio, which needs a package the image lacks)."""
     from harness.run.backends import RunContext
-    from harness.run.backends.openai import NOT_SUPPORTED, ServerError
+    from harness.run.backends.openai.group import NOT_SUPPORTED
+    from harness.run.backends.openai.stream import ServerError
 
     cell = tiny_cell(resolution="224x224", input="video")
     with pytest.raises(ServerError) as failed:
@@ -501,36 +566,78 @@ def test_a_video_the_server_fails_on_is_a_failure_in_its_own_words_and_a_skip_on
     assert not NOT_SUPPORTED.search("RuntimeError: CUDA error: an illegal memory access was encountered")
 
 
-def test_a_launched_server_dies_with_the_process_that_launched_it(tmp_path):
-    """A worker killed after a timeout must not leave its server running (and holding the card)."""
+WRAPPED_SERVER = (
+    "bash -c '{setsid}{python} -m http.server --bind 127.0.0.1 {port} & wait'"  # a shell wrapper and what it runs
+)
+
+
+def _gone(pid: int, timeout_s: float = 15.0) -> bool:
+    """The process has ended (a zombie that a container's first process does not reap has ended too)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_a_launched_server_of_several_processes_dies_with_the_process_that_launched_it(tmp_path):
+    """A worker killed after a timeout (or pytest killed) must not leave its server running, holding the card
+    and the port: PR_SET_PDEATHSIG reaches only the shell, and the server it runs outlived it."""
+    import shlex
     import subprocess
 
+    command = WRAPPED_SERVER.format(setsid="", python=sys.executable, port="{port}")
     launcher = subprocess.Popen(
         [
             sys.executable,
             "-c",
-            "import sys, time\n"
+            "import shlex, sys, time\n"
             "from harness.engines.server import Server, free_port\n"
-            "command = [sys.executable, '-m', 'http.server', '--bind', '127.0.0.1', '{port}']\n"
             "port = free_port()\n"
-            f"server = Server([w.format(port=port) for w in command], host='127.0.0.1', port=port, "
-            f"log_path='{tmp_path}/server.log', ready_path='/')\n"
+            f"argv = [w.format(port=port) for w in shlex.split({command!r})]\n"
+            f"server = Server(argv, host='127.0.0.1', port=port, log_path={str(tmp_path / 'server.log')!r}, "
+            "ready_path='/')\n"
             "server.start()\n"
-            "print(server.proc.pid, flush=True)\n"
-            "time.sleep(60)\n",
+            "print(server.proc.pid, port, flush=True)\n"
+            "time.sleep(120)\n",
         ],
         stdout=subprocess.PIPE,
         text=True,
     )
-    server_pid = int(launcher.stdout.readline())
-    launcher.kill()
-    launcher.wait()
-    time.sleep(0.5)
-    try:  # gone, or a zombie waiting for an init that does not reap
-        state = next(line for line in open(f"/proc/{server_pid}/status") if line.startswith("State:"))
-        assert "zombie" in state
-    except FileNotFoundError:
-        pass
+    shell, port = (int(word) for word in launcher.stdout.readline().split())
+    tree = [psutil.Process(shell), *psutil.Process(shell).children()]  # the shell, and the python that listens
+    try:
+        launcher.kill()  # SIGKILL: no handler, no finally, nothing of the launcher runs
+        launcher.wait()
+        assert all(_gone(process.pid) for process in tree), [shlex.join(p.cmdline()) for p in tree]
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as a server binds it (TIME_WAIT is no use)
+            probe.bind(("127.0.0.1", port))  # the port is free again
+    finally:
+        for process in tree:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+
+
+def test_stopping_a_server_stops_a_process_of_its_tree_that_left_its_group(tmp_path):
+    import shlex
+
+    port = free_port()
+    command = WRAPPED_SERVER.format(setsid="setsid ", python=sys.executable, port=port)
+    server = Server(shlex.split(command), host="127.0.0.1", port=port, log_path=tmp_path / "s.log", ready_path="/")
+    server.start()
+    (detached,) = psutil.Process(server.proc.pid).children()  # setsid: a session, and a group, of its own
+    assert os.getpgid(detached.pid) != server.proc.pid
+    try:
+        server.stop()
+        assert _gone(detached.pid) and not server.alive()
+    finally:
+        with contextlib.suppress(psutil.Error):
+            detached.kill()
 
 
 # --- through the whole harness: matrix -> cells -> runner -> worker -> backend -> verdict -> reports ----------

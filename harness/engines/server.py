@@ -1,9 +1,10 @@
 """A server the harness launches: start it, wait until it is ready, watch it, measure it, stop it.
 
 One server per group, on 127.0.0.1 and a free port. Its stdout and stderr go to a log file that is
-kept (the tail goes into every failure it causes). It runs in a session of its own, so stopping it
-stops its whole process tree (vLLM's engine core, tensor-parallel workers), and it is killed by the
-kernel if the process that launched it dies. Readiness is its own
+kept (the tail goes into every failure it causes). It runs in a session of its own, and stopping it
+stops its process group and every process of its tree (a shell wrapper's children, vLLM's engine core,
+tensor-parallel workers, one that made a session of its own); when the process that launched it dies,
+however it dies, its reaper (harness/engines/reaper.py) does the same. Readiness is its own
 route answering 200 within the start-up timeout; a server that exits or never becomes ready is one
 `ServerStartError` carrying the log tail.
 
@@ -17,6 +18,7 @@ into named figures: an engine that preallocates a fraction of the card makes any
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -29,8 +31,11 @@ from pathlib import Path
 
 import httpx
 
+from harness.engines import reaper
+
 LOG_TAIL_CHARS = 4000
 MIB = 2**20
+STOP_GRACE_S = 10.0  # between SIGTERM and SIGKILL
 
 
 class ServerStartError(RuntimeError):
@@ -51,6 +56,41 @@ def _die_with_parent() -> None:
 
     PR_SET_PDEATHSIG = 1
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _cgroup_oom_files() -> list[Path]:
+    """Where this process's memory cgroup counts its OOM kills: cgroup v2 `memory.events`, v1
+    `memory.oom_control`, at the path /proc/self/cgroup names or, in a container that mounts its own cgroup
+    at the root, there."""
+    found = []
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if controllers == "":
+                found += [
+                    Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.events",
+                    Path("/sys/fs/cgroup/memory.events"),
+                ]
+            elif "memory" in controllers.split(","):
+                root = Path("/sys/fs/cgroup/memory")
+                found += [root / path.lstrip("/") / "memory.oom_control", root / "memory.oom_control"]
+    return list(dict.fromkeys(found))
+
+
+def _count(path: Path, prefix: str = "oom_kill ") -> int | None:
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        return int(next(line for line in path.read_text().splitlines() if line.startswith(prefix)).split()[1])
+    return None
+
+
+def oom_kills() -> int | None:
+    """How many processes the kernel's OOM killer has killed: on the host (/proc/vmstat, Linux 4.13+) plus in this
+    process's memory cgroup (where a container's limit is enforced); None where neither can be read. A SIGKILL is
+    out of memory only where this count moved."""
+    host = _count(Path("/proc/vmstat"))
+    group = next((n for n in map(_count, _cgroup_oom_files()) if n is not None), None)
+    counts = [n for n in (host, group) if n is not None]
+    return sum(counts) if counts else None
 
 
 def _describe_exit(code: int) -> str:
@@ -78,6 +118,8 @@ class Server:
         self.ready_path, self.startup_timeout_s = ready_path, startup_timeout_s
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
+        self.reaper: subprocess.Popen | None = None
+        self._oom_kills: int | None = None  # the OOM killer's count when the server started
 
     @property
     def url(self) -> str:
@@ -86,6 +128,7 @@ class Server:
     def start(self) -> float:
         """Start the server and wait until its readiness route answers 200; returns the seconds it took."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._oom_kills = oom_kills()
         start = time.perf_counter()
         with open(self.log_path, "ab") as log:
             log.write(f"$ {shlex.join(self.argv)}\n".encode())
@@ -103,11 +146,13 @@ class Server:
                 raise ServerStartError(
                     f"the server command could not start: {exc}\n$ {shlex.join(self.argv)}"
                 ) from None
+        self.reaper = reaper.start(self.proc.pid, STOP_GRACE_S)
         deadline = start + self.startup_timeout_s
         with httpx.Client(timeout=httpx.Timeout(2.0)) as http:
             while True:
                 code = self.proc.poll()
                 if code is not None:
+                    self.stop()  # what the server started may outlive it
                     raise ServerStartError(self.failure(f"the server {_describe_exit(code)} while starting"))
                 try:
                     if http.get(self.url + self.ready_path).status_code == 200:
@@ -137,6 +182,18 @@ class Server:
             return None
         return _describe_exit(self.proc.returncode)
 
+    def kill_evidence(self) -> str:
+        """For a server killed by SIGKILL: whether the kernel's OOM killer acted since it started (the evidence of
+        out of memory), said in the words the failure catalog reads; "" for any other end."""
+        if self.proc is None or self.proc.returncode != -signal.SIGKILL:
+            return ""
+        now = oom_kills()
+        if now is None or self._oom_kills is None:
+            return ", with no out-of-memory evidence (the kernel's OOM-killer counts cannot be read here)"
+        if now > self._oom_kills:
+            return f"; the kernel's OOM killer killed {now - self._oom_kills} process(es) meanwhile (oom_kill)"
+        return ", with no out-of-memory evidence (the kernel's oom_kill counts did not move)"
+
     def log_tail(self, chars: int = LOG_TAIL_CHARS) -> str:
         try:
             with open(self.log_path, "rb") as f:
@@ -152,24 +209,21 @@ class Server:
         except OSError:
             return ""
 
-    def stop(self, grace_s: float = 10.0) -> None:
-        """SIGTERM to the server's process group, SIGKILL after `grace_s`."""
+    def stop(self, grace_s: float = STOP_GRACE_S) -> None:
+        """SIGTERM to the server's process group and its whole tree, SIGKILL after `grace_s`; then its reaper
+        goes, after stopping any process it saw that is still running (one left behind by a parent that died)."""
         if self.proc is None:
             return
-        if self.proc.poll() is None:
+        descendants = reaper.snapshot(self.proc.pid)[1:]  # found through the leader, while it lives
+        reaper.terminate(self.proc.pid, descendants, grace_s, leader=self.proc)
+        if self.reaper:
+            self.reaper.stdin.close()
             try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout=grace_s)
+                self.reaper.wait(timeout=grace_s + 10)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-            except ProcessLookupError:
-                self.proc.wait()
-        else:  # the leader is gone; children left in its group must go too
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+                self.reaper.kill()
+                self.reaper.wait()
+            self.reaper = None
 
     # -- memory ---------------------------------------------------------------------------------------
     def tree(self) -> list[int]:

@@ -411,12 +411,17 @@ def _matches(lines: list[Line]) -> dict[str, Match]:
     return best
 
 
+def _beats(a: Match, b: Match) -> bool:
+    return a.score > a.rule.priority and (b.rule.id in a.rule.beats or f"category:{b.rule.category}" in a.rule.beats)
+
+
 def _apply_beats(found: dict[str, Match]) -> None:
-    """A rule that matched outside warnings, info lines and frames silences the rules (or categories) it beats."""
-    silenced = {b for m in found.values() if m.score > m.rule.priority for b in m.rule.beats}
-    for rid in list(found):
-        if rid in silenced or f"category:{found[rid].rule.category}" in silenced:
-            del found[rid]
+    """A rule that matched outside warnings, info lines and frames silences the rules (or categories) it beats;
+    of two that beat each other, the stronger stays."""
+    matches = list(found.values())
+    for m in matches:
+        if any(_beats(o, m) and not (_beats(m, o) and m.score >= o.score) for o in matches if o is not m):
+            del found[m.rule.id]
 
 
 def _unexplained(lines: list[Line]) -> str:

@@ -98,10 +98,10 @@ def judge(cell: Cell, result: WorkerResult) -> Verdict:
         )
     if not result.ok:
         text = "\n".join(t for t in (result.error_message, result.traceback) if t)
-        if result.harness_error or result.error_type in HARNESS_ERRORS:
-            return Verdict("error", "harness", result.error_message, "fix the input named in the message")
         if result.error_type == "HarnessFault":  # a full disk, an input the harness could not build
             return Verdict("error", "harness", result.error_message, "the harness failed, not the model: see Fix")
+        if result.harness_error or result.error_type in HARNESS_ERRORS:
+            return Verdict("error", "harness", result.error_message, "fix the input named in the message")
         if result.load_timed_out:
             return Verdict(
                 "failed",

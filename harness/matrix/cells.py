@@ -67,7 +67,7 @@ class Cell:
     expectation: Expectation = field(default_factory=Expectation)
     fault: Any = None
     matrix_file: str = ""
-    serving: dict | None = None  # backend openai: how the server is reached (backends.openai.Target's fields)
+    serving: dict | None = None  # backend openai: how the server is reached (backends.openai.group.Target's fields)
     single_twin: str | None = None  # the id of the same cell with `single` placement (what slowdown compares to)
 
     @property
@@ -227,7 +227,7 @@ def _expectation(rule: ExpectRule) -> Expectation:
 
 
 def serving(entry: ModelEntry, matrix_file: str) -> dict:
-    """How a model's `backend: openai` cells reach their server (the fields of backends.openai.Target)."""
+    """How a model's `backend: openai` cells reach their server (the fields of backends.openai.group.Target)."""
     if not (entry.endpoint or entry.launch):
         name = entry.tiny or entry.arch or entry.hub or entry.path
         raise UserError(

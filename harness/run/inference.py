@@ -144,6 +144,16 @@ def _budget_kwargs(processor, cell: CellInput) -> dict:
     return {"images_kwargs": {"size": size}, "videos_kwargs": {"size": size}}
 
 
+def input_device(model) -> torch.device:
+    """Where a model's inputs go: its device, or, for a model whose first weights accelerate offloaded (its
+    `device` then reads `meta`), accelerate's main device, where offloaded modules run: the first GPU of its
+    device map, else the CPU."""
+    if model.device.type != "meta":
+        return model.device
+    gpus = [d for d in (getattr(model, "hf_device_map", None) or {}).values() if d not in ("cpu", "disk")]
+    return torch.device(f"cuda:{gpus[0]}" if isinstance(gpus[0], int) else gpus[0]) if gpus else torch.device("cpu")
+
+
 def prepare(processor, model, cell: CellInput) -> Prepared:
     """chat template -> processor -> tensors on the model's device; a size the processor rejects is the
     matrix's input, said as such (never a model failure)."""
@@ -174,7 +184,7 @@ def prepare(processor, model, cell: CellInput) -> Prepared:
             fix="use an input whose size the processor accepts (aspect ratio at most 200), or a pixel budget "
             "that keeps it in range.",
         ) from None
-    batch = batch.to(model.device)
+    batch = batch.to(input_device(model))
     preprocess_s = time.perf_counter() - t0
     tokenizer = processor.tokenizer
     pad_ids = {tokenizer.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>")}
@@ -237,7 +247,7 @@ class _LogitsWatch:
 
 
 def _generate_once(model, prepared: Prepared, max_new_tokens: int):
-    timer = StepTimer(model.device)
+    timer = StepTimer(input_device(model))
     watch = _LogitsWatch(timer)
     hook = model.get_output_embeddings().register_forward_hook(watch)
     try:

@@ -4,7 +4,9 @@ ends one cell, never the run.
 `Runner` (imported by the pytest process; never imports torch) starts one worker (`python -m
 harness.run.worker`, a fresh interpreter, never a fork), sends it cells as JSON lines, waits with the
 cell's timeout (the model load, announced by the worker, has its own), and replaces the worker
-only after a crash, a timeout, or an error that poisons the worker's CUDA context.
+only after a crash, a timeout, or an error that poisons the worker's CUDA context. Each worker has a
+temporary folder of its own (its TMPDIR: offloaded weights, servers' scratch), removed when the worker
+ends however it ends.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +25,8 @@ from pathlib import Path
 from harness.judge.failures import is_sticky
 from harness.judge.result import STDERR_TAIL_CHARS, WorkerResult
 from harness.matrix.cells import Cell
-from harness.secrets import scrub
+from harness.run.worker import WORKER_TMP_PREFIX
+from harness.secrets import scrub, secret_values
 
 STARTUP_TIMEOUT_S = 600.0
 
@@ -55,6 +59,7 @@ class Runner:
         self._eof = False
         self.start_error: str | None = None
         self._stderr = None
+        self._tmp: str | None = None  # the worker's own TMPDIR
 
     # -- process management -------------------------------------------------------------------
     def prestart(self) -> None:
@@ -64,12 +69,13 @@ class Runner:
 
     def _spawn(self) -> None:
         self._stderr = tempfile.TemporaryFile(mode="w+b")
+        self._tmp = tempfile.mkdtemp(prefix=WORKER_TMP_PREFIX)  # removed with the worker, even one killed
         self._proc = subprocess.Popen(
             self.command,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._stderr,
-            env=self.env,
+            env={**self.env, "TMPDIR": self._tmp},
         )
         self.starts += 1
         self._ready = False
@@ -101,6 +107,7 @@ class Runner:
             self._proc.stdin.close()
             self._proc.stdout.close()
             self._stderr.close()
+            shutil.rmtree(self._tmp, ignore_errors=True)
         self._proc = None
 
     def close(self, now: bool = False) -> None:
@@ -179,7 +186,8 @@ class Runner:
             if event == "cell":
                 deadline_s, loading = cell.timeout_s, False
                 continue
-            result = WorkerResult(**scrub({k: v for k, v in message.items() if k in WorkerResult.__dataclass_fields__}))
+            fields = {k: v for k, v in message.items() if k in WorkerResult.__dataclass_fields__}
+            result = WorkerResult(**scrub(fields, _secrets(cell)))
             sticky = not result.ok and is_sticky(f"{result.error_message}\n{result.traceback}")
             if sticky and cell.backend == "transformers":  # a server's CUDA error is the server's (it is replaced)
                 self._kill()  # the CUDA context is poisoned: the next cell gets a fresh worker
@@ -198,7 +206,7 @@ class Runner:
         if alive:
             self._proc.kill()
         code = self._proc.wait()
-        tail = scrub(self._stderr_tail())
+        tail = scrub(self._stderr_tail(), _secrets(cell))
         self._kill()
         if alive:
             message = (
@@ -217,3 +225,9 @@ class Runner:
             else f"worker exited with code {code} while running the cell"
         )
         return WorkerResult(returncode=code, signal_name=name, stderr_tail=tail, error_message=message)
+
+
+def _secrets(cell: Cell) -> list[str]:
+    """What to scrub from what came back for a cell: the usual secrets, and the key its server is reached with,
+    whatever the name of the variable that holds it (a server may echo it, in an error or an answer)."""
+    return secret_values([(cell.serving or {}).get("api_key_env")] if cell.serving else [])

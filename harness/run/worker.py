@@ -21,6 +21,8 @@ from harness.judge.result import STDERR_TAIL_CHARS
 from harness.matrix.cells import Cell
 from harness.run.backends import RunContext
 
+WORKER_TMP_PREFIX = "qwen-compat-worker-"  # the runner gives each worker a TMPDIR of this name, its own
+
 
 class Worker:
     """Routes each cell to its backend; one server-backed group at a time."""
@@ -51,7 +53,7 @@ class Worker:
             self.stop_served()
             return self.transformers
         if self.served_group != cell.group:
-            from harness.run.backends.openai import OpenAIBackend, Target
+            from harness.run.backends.openai.group import OpenAIBackend, Target
 
             self.stop_served()
             self.transformers.stop()  # a launched server gets the memory the in-process model held
@@ -122,7 +124,9 @@ def failure_reply(cell: Cell, exc: BaseException) -> dict:
 
 
 def _exit_with_parent() -> None:
-    """End this worker if the process driving it dies (even by SIGKILL), whatever the cell is doing."""
+    """End this worker if the process driving it dies (even by SIGKILL), whatever the cell is doing, and take
+    its temporary folder (offloaded weights) with it: the parent that would have removed it is gone."""
+    import shutil
     import threading
 
     parent = os.getppid()
@@ -130,6 +134,9 @@ def _exit_with_parent() -> None:
     def watch():
         while os.getppid() == parent:
             time.sleep(0.5)
+        own = tempfile.gettempdir()
+        if Path(own).name.startswith(WORKER_TMP_PREFIX):  # never a TMPDIR the worker was not given as its own
+            shutil.rmtree(own, ignore_errors=True)
         os._exit(1)
 
     threading.Thread(target=watch, daemon=True).start()

@@ -38,7 +38,9 @@ def _fault_action(fault, model):
             while True:
                 time.sleep(1)
         elif fault == "oom":
-            torch.empty(2**50, dtype=torch.uint8, device=model.device)
+            from harness.run.inference import input_device
+
+            torch.empty(2**50, dtype=torch.uint8, device=input_device(model))
 
     return inject
 
