@@ -29,15 +29,14 @@ from pathlib import Path
 
 import httpx
 
-from harness.engines.server import Server, ServerGpuMemory, engine_memory, free_port
+from harness.engines.server import Server, ServerGpuMemory, engine_memory, free_port, served_memory
 from harness.errors import UserError
 from harness.judge import agreement
 from harness.judge.failures import is_sticky
 from harness.matrix import inputs
 from harness.matrix.cells import Cell
-from harness.run.backends import RunContext
+from harness.run.backends import HOST, RunContext, served_args, start_announced
 
-HOST = "127.0.0.1"  # launched servers listen here only
 SEED = 0
 TOP_LOGPROBS = 5
 BODY_CHARS = 2000  # of an error body kept in the message
@@ -361,17 +360,9 @@ class OpenAIBackend:
     # -- the server ---------------------------------------------------------------------------------------
     def _command(self, cell: Cell, port: int) -> tuple[list[str], str, str | None]:
         """(argv, readiness route, request field for pixels) of the cell's server."""
-        from harness.engines.templates import TEMPLATES, launch_args, user_command
-        from harness.models.checkpoints import checkpoint_for
+        from harness.engines.templates import TEMPLATES, user_command
 
-        args = launch_args(
-            cell,
-            str(checkpoint_for(cell.source)),
-            host=HOST,
-            port=port,
-            gpu_memory_utilization=self.target.gpu_memory_utilization,
-            tensor_parallel_size=self.target.tensor_parallel_size,
-        )
+        args = served_args(cell, port, self.target.gpu_memory_utilization, self.target.tensor_parallel_size)
         template = TEMPLATES.get(self.target.launch)
         if template is None:
             return user_command(self.target.launch, args, self.target.matrix_file), "/v1/models", None
@@ -394,15 +385,7 @@ class OpenAIBackend:
             argv, host=HOST, port=port, log_path=log, ready_path=ready, startup_timeout_s=self.target.startup_timeout_s
         )
         self._argv = argv
-        if emit:
-            emit({"event": "loading", "group": cell.group})
-        if cell.device != "cpu":  # what the devices use before the server exists
-            from harness.devices import nvml
-
-            self.gpu = ServerGpuMemory(nvml.load(), self.server.env.get("CUDA_VISIBLE_DEVICES"))
-        seconds = self.server.start()
-        if emit:
-            emit({"event": "loaded", "group": cell.group})
+        seconds, self.gpu = start_announced(self.server, cell, emit)
         self._engine = engine_memory(self.server.log_text())
         self.client = Client(
             Endpoint(
@@ -512,25 +495,4 @@ class OpenAIBackend:
         return input_tokens - (len(ids) - ids.count(pad))
 
     def _memory(self, cell: Cell, sampler, source: str | None) -> dict:
-        if self.server is None:
-            return {
-                "peak_memory_mib": None,
-                "peak_memory_source": None,
-                "peak_memory_unmeasured": "a black-box endpoint: no local view of its processes",
-            }
-        if cell.device != "cpu":
-            measured = {"server_rss_peak_mib": self.server.peak_rss_mib()}
-            if sampler and not sampler.failed:
-                measured.update(peak_memory_mib=round(sampler.peak, 1), peak_memory_source=source)
-            else:
-                why = "the method stopped measuring during the cell" if sampler else self.gpu.why_not
-                measured.update(peak_memory_mib=None, peak_memory_source=None, peak_memory_unmeasured=why)
-        else:
-            peak = self.server.peak_rss_mib()
-            measured = {"peak_memory_mib": peak, "peak_memory_source": "server_rss", "server_rss_peak_mib": peak}
-        if "engine_budget_mib" in self._engine:
-            measured["peak_memory_note"] = (
-                f"the engine preallocates {self._engine['engine_budget_mib']:.0f} MiB of the card: a device-level "
-                "peak is that fraction; its own weights, KV cache and activation figures are beside it"
-            )
-        return {**measured, **self._engine}
+        return served_memory(self.server, cell.device, self.gpu, sampler, source, self._engine)
