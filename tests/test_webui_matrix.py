@@ -38,10 +38,10 @@ def test_a_launched_webui_and_a_docker_image_carry_their_command():
     (command,) = cells({"launch": "python web_demo_mm.py -c {model} --server-port {port}"})
     assert command.serving["launch"] == "python web_demo_mm.py -c {model} --server-port {port}"
     assert "image" not in command.serving and command.serving["startup_timeout_s"] == 600
-    docker = {"command": "docker", "image": "ghcr.io/acme/qwen3-vl-webui:1.4", "shm_size": "32g"}
+    docker = {"command": "docker", "image": "ghcr.io/acme/qwen3-vl-webui:1.4", "shm_size": "16gb"}  # the seed's
     (image,) = cells({"launch": docker})
     assert image.serving["launch"] == "docker" and image.serving["image"] == "ghcr.io/acme/qwen3-vl-webui:1.4"
-    assert image.serving["shm_size"] == "32g" and image.serving["env"] == {"MODEL": "{model}", "DTYPE": "{dtype}"}
+    assert image.serving["shm_size"] == "16gb" and image.serving["env"] == {"MODEL": "{model}", "DTYPE": "{dtype}"}
     assert image.serving["port"] == 7860 and image.serving["args"] is None
 
 
@@ -84,6 +84,7 @@ def test_the_docker_template_is_for_webui_images():
         ({"webui": "h:7860"}, "String should match pattern"),
         ({"steps": [{"upload": "/add_file", "text": "/add_text"}]}, "a step names one endpoint"),
         ({"steps": [{"with": {"x": 1}}]}, "a step names one endpoint"),
+        ({"launch": {"command": "docker", "image": "i", "shm_size": "lots"}}, "String should match pattern"),
         (
             {"steps": [{"click": "/go"}]},
             "unknown key 'click'. Fix: allowed keys here: upload, text, answer, call, with.",

@@ -130,7 +130,11 @@ class Launch(Strict):
         None, description="command docker: the image to run, e.g. ghcr.io/acme/qwen3-vl-webui:1.4"
     )
     port: int = Field(7860, ge=1, le=65535, description="command docker: the port the app listens on in the container")
-    shm_size: str = Field("16g", pattern=r"^\d+[bkmg]?$", description="command docker: --shm-size")
+    shm_size: str = Field(
+        "16g",
+        pattern=r"^\d+(\.\d+)?[kKmMgGtTpP]?[iI]?[bB]?$",  # what docker's size parser (go-units) takes: 16g, 16gb, 16GiB
+        description="command docker: --shm-size",
+    )
     env: dict[str, str] = Field(
         {"MODEL": "{model}", "DTYPE": "{dtype}"},
         description="command docker: -e NAME=VALUE for the image, values with {placeholders}",
@@ -413,10 +417,26 @@ def _field_names(model: type[BaseModel]) -> list[str]:
 
 def _telling(errors: list[dict]) -> dict:
     """The first error; where it is one branch of a union refusing the value's type (`launch:` given as a
-    mapping is not a string), the branch that took the type and refused its content."""
+    mapping is not a string), the error of the branch that took the type and refused its content, its
+    location without the branch's name."""
     first = errors[0]
-    branches = [e for e in errors if e["loc"][:-1] == first["loc"][:-1]]
-    return next((e for e in branches if not e["type"].endswith("_type")), first)
+    if not first["type"].endswith("_type"):
+        return first
+    union = len(first["loc"]) - 1  # where a union's errors name their branch
+    telling = next(
+        (
+            e
+            for e in errors[1:]
+            if e["loc"][:union] == first["loc"][:union]
+            and len(e["loc"]) > union
+            and e["loc"][union] != first["loc"][union]
+            and not e["type"].endswith("_type")
+        ),
+        None,
+    )
+    if telling is None:
+        return first
+    return {**telling, "loc": telling["loc"][:union] + telling["loc"][union + 1 :]}
 
 
 def _describe(error: dict, path: str, root) -> UserError:
