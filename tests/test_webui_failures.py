@@ -432,7 +432,7 @@ def test_a_container_is_told_to_stop_when_the_process_that_launched_it_dies(dock
             sys.executable,
             "-c",
             "import time\n"
-            "from harness.engines.docker import Container\n"
+            "from harness.engines.server import Container\n"
             f"c = Container(['docker', 'run', 'img'], name='n', host='127.0.0.1', port=1, log_path='{tmp_path}/c.log', "
             "startup_timeout_s=60)\n"
             "c.start()\n",

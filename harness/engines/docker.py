@@ -11,11 +11,12 @@ A local model folder is mounted read-only at the same path, so `{model}` means t
 GRADIO_* variables are what gradio's `launch()` reads when the app does not say: no version check to
 an outside host, and an app that listens where the published port reaches it.
 
-The container runs attached, so what it prints is its log, kept like any launched server's. It is
-stopped and removed on every path: by `docker stop` and `docker rm -f` when the harness stops it
-(after a cell, a failed start, a timeout); when the process that launched it dies, the kernel sends
-the `docker run` client SIGTERM, which docker passes on to the container (`--sig-proxy`, its default),
-and `--rm` removes it.
+The container runs attached, so what it prints is its log, kept like any launched server's (the
+Container of harness/engines/server.py). It is stopped and removed on every path: by `docker stop` and
+`docker rm -f` when the harness stops it (after a cell, a failed start, a timeout); when the process
+that launched it dies, the kernel sends the `docker run` client SIGTERM, which docker passes on to the
+container (`--sig-proxy`, its default), and `--rm` removes it. This module is the command line only:
+the pytest process reads it to know whether a cell can run.
 """
 
 from __future__ import annotations
@@ -23,12 +24,10 @@ from __future__ import annotations
 import functools
 import os
 import shutil
-import signal
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.engines.server import Server
 from harness.engines.templates import EngineMissing, fill
 from harness.matrix.launch import LaunchArgs, check_command
 
@@ -114,27 +113,3 @@ def engine_problem() -> str | None:
 
 def container_name(port: int) -> str:
     return f"qwen-compat-{os.getpid()}-{port}"
-
-
-class Container(Server):
-    """A `docker run` line as a launched server: started, watched and logged as one, stopped by removing
-    its container, and told by SIGTERM (which docker passes on) when the launching process dies."""
-
-    rss_is_the_server = False  # the tree is the docker client; the container's processes are the daemon's
-
-    def __init__(self, argv: list[str], *, name: str, **kwargs):
-        super().__init__(argv, parent_death_signal=signal.SIGTERM, **kwargs)
-        self.name = name
-
-    def stop(self, grace_s: float = 10.0) -> None:
-        if self.proc is not None:
-            with open(self.log_path, "ab") as log:
-                for command in (
-                    ["docker", "stop", "--time", str(int(grace_s)), self.name],
-                    ["docker", "rm", "-f", self.name],
-                ):
-                    try:
-                        subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=grace_s + 30, check=False)
-                    except (OSError, subprocess.TimeoutExpired) as exc:
-                        log.write(f"qwen-compat: {' '.join(command)}: {exc}\n".encode())
-        super().stop(grace_s)

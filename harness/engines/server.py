@@ -230,6 +230,31 @@ class Server:
         return round(total / MIB, 1) if seen else None
 
 
+class Container(Server):
+    """A `docker run` line (harness/engines/docker.py) as a launched server: started, watched and logged as
+    one, stopped by removing its container, and told by SIGTERM (which docker passes on) when the process
+    that launched it dies."""
+
+    rss_is_the_server = False  # the tree is the docker client; the container's processes are the daemon's
+
+    def __init__(self, argv: list[str], *, name: str, **kwargs):
+        super().__init__(argv, parent_death_signal=signal.SIGTERM, **kwargs)
+        self.name = name
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        if self.proc is not None:
+            with open(self.log_path, "ab") as log:
+                for command in (
+                    ["docker", "stop", "--time", str(int(grace_s)), self.name],
+                    ["docker", "rm", "-f", self.name],
+                ):
+                    try:
+                        subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=grace_s + 30, check=False)
+                    except (OSError, subprocess.TimeoutExpired) as exc:
+                        log.write(f"qwen-compat: {' '.join(command)}: {exc}\n".encode())
+        super().stop(grace_s)
+
+
 def served_memory(server: Server | None, device: str, gpu, sampler, source: str | None, engine: dict) -> dict:
     """A cell's memory on its server: NVML's peak on a GPU (the sampler `gpu.track` chose), the process
     tree's peak RSS on the CPU, the engine's own figures beside them; None with the reason where out of

@@ -101,7 +101,7 @@ def judge(cell: Cell, result: WorkerResult) -> Verdict:
         return Verdict("failed", found.category, f"{prefix}{result.error_message}".strip(), found.remedy, found.matched)
     gen, m = result.generation, result.measurements
     served = "new_token_ids" not in gen  # a server's answer: text and a token count, no ids, no logits
-    if served and gen.get("output_tokens") is None:  # a WebUI's answer: the text a page shows, nothing else
+    if served and "output_tokens" not in gen:  # a WebUI's answer: the text a page shows, nothing else
         if not gen["text"].strip():
             return _numerical("the app's answer is empty")
     elif not (gen["output_tokens"] if served else gen["new_token_ids"]):

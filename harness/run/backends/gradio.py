@@ -32,8 +32,8 @@ from pathlib import Path
 
 import httpx
 
-from harness.engines.docker import Container, DockerRun, container_name
-from harness.engines.server import Server, ServerGpuMemory, free_port, served_memory
+from harness.engines.docker import DockerRun, container_name
+from harness.engines.server import Container, Server, ServerGpuMemory, free_port, served_memory
 from harness.engines.templates import user_command
 from harness.errors import UserError
 from harness.judge import agreement
@@ -613,19 +613,22 @@ def _quietly(fn) -> None:
 def write_pictures(cell: Cell, folder: Path) -> list[str]:
     """The cell's pictures as files a person would upload: lossless PNGs; a video as an MP4 (PyAV)."""
     folder.mkdir(parents=True, exist_ok=True)
+    what = f"the {cell.width}x{cell.height} {cell.input} of this cell's upload"
     if cell.input == "video":
-        path = folder / "video.mp4"
-        _write_video(inputs.synthetic_video(cell.width, cell.height), path)
+        av = _pyav()
+        with inputs.built_by_the_harness(what):
+            path = folder / "video.mp4"
+            _write_video(av, inputs.synthetic_video(cell.width, cell.height), path)
         return [str(path)]
-    images = inputs.pictures(cell.input, cell.width, cell.height, cell.images, **inputs.image_source(cell.image))
-    paths = []
-    for i, image in enumerate(images):
-        paths.append(str(folder / f"image-{i}.png"))
-        image.save(paths[-1], format="PNG")
+    with inputs.built_by_the_harness(what):
+        images = inputs.pictures(cell.input, cell.width, cell.height, cell.images, **inputs.image_source(cell.image))
+        paths = [str(folder / f"image-{i}.png") for i in range(len(images))]
+        for image, path in zip(images, paths, strict=True):
+            image.save(path, format="PNG")
     return paths
 
 
-def _write_video(frames, path: Path, fps: int = 2) -> None:
+def _pyav():
     try:
         import av
     except ImportError:
@@ -634,6 +637,10 @@ def _write_video(frames, path: Path, fps: int = 2) -> None:
             "(pip install av)",
             "missing-package",
         ) from None
+    return av
+
+
+def _write_video(av, frames, path: Path, fps: int = 2) -> None:
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
@@ -754,7 +761,7 @@ class GradioBackend:
             folder.cleanup()
         return {
             "ok": True,
-            "generation": {"text": reply.text, "output_tokens": None, "finish_reason": None},
+            "generation": {"text": reply.text},  # what a page shows: no token ids, counts or finish reason
             "measurements": {
                 **reply.measurements(),
                 "input_tokens": None,
