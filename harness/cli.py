@@ -10,6 +10,7 @@ qwen-compat fleet MATRIX --ray ADDRESS [--reports DIR] [PYTEST ARGS]   the matri
 qwen-compat plan MATRIX --device KEY [--json]   predicted peak memory of every cell of that device
 qwen-compat doctor [MATRIX]       this host's facts, and what the matrix will do here
 qwen-compat smoke --endpoint URL  a running server's release check (built-in matrix)
+qwen-compat smoke --webui URL     the same for a running Gradio WebUI, driven as a person would (--family)
 """
 
 from __future__ import annotations
@@ -360,10 +361,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", required=True, help="GPU table key, or auto (this host's card)")
     p.add_argument("--json", action="store_true", help="one JSON object per cell")
     p.set_defaults(func=_plan)
-    p = sub.add_parser("smoke", help="smoke-test a running OpenAI-compatible server with a built-in matrix")
-    p.add_argument("--endpoint", required=True, help="the server's base URL, e.g. http://127.0.0.1:8000/v1")
+    p = sub.add_parser(
+        "smoke", help="smoke-test a running OpenAI-compatible server, or a Gradio WebUI, with a built-in matrix"
+    )
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--endpoint", help="the server's base URL, e.g. http://127.0.0.1:8000/v1")
+    where.add_argument("--webui", help="the Gradio app's address, e.g. http://127.0.0.1:7860/")
     p.add_argument("--api-key-env", help="NAME of the environment variable holding its API key")
-    p.add_argument("--model", help="the served model's name (default: the first the server lists)")
+    p.add_argument(
+        "--model", help="the served model's name (default: the first the server lists; a WebUI does not say)"
+    )
     p.add_argument("--family", help="qwen2_vl, qwen2_5_vl, qwen3_vl or qwen3_vl_moe (default: from the name)")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--reports", default="reports", help="reports folder (results go to <reports>/cpu/)")

@@ -1,9 +1,10 @@
-"""`qwen-compat smoke --endpoint URL`: a running server's release check in one line.
+"""`qwen-compat smoke --endpoint URL` / `--webui URL`: a running server's (or WebUI's) release check in one line.
 
 For a release pipeline: start the container, point qwen-compat at it, gate. A built-in matrix sends
 the served model three image sizes, two images in one request and a video, as `backend: openai`
-cells against the endpoint; the verdicts, reports (`<reports>/<device>/`) and exit code are those of
-any run, so `qwen-compat gate` can compare two releases.
+cells against the endpoint, or as `backend: gradio` conversations with the WebUI; the verdicts,
+reports (`<reports>/<device>/`) and exit code are those of any run, so `qwen-compat gate` can
+compare two releases.
 """
 
 from __future__ import annotations
@@ -18,17 +19,22 @@ SIZES = ["448x448", "1024x1024", "1920x1080"]
 SUITE = "def test_cell(cell_run):\n    cell_run.check()\n"
 
 
-def matrix(endpoint: str, model: str, family: str, api_key_env: str | None, max_new_tokens: int) -> dict:
-    """The built-in smoke matrix for one served model."""
-    entry = {"hub": model, "family": family, "endpoint": endpoint, "served_model": model}
+def matrix(
+    url: str, model: str, family: str, api_key_env: str | None, max_new_tokens: int, backend: str = "openai"
+) -> dict:
+    """The built-in smoke matrix for one served model: at an OpenAI endpoint, or (`backend` gradio) a WebUI."""
+    if backend == "gradio":
+        entry = {"hub": model, "family": family, "webui": url}
+    else:
+        entry = {"hub": model, "family": family, "endpoint": url, "served_model": model}
     if api_key_env:
         entry["api_key_env"] = api_key_env
     return {
         "name": "smoke",
-        "description": f"qwen-compat smoke test of {model} at {endpoint}",
+        "description": f"qwen-compat smoke test of {model} at {url}",
         "models": [entry],
         "devices": ["cpu"],  # the device this host reports under; the server's own card is out of view
-        "axes": {"resolution": SIZES, "input": ["image", "images", "video"], "backend": ["openai"]},
+        "axes": {"resolution": SIZES, "input": ["image", "images", "video"], "backend": [backend]},
         "exclude": [{"when": {"input": ["images", "video"], "resolution": SIZES[1:]}}],
         "defaults": {"max_new_tokens": max_new_tokens},
     }
@@ -48,22 +54,40 @@ def family_of(model: str, family: str | None) -> str:
         ) from None
 
 
-def run(args) -> int:
-    """Write the matrix and a one-test suite under the reports folder, then run them with pytest."""
-    import pytest
+def _served_model(args) -> str:
+    """The model's name: what the endpoint serves (or `--model`); for a WebUI, which cannot tell, `--model`."""
+    if args.webui:
+        from harness.run.backends.gradio import App
 
+        App(args.webui, key="--webui").close()  # nothing listening, or not a Gradio app: one paragraph, before any cell
+        return args.model or "webui"
     from harness.run.backends.openai.stream import Client, Endpoint
 
     client = Client(Endpoint(args.endpoint, model=args.model, api_key_env=args.api_key_env))
     try:
-        model = client.model()
+        return client.model()
     finally:
         client.close()
+
+
+def run(args) -> int:
+    """Write the matrix and a one-test suite under the reports folder, then run them with pytest."""
+    import pytest
+
+    model = _served_model(args)
     reports = Path(args.reports)
     folder = reports / "smoke"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "matrix.yaml"
-    data = matrix(args.endpoint, model, family_of(model, args.family), args.api_key_env, args.max_new_tokens)
+    backend = "gradio" if args.webui else "openai"
+    data = matrix(
+        args.webui or args.endpoint,
+        model,
+        family_of(model, args.family),
+        args.api_key_env,
+        args.max_new_tokens,
+        backend,
+    )
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     (folder / "test_smoke.py").write_text(SUITE)
     (folder / "pytest.ini").write_text("[pytest]\n")  # with -c: the caller's pytest configuration does not apply

@@ -2,20 +2,35 @@
 
 from __future__ import annotations
 
+from harness.engines.docker import DockerRun
 from harness.engines.templates import MIN_CONTEXT, TEMPLATES, EngineMissing, Unsupported, launch_args, user_command
+from harness.matrix.capabilities import installed
 from harness.matrix.cells import Cell, Expectation
+from harness.matrix.launch import DOCKER
 
 
 def serving_expectation(cell: Cell) -> Expectation | None:
     """A launched server's engine must be installed and able to run the cell's axes; the server's card
-    and attention kernels are the engine's business, so the in-process rules do not apply."""
-    launch = (cell.serving or {}).get("launch")
+    and attention kernels are the engine's business, so the in-process rules do not apply. A WebUI is
+    driven through gradio_client, which must be installed too."""
+    serving = cell.serving or {}
+    if cell.backend == "gradio" and not installed("gradio_client"):
+        return Expectation(
+            "skip",
+            ["missing-package"],
+            "backend gradio drives the app with gradio_client, which is not installed here: "
+            "pip install 'qwen-compat[webui]'",
+            source="capability",
+        )
+    launch = serving.get("launch")
     if not launch:
         return None
 
     try:  # what an engine refuses depends on dtype and attention, never on the context length
         args = launch_args(cell, "MODEL", host="127.0.0.1", port=0, max_model_len=MIN_CONTEXT)
-        if launch in TEMPLATES:
+        if launch == DOCKER:
+            DockerRun.of(serving).check_installed()
+        elif launch in TEMPLATES:
             TEMPLATES[launch].check_installed()
             TEMPLATES[launch].argv(args)
         else:

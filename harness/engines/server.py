@@ -27,6 +27,7 @@ import socket
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -49,13 +50,13 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    """In the server, before exec: the kernel sends it SIGKILL when the process that launched it dies (a
+def _die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """In the server, before exec: the kernel sends it `sig` when the process that launched it dies (a
     worker killed after a timeout must not leave its server running)."""
     import ctypes
 
     PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, sig)
 
 
 def _cgroup_oom_files() -> list[Path]:
@@ -102,6 +103,8 @@ def _describe_exit(code: int) -> str:
 class Server:
     """One launched server process (and its children)."""
 
+    rss_is_the_server = True  # the process tree's memory is the server's own
+
     def __init__(
         self,
         argv: list[str],
@@ -112,8 +115,10 @@ class Server:
         ready_path: str = "/health",
         startup_timeout_s: float = 600.0,
         env: dict | None = None,
+        parent_death_signal: int = signal.SIGKILL,
     ):
         self.argv, self.host, self.port = argv, host, port
+        self.parent_death_signal = parent_death_signal
         self.log_path = Path(log_path)
         self.ready_path, self.startup_timeout_s = ready_path, startup_timeout_s
         self.env = {**os.environ, **(env or {})}
@@ -140,7 +145,7 @@ class Server:
                     stderr=subprocess.STDOUT,
                     env=self.env,
                     start_new_session=True,
-                    preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                    preexec_fn=partial(_die_with_parent, self.parent_death_signal) if sys.platform == "linux" else None,
                 )
             except OSError as exc:
                 raise ServerStartError(
@@ -169,9 +174,11 @@ class Server:
                     )
                 time.sleep(0.1)
 
-    def failure(self, what: str) -> str:
-        """`what` happened, with the command, the log file and the log's tail."""
-        return f"{what} ($ {shlex.join(self.argv)}; log {self.log_path})\n--- server log (tail) ---\n{self.log_tail()}"
+    def failure(self, what: str, since: int = 0) -> str:
+        """`what` happened, with the command, the log file and the log's tail (what it wrote after the offset
+        `since`, when given: a cell's own lines, not an earlier cell's error)."""
+        tail = self.log_tail(since=since)
+        return f"{what} ($ {shlex.join(self.argv)}; log {self.log_path})\n--- server log (tail) ---\n{tail}"
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -194,14 +201,21 @@ class Server:
             return f"; the kernel's OOM killer killed {now - self._oom_kills} process(es) meanwhile (oom_kill)"
         return ", with no out-of-memory evidence (the kernel's oom_kill counts did not move)"
 
-    def log_tail(self, chars: int = LOG_TAIL_CHARS) -> str:
+    def log_tail(self, chars: int = LOG_TAIL_CHARS, since: int = 0) -> str:
         try:
             with open(self.log_path, "rb") as f:
                 f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - chars))
+                f.seek(max(since, f.tell() - chars))
                 return f.read().decode(errors="replace")
         except OSError:
             return ""
+
+    def log_size(self) -> int:
+        """Where the log ends now: `since` for the tail of what comes next."""
+        try:
+            return self.log_path.stat().st_size
+        except OSError:
+            return 0
 
     def log_text(self) -> str:
         try:
@@ -268,6 +282,59 @@ class Server:
             total += int(line.split()[1]) * 1024
             seen = True
         return round(total / MIB, 1) if seen else None
+
+
+class Container(Server):
+    """A `docker run` line (harness/engines/docker.py) as a launched server: started, watched and logged as
+    one, stopped by removing its container, and told by SIGTERM (which docker passes on) when the process
+    that launched it dies."""
+
+    rss_is_the_server = False  # the tree is the docker client; the container's processes are the daemon's
+
+    def __init__(self, argv: list[str], *, name: str, **kwargs):
+        super().__init__(argv, parent_death_signal=signal.SIGTERM, **kwargs)
+        self.name = name
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        if self.proc is not None:
+            with open(self.log_path, "ab") as log:
+                for command in (
+                    ["docker", "stop", "--time", str(int(grace_s)), self.name],
+                    ["docker", "rm", "-f", self.name],
+                ):
+                    try:
+                        subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=grace_s + 30, check=False)
+                    except (OSError, subprocess.TimeoutExpired) as exc:
+                        log.write(f"qwen-compat: {' '.join(command)}: {exc}\n".encode())
+        super().stop(grace_s)
+
+
+def served_memory(server: Server | None, device: str, gpu, sampler, source: str | None, engine: dict) -> dict:
+    """A cell's memory on its server: NVML's peak on a GPU (the sampler `gpu.track` chose), the process
+    tree's peak RSS on the CPU, the engine's own figures beside them; None with the reason where out of
+    reach (a server the harness did not start; a container, whose processes are not its client's)."""
+    unmeasured = {"peak_memory_mib": None, "peak_memory_source": None}
+    if server is None:
+        return {**unmeasured, "peak_memory_unmeasured": "a black-box endpoint: no local view of its processes"}
+    if device == "cpu" and not server.rss_is_the_server:
+        why = "a container: its processes are not those of the `docker run` client the harness started"
+        return {**unmeasured, "peak_memory_unmeasured": why}
+    if device != "cpu":
+        measured = {"server_rss_peak_mib": server.peak_rss_mib()} if server.rss_is_the_server else {}
+        if sampler and not sampler.failed:
+            measured.update(peak_memory_mib=round(sampler.peak, 1), peak_memory_source=source)
+        else:
+            why = "the method stopped measuring during the cell" if sampler else gpu.why_not
+            measured.update(peak_memory_mib=None, peak_memory_source=None, peak_memory_unmeasured=why)
+    else:
+        peak = server.peak_rss_mib()
+        measured = {"peak_memory_mib": peak, "peak_memory_source": "server_rss", "server_rss_peak_mib": peak}
+    if "engine_budget_mib" in engine:
+        measured["peak_memory_note"] = (
+            f"the engine preallocates {engine['engine_budget_mib']:.0f} MiB of the card: a device-level "
+            "peak is that fraction; its own weights, KV cache and activation figures are beside it"
+        )
+    return {**measured, **engine}
 
 
 # --- what an engine says about its own memory ------------------------------------------------------------

@@ -215,10 +215,19 @@ TEMPLATES = {
 }
 
 
+def _values(args: LaunchArgs) -> dict[str, str]:
+    return {k: "" if v is None else str(v) for k, v in asdict(args).items()}
+
+
+def fill(text: str, args: LaunchArgs, matrix_file: str | None = None, key: str = "launch") -> str:
+    """One value (an environment variable's, say) with its `{placeholders}` filled from the launch values."""
+    check_command(text, matrix_file, key)
+    return text.format_map(_values(args))
+
+
 def user_command(command: str, args: LaunchArgs, matrix_file: str | None = None) -> list[str]:
     """A command of the user's own, its `{placeholders}` filled from the launch values."""
-    values = {k: "" if v is None else str(v) for k, v in asdict(args).items()}
-    argv = [word.format_map(values) for word in check_command(command, matrix_file)]
+    argv = [word.format_map(_values(args)) for word in check_command(command, matrix_file)]
     if shutil.which(argv[0]) is None:
         raise EngineMissing(
             f"the launch command's program '{argv[0]}' is not found.",

@@ -6,12 +6,17 @@ cells run first): the server stops at the end-of-text token while the in-process
 all its tokens, so the served greedy text must be where the in-process text starts. In float32 a
 difference is a failure (`wrong-answer`); in reduced dtypes engines legitimately pick other
 kernels, so it is recorded only.
+
+A WebUI's answer (`backend: gradio`) is compared as displayed: the app stops at its own token limit,
+so either text may be the longer, and a Chatbot rewrites whitespace (it expands tabs and strips
+leading blank characters), so runs of whitespace count as one space.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 from harness.errors import write_whole
@@ -35,15 +40,25 @@ def save(cell: Cell, text: str, reference_dir: Path) -> None:
     write_whole(_path(cell, reference_dir), data, f"the in-process text of {cell.id}, for its served twin")
 
 
-def compare(cell: Cell, text: str, reference_dir: Path) -> dict:
-    """Measurements: whether the served text agrees with the in-process twin's, and which twin."""
+def _as_displayed(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def compare(cell: Cell, text: str, reference_dir: Path, displayed: bool = False) -> dict:
+    """Measurements: whether the served text agrees with the in-process twin's, and which twin;
+    `displayed`: a WebUI's answer, compared as a page shows it."""
     path = _path(cell, reference_dir)
     if not path.exists():
         return {"agreement": NO_TWIN}
     twin = json.loads(path.read_text())
+    if displayed:
+        mine, theirs = _as_displayed(text), _as_displayed(twin["text"])
+        agrees = bool(mine) and (theirs.startswith(mine) or mine.startswith(theirs))
+    else:
+        agrees = bool(text) and twin["text"].startswith(text)
     return {
         "agreement": "measured",
         "agreement_reference": twin["id"],
-        "agrees": bool(text) and twin["text"].startswith(text),
+        "agrees": agrees,
         "in_process_text": twin["text"],
     }

@@ -17,6 +17,10 @@ from harness.matrix.cells import Cell
 
 # Raised by the harness (bad input, its own fault): an error of the run, not a failure of the model.
 HARNESS_ERRORS = {"UserError", "HarnessFault"}
+SKIP_REMEDIES = {  # why a served cell did not run, said by its backend
+    "input-mismatch": "serve the model with an engine (or a WebUI) that takes this input",
+    "missing-package": "install the package the message names on this runner",
+}
 
 
 @dataclass
@@ -87,8 +91,8 @@ def _engine_budget(cell: Cell, m: dict, budget: float) -> Verdict:
 
 def judge(cell: Cell, result: WorkerResult) -> Verdict:
     """The verdict for one cell."""
-    if result.skipped and result.skipped_category == "input-mismatch":
-        return Verdict("skipped", "input-mismatch", result.skipped, "serve the model with an engine that takes it")
+    if result.skipped and result.skipped_category in SKIP_REMEDIES:
+        return Verdict("skipped", result.skipped_category, result.skipped, SKIP_REMEDIES[result.skipped_category])
     if result.skipped:
         return Verdict(
             "skipped",
@@ -118,7 +122,10 @@ def judge(cell: Cell, result: WorkerResult) -> Verdict:
         return Verdict("failed", found.category, f"{prefix}{result.error_message}".strip(), found.remedy, found.matched)
     gen, m = result.generation, result.measurements
     served = "new_token_ids" not in gen  # a server's answer: text and a token count, no ids, no logits
-    if not (gen["output_tokens"] if served else gen["new_token_ids"]):
+    if served and "output_tokens" not in gen:  # a WebUI's answer: the text a page shows, nothing else
+        if not gen["text"].strip():
+            return _numerical("the app's answer is empty")
+    elif not (gen["output_tokens"] if served else gen["new_token_ids"]):
         return _numerical("no new token was generated")
     if gen.get("nonfinite_steps"):
         return _numerical(f"NaN or inf in the logits at decoding steps {gen['nonfinite_steps']}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 
-from harness.matrix.cells import Cell, Expectation
+from harness.matrix.cells import SERVED_BACKENDS, Cell, Expectation
 from harness.matrix.gpus import Gpu
 from harness.matrix.placement import pins_modules_off_gpu
 
@@ -31,7 +31,7 @@ def capability_expectation(cell: Cell, gpu: Gpu, *, flash_attn: bool | None = No
             "model's `launch: vllm` (or its `endpoint:`)",
             source="capability",
         )
-    if cell.backend == "openai":
+    if cell.backend in SERVED_BACKENDS:
         if cell.placement != "single":
             return Expectation(
                 "skip",

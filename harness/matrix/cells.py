@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from harness.errors import UserError
-from harness.matrix.launch import TEMPLATE_NAMES, check_command
+from harness.matrix.launch import DOCKER, TEMPLATE_NAMES, check_command
 from harness.matrix.placement import cell_id_part, normalize
 from harness.matrix.schema import AXIS_FIELDS, ExpectRule, Launch, Matrix, ModelEntry, Rule, Section
 from harness.models.architectures import shipped, shipped_family
@@ -67,7 +67,7 @@ class Cell:
     expectation: Expectation = field(default_factory=Expectation)
     fault: Any = None
     matrix_file: str = ""
-    serving: dict | None = None  # backend openai: how the server is reached (backends.openai.group.Target's fields)
+    serving: dict | None = None  # served backends: how the server is reached (the backend's Target's fields)
     single_twin: str | None = None  # the id of the same cell with `single` placement (what slowdown compares to)
 
     @property
@@ -226,10 +226,52 @@ def _expectation(rule: ExpectRule) -> Expectation:
     )
 
 
-def serving(entry: ModelEntry, matrix_file: str) -> dict:
-    """How a model's `backend: openai` cells reach their server (the fields of backends.openai.group.Target)."""
-    if not (entry.endpoint or entry.launch):
-        name = entry.tiny or entry.arch or entry.hub or entry.path
+SERVED_BACKENDS = ("openai", "gradio")  # backends whose cells go to a server, reached or launched
+DOCKER_FIELDS = {"image", "port", "shm_size", "env", "args"}
+
+
+def _launch(entry: ModelEntry, matrix_file: str, backend: str) -> Launch | None:
+    """The model's `launch:`, its placeholders checked, for a backend that can run it."""
+    launch = Launch(command=entry.launch) if isinstance(entry.launch, str) else entry.launch
+    if launch is None:
+        return None
+    if launch.command == DOCKER:
+        if backend != "gradio":
+            raise UserError(
+                "the docker launch template runs a WebUI image, for `backend: gradio` cells.",
+                file=matrix_file,
+                key="launch",
+                fix="serve `backend: openai` cells with a template (vllm, sglang, lmdeploy, transformers-serve), or "
+                "run the container yourself and give its `endpoint:`.",
+            )
+        for value in launch.env.values():
+            check_command(value, matrix_file, "launch.env")
+        check_command(launch.args or "", matrix_file, "launch.args")
+    elif launch.command in TEMPLATE_NAMES and backend == "gradio":
+        raise UserError(
+            f"the launch template '{launch.command}' starts an OpenAI-compatible server, not a WebUI.",
+            file=matrix_file,
+            key="launch",
+            fix="give the WebUI's own command with {port} (and {model}, {dtype}), or `{command: docker, image: ...}`.",
+        )
+    elif launch.command not in TEMPLATE_NAMES:
+        check_command(launch.command, matrix_file)
+    return launch
+
+
+def serving(entry: ModelEntry, matrix_file: str, backend: str = "openai") -> dict:
+    """How a model's served cells reach their server: for `backend: openai` the fields of
+    backends.openai.group.Target, for `backend: gradio` those of backends.gradio.Target."""
+    name = entry.tiny or entry.arch or entry.hub or entry.path
+    if backend == "gradio" and not (entry.webui or entry.launch):
+        raise UserError(
+            f"model '{name}' has `backend: gradio` cells but no WebUI to talk to.",
+            file=matrix_file,
+            key="models.webui",
+            fix="give the model `webui: http://host:7860/` (a running app), or `launch:` the app's command with "
+            "{port} (and {model}, {dtype}) or `{command: docker, image: IMAGE}`.",
+        )
+    if backend == "openai" and not (entry.endpoint or entry.launch):
         raise UserError(
             f"model '{name}' has `backend: openai` cells but no server to send them to.",
             file=matrix_file,
@@ -237,16 +279,22 @@ def serving(entry: ModelEntry, matrix_file: str) -> dict:
             fix="give the model `endpoint: http://host:port/v1` (a running server), or `launch:` a template "
             "(transformers-serve, vllm, sglang, lmdeploy) or a command with {model} and {port}.",
         )
-    launch = Launch(command=entry.launch) if isinstance(entry.launch, str) else entry.launch
-    if launch:
-        if launch.command not in TEMPLATE_NAMES:
-            check_command(launch.command, matrix_file)
+    launch = _launch(entry, matrix_file, backend)
+    launched = {"launch": launch.command, **launch.model_dump(exclude={"command"})} if launch else {}
+    if backend == "gradio":
+        return {
+            "webui": entry.webui,
+            "steps": [step.model_dump(by_alias=True, exclude_none=True) for step in entry.steps or ()] or None,
+            "greedy": entry.greedy,
+            "matrix_file": matrix_file,
+            **{k: v for k, v in launched.items() if k not in DOCKER_FIELDS or launch.command == DOCKER},
+        }
     return {
         "endpoint": entry.endpoint,
         "api_key_env": entry.api_key_env,
         "model_name": entry.served_model,
         "matrix_file": matrix_file,
-        **({"launch": launch.command, **launch.model_dump(exclude={"command"})} if launch else {}),
+        **{k: v for k, v in launched.items() if k not in DOCKER_FIELDS},
     }
 
 
@@ -304,7 +352,7 @@ def _section_cells(matrix: Matrix, section: Section, matrix_file: str) -> list[C
                 drift_top_k=defaults.drift_top_k,
                 degenerate_check=defaults.degenerate_check,
                 matrix_file=matrix_file,
-                serving=serving(entry, matrix_file) if backend == "openai" else None,
+                serving=serving(entry, matrix_file, backend) if backend in SERVED_BACKENDS else None,
                 single_twin=None if placed == "single" else _cell_id(*axes_of_id, "single", extra),
             )
             values = cell.axis_values()

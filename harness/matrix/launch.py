@@ -11,7 +11,8 @@ from dataclasses import dataclass, fields
 
 from harness.errors import UserError
 
-TEMPLATE_NAMES = ("transformers-serve", "vllm", "sglang", "lmdeploy")
+TEMPLATE_NAMES = ("transformers-serve", "vllm", "sglang", "lmdeploy")  # OpenAI-compatible engines
+DOCKER = "docker"  # a released image, run with `docker run` (harness/engines/docker.py)
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class LaunchArgs:
 PLACEHOLDERS = [f.name for f in fields(LaunchArgs)]
 
 
-def check_command(command: str, matrix_file: str | None = None) -> list[str]:
+def check_command(command: str, matrix_file: str | None = None, key: str = "launch") -> list[str]:
     """The words of a user's launch command; an unknown `{placeholder}` is bad input, named."""
     words = shlex.split(command)
     for word in words:
@@ -45,7 +46,7 @@ def check_command(command: str, matrix_file: str | None = None) -> list[str]:
                 raise UserError(
                     f"the launch command names an unknown placeholder {{{name}}}.",
                     file=matrix_file,
-                    key="launch",
+                    key=key,
                     fix=f"placeholders are {', '.join('{' + k + '}' for k in PLACEHOLDERS)}.",
                 )
     return words

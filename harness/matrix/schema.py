@@ -41,6 +41,7 @@ CATEGORIES = [
     "input-mismatch",
     "timeout",
     "crash",
+    "version-skew",
     "over-budget",
     "wrong-answer",
     "other",
@@ -114,22 +115,67 @@ class Strict(BaseModel):
 
 
 class Launch(Strict):
-    """A server the harness starts for each group of a model's `backend: openai` cells."""
+    """A server the harness starts for each group of a model's served cells (`backend: openai` or `gradio`)."""
 
     command: str = Field(
         ...,
-        description="a template (transformers-serve, vllm, sglang, lmdeploy) or a command of your own with "
-        "placeholders {model} {dtype} {attn} {host} {port} {device} {max_model_len} {max_images} {max_videos} "
-        "{min_pixels} {max_pixels} {gpu_memory_utilization} {tensor_parallel_size}",
+        description="a template (transformers-serve, vllm, sglang, lmdeploy; docker for a WebUI image) or a "
+        "command of your own with placeholders {model} {dtype} {attn} {host} {port} {device} {max_model_len} "
+        "{max_images} {max_videos} {min_pixels} {max_pixels} {gpu_memory_utilization} {tensor_parallel_size}",
     )
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="fraction of the card the engine may take")
     tensor_parallel_size: int = Field(1, ge=1)
     startup_timeout_s: float = Field(600, gt=0, description="until the server's readiness route answers")
+    image: str | None = Field(
+        None, description="command docker: the image to run, e.g. ghcr.io/acme/qwen3-vl-webui:1.4"
+    )
+    port: int = Field(7860, ge=1, le=65535, description="command docker: the port the app listens on in the container")
+    shm_size: str = Field(
+        "16g",
+        pattern=r"^\d+(\.\d+)?[kKmMgGtTpP]?[iI]?[bB]?$",  # what docker's size parser (go-units) takes: 16g, 16gb, 16GiB
+        description="command docker: --shm-size",
+    )
+    env: dict[str, str] = Field(
+        {"MODEL": "{model}", "DTYPE": "{dtype}"},
+        description="command docker: -e NAME=VALUE for the image, values with {placeholders}",
+    )
+    args: str | None = Field(None, description="command docker: the image's command and arguments, with {placeholders}")
+
+    @model_validator(mode="after")
+    def _image_with_docker(self):
+        if (self.command == "docker") != bool(self.image):
+            raise ValueError(
+                "`launch: {command: docker}` needs `image:`, and `image:` belongs to the docker command only"
+            )
+        return self
+
+
+class Step(Strict):
+    """One thing a person does on a WebUI: upload the cell's pictures, send its prompt, read the answer
+    (each the name of the app's endpoint that does it, e.g. /add_file), or `call` another endpoint."""
+
+    upload: str | None = Field(None, description="the endpoint that takes the pictures, e.g. /add_file")
+    text: str | None = Field(None, description="the endpoint that takes the prompt, e.g. /add_text")
+    answer: str | None = Field(None, description="the endpoint whose output is the answer, e.g. /predict")
+    call: str | None = Field(None, description="another endpoint to call at this point, e.g. /load_model")
+    with_: dict[str, Any] = Field({}, alias="with", description="values for the endpoint's other parameters, by name")
+
+    @model_validator(mode="after")
+    def _one_endpoint(self):
+        named = {v for v in (self.upload, self.text, self.answer, self.call) if v}
+        if len(named) != 1 or (self.call and (self.upload or self.text or self.answer)):
+            raise ValueError(
+                "a step names one endpoint: with `upload:`, `text:` and `answer:` (one or more, naming the same "
+                "endpoint), or with `call:`"
+            )
+        return self
 
 
 class ModelEntry(Strict):
     """One model: exactly one of `tiny`, `arch`, `hub`, `path`; for `backend: openai` cells, how its
-    server is reached: `endpoint:` (already running) or `launch:` (started by the harness)."""
+    server is reached: `endpoint:` (already running) or `launch:` (started by the harness); for
+    `backend: gradio` cells, its WebUI: `webui:` (running) or `launch:`, and `steps:` where the
+    app's API does not say which endpoint does what."""
 
     id: str | None = Field(None, description="short name used in cell ids; derived when absent")
     tiny: str | None = Field(None, description="tiny random-weight family: " + ", ".join(FAMILIES))
@@ -156,6 +202,20 @@ class ModelEntry(Strict):
     served_model: str | None = Field(
         None, description="backend openai: the name the server knows the model by (default: the first it lists)"
     )
+    webui: str | None = Field(
+        None,
+        pattern=r"^https?://\S+$",
+        description="backend gradio: URL of a running Gradio app, e.g. http://host:7860/",
+    )
+    steps: list[Step] | None = Field(
+        None,
+        description="backend gradio: the app's endpoints in the order a person uses them, e.g. "
+        "[{upload: /add_file}, {text: /add_text}, {answer: /predict}] (default: read from the app's API)",
+    )
+    greedy: bool = Field(
+        False,
+        description="backend gradio: the app decodes greedily, so its answer is compared with the in-process cell's",
+    )
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -164,6 +224,10 @@ class ModelEntry(Strict):
             raise ValueError(f"a model needs exactly one of tiny, arch, hub, path (got {given or 'none'})")
         if self.endpoint and self.launch:
             raise ValueError("a model is served either from its `endpoint:` or by `launch:`, not both")
+        if self.launch == "docker":
+            raise ValueError("`launch: docker` needs the image: write `launch: {command: docker, image: IMAGE}`")
+        if self.webui and self.launch:
+            raise ValueError("a model's WebUI is either running at `webui:` or started by `launch:`, not both")
         if self.tiny and self.tiny not in FAMILIES:
             raise ValueError(f"unknown tiny family '{self.tiny}'; use one of {', '.join(FAMILIES)}")
         return self
@@ -180,9 +244,10 @@ class Axes(Strict):
     resolution: list[Resolution] = ["448x448"]
     input: list[Literal["image", "images", "video"]] = ["image"]
     pixel_budget: list[PixelBudget | None] = Field([None], description="null = the processor's default budget")
-    backend: list[Literal["transformers", "openai", "vllm"]] = Field(
+    backend: list[Literal["transformers", "openai", "gradio", "vllm"]] = Field(
         ["transformers"],
-        description="transformers: in the worker; openai: over the model's `endpoint:` or `launch:` server",
+        description="transformers: in the worker; openai: over the model's `endpoint:` or `launch:` server; "
+        "gradio: a conversation with the model's WebUI (`webui:` or `launch:`)",
     )
     placement: list[PlacementValue] = Field(
         ["single"],
@@ -347,7 +412,31 @@ def _line_of(root: yaml.Node | None, loc: tuple) -> int | None:
 
 
 def _field_names(model: type[BaseModel]) -> list[str]:
-    return list(model.model_fields)
+    return [field.alias or name for name, field in model.model_fields.items()]
+
+
+def _telling(errors: list[dict]) -> dict:
+    """The first error; where it is one branch of a union refusing the value's type (`launch:` given as a
+    mapping is not a string), the error of the branch that took the type and refused its content, its
+    location without the branch's name."""
+    first = errors[0]
+    if not first["type"].endswith("_type"):
+        return first
+    union = len(first["loc"]) - 1  # where a union's errors name their branch
+    telling = next(
+        (
+            e
+            for e in errors[1:]
+            if e["loc"][:union] == first["loc"][:union]
+            and len(e["loc"]) > union
+            and e["loc"][union] != first["loc"][union]
+            and not e["type"].endswith("_type")
+        ),
+        None,
+    )
+    if telling is None:
+        return first
+    return {**telling, "loc": telling["loc"][:union] + telling["loc"][union + 1 :]}
 
 
 def _describe(error: dict, path: str, root) -> UserError:
@@ -478,7 +567,7 @@ def load(path: str | Path) -> Matrix:
     try:
         matrix = Matrix.model_validate(data)
     except ValidationError as exc:
-        raise _describe(exc.errors()[0], str(path), root) from None
+        raise _describe(_telling(exc.errors()), str(path), root) from None
     _check_references(matrix, path, root)
     return matrix
 

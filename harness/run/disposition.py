@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from harness.engines.availability import serving_expectation
 from harness.matrix.capabilities import effective_expectation
-from harness.matrix.cells import Cell, Expectation
+from harness.matrix.cells import SERVED_BACKENDS, Cell, Expectation
 from harness.matrix.gpus import table
 
 
@@ -14,6 +14,6 @@ def disposition(cell: Cell, host_key: str) -> Expectation:
     if cell.device != host_key:
         return Expectation("skip", [], f"this host is {host_key}; cell targets {cell.device}", source="host")
     expectation = effective_expectation(cell, table()[cell.device])
-    if cell.backend == "openai" and expectation.source not in ("matrix", "capability"):
+    if cell.backend in SERVED_BACKENDS and expectation.source not in ("matrix", "capability"):
         return serving_expectation(cell) or expectation
     return expectation

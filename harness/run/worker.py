@@ -2,9 +2,10 @@
 
 Imports torch once, then answers the parent's cells one JSON line at a time. Each cell goes to its
 backend (`cell.backend`): `transformers` keeps the group's model loaded in this process, `openai`
-sends the cell to its group's server, started here for the group when the model entry says
-`launch:` and stopped when the group changes. Any failure of a cell is caught and answered as
-data for the verdict; a crash or hang ends the process, and the parent (`harness.run.runner`) tells.
+sends the cell to its group's server and `gradio` has it as a conversation with its group's WebUI,
+each started here for the group when the model entry says `launch:` and stopped when the group
+changes. Any failure of a cell is caught and answered as data for the verdict; a crash or hang ends
+the process, and the parent (`harness.run.runner`) tells.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from harness.errors import HarnessFault, UserError
 from harness.judge.result import STDERR_TAIL_CHARS
-from harness.matrix.cells import Cell
+from harness.matrix.cells import SERVED_BACKENDS, Cell
 from harness.run.backends import RunContext
 
 WORKER_TMP_PREFIX = "qwen-compat-worker-"  # the runner gives each worker a TMPDIR of this name, its own
@@ -32,7 +33,7 @@ class Worker:
 
         self.out = out
         self.transformers = TransformersBackend()
-        self.served = None  # the current group's OpenAIBackend
+        self.served = None  # the current group's OpenAIBackend or GradioBackend
         self.served_group: str | None = None
         self._logs: Path | None = None
 
@@ -49,15 +50,20 @@ class Worker:
         self.out.flush()
 
     def backend(self, cell: Cell, server_logs: Path):
-        if cell.backend != "openai":
+        if cell.backend not in SERVED_BACKENDS:
             self.stop_served()
             return self.transformers
         if self.served_group != cell.group:
-            from harness.run.backends.openai.group import OpenAIBackend, Target
-
             self.stop_served()
             self.transformers.stop()  # a launched server gets the memory the in-process model held
-            self.served = OpenAIBackend(Target(**cell.serving), server_logs)
+            from harness.run.backends import gradio
+            from harness.run.backends.openai import group as openai
+
+            backend, target = {
+                "openai": (openai.OpenAIBackend, openai.Target),
+                "gradio": (gradio.GradioBackend, gradio.Target),
+            }[cell.backend]
+            self.served = backend(target(**cell.serving), server_logs)
             self.served_group = cell.group
         return self.served
 

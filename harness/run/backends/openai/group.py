@@ -16,16 +16,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.engines.server import Server, ServerGpuMemory, engine_memory, free_port
+from harness.engines.server import Server, ServerGpuMemory, engine_memory, free_port, served_memory
 from harness.errors import UserError
 from harness.judge import agreement
 from harness.judge.failures import is_sticky
 from harness.matrix.cells import Cell
-from harness.run.backends import RunContext
+from harness.run.backends import HOST, RunContext, served_args, start_announced
 from harness.run.backends.openai.stream import Client, Endpoint, EndpointUnreachable, HTTPError, ServerError
 from harness.secrets import scrub, secret_values
 
-HOST = "127.0.0.1"  # launched servers listen here only
 ERROR_LINE = re.compile(r"^[\w.]*(?:Error|Exception)\b:?")  # a Python exception's last line in a server log
 # An engine saying it does not take an input at all (vLLM: "At most 0 video(s) may be provided in one
 # prompt"; others: "... is not supported", "does not support video"): a skip, not a failure.
@@ -95,17 +94,9 @@ class OpenAIBackend:
     # -- the server ---------------------------------------------------------------------------------------
     def _command(self, cell: Cell, port: int) -> tuple[list[str], str, str | None]:
         """(argv, readiness route, request field for pixels) of the cell's server."""
-        from harness.engines.templates import TEMPLATES, launch_args, user_command
-        from harness.models.checkpoints import checkpoint_for
+        from harness.engines.templates import TEMPLATES, user_command
 
-        args = launch_args(
-            cell,
-            str(checkpoint_for(cell.source)),
-            host=HOST,
-            port=port,
-            gpu_memory_utilization=self.target.gpu_memory_utilization,
-            tensor_parallel_size=self.target.tensor_parallel_size,
-        )
+        args = served_args(cell, port, self.target.gpu_memory_utilization, self.target.tensor_parallel_size)
         template = TEMPLATES.get(self.target.launch)
         if template is None:
             return user_command(self.target.launch, args, self.target.matrix_file), "/v1/models", None
@@ -128,15 +119,7 @@ class OpenAIBackend:
             argv, host=HOST, port=port, log_path=log, ready_path=ready, startup_timeout_s=self.target.startup_timeout_s
         )
         self._argv = argv
-        if emit:
-            emit({"event": "loading", "group": cell.group})
-        if cell.device != "cpu":  # what the devices use before the server exists
-            from harness.devices import nvml
-
-            self.gpu = ServerGpuMemory(nvml.load(), self.server.env.get("CUDA_VISIBLE_DEVICES"))
-        seconds = self.server.start()
-        if emit:
-            emit({"event": "loaded", "group": cell.group})
+        seconds, self.gpu = start_announced(self.server, cell, emit)
         self._engine = engine_memory(self.server.log_text())
         self.client = Client(
             Endpoint(
@@ -257,25 +240,4 @@ class OpenAIBackend:
         return input_tokens - (len(ids) - ids.count(pad))
 
     def _memory(self, cell: Cell, sampler, source: str | None) -> dict:
-        if self.server is None:
-            return {
-                "peak_memory_mib": None,
-                "peak_memory_source": None,
-                "peak_memory_unmeasured": "a black-box endpoint: no local view of its processes",
-            }
-        if cell.device != "cpu":
-            measured = {"server_rss_peak_mib": self.server.peak_rss_mib()}
-            if sampler and not sampler.failed:
-                measured.update(peak_memory_mib=round(sampler.peak, 1), peak_memory_source=source)
-            else:
-                why = "the method stopped measuring during the cell" if sampler else self.gpu.why_not
-                measured.update(peak_memory_mib=None, peak_memory_source=None, peak_memory_unmeasured=why)
-        else:
-            peak = self.server.peak_rss_mib()
-            measured = {"peak_memory_mib": peak, "peak_memory_source": "server_rss", "server_rss_peak_mib": peak}
-        if "engine_budget_mib" in self._engine:
-            measured["peak_memory_note"] = (
-                f"the engine preallocates {self._engine['engine_budget_mib']:.0f} MiB of the card: a device-level "
-                "peak is that fraction; its own weights, KV cache and activation figures are beside it"
-            )
-        return {**measured, **self._engine}
+        return served_memory(self.server, cell.device, self.gpu, sampler, source, self._engine)
