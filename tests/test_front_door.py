@@ -12,7 +12,6 @@ from harness.cli import main
 from harness.run.runner import Runner
 
 REPO = Path(__file__).resolve().parents[1]
-pytest_plugins = ["pytester"]
 
 FLEET = """
 models: [{tiny: qwen2_vl}]
