@@ -9,6 +9,7 @@ compare two releases.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
@@ -74,6 +75,14 @@ def run(args) -> int:
     """Write the matrix and a one-test suite under the reports folder, then run them with pytest."""
     import pytest
 
+    url = args.webui or args.endpoint
+    if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", url or ""):
+        flag = "--webui" if args.webui else "--endpoint"
+        raise UserError(
+            f"'{url}' is not a server's URL.",
+            key=flag,
+            fix="give it as --endpoint http://HOST:PORT/v1 or --webui http://HOST:7860/ (https:// also).",
+        )
     model = _served_model(args)
     reports = Path(args.reports)
     folder = reports / "smoke"
