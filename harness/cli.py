@@ -373,7 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--family", help="qwen2_vl, qwen2_5_vl, qwen3_vl or qwen3_vl_moe (default: from the name)")
     p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--reports", default="reports", help="reports folder (results go to <reports>/cpu/)")
+    p.add_argument(
+        "--reports", default="reports", help="reports folder (results go to <reports>/endpoint-<host>-<port>/)"
+    )
     p.add_argument(
         "--lenient", action="store_true", help="record the server's HTTP errors as skips (default: failures)"
     )

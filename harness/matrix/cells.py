@@ -185,6 +185,9 @@ def model_identity(entry: ModelEntry, matrix_file: str) -> tuple[str, str, dict]
     return entry.id or short, family, {kind: name, **({"seed": entry.seed} if kind == "arch" or entry.seed else {})}
 
 
+REMOTE = "endpoint"  # what a cell id says in place of device, dtype and attention for a server it did not start
+
+
 def _cell_id(
     model: str,
     device: str,
@@ -197,7 +200,9 @@ def _cell_id(
     placement,
     extra: dict,
 ) -> str:
-    parts = [model, device, dtype, attn, resolution]
+    # A server the harness reaches but did not start: its card, dtype and attention are the server's, unseen
+    # here, so the id says `endpoint` instead of naming them.
+    parts = [model, "endpoint", resolution] if device == REMOTE else [model, device, dtype, attn, resolution]
     if kind != "image":
         parts.append(kind)
     if budget is not None:
@@ -323,7 +328,8 @@ def _section_cells(matrix: Matrix, section: Section, matrix_file: str) -> list[C
         ):
             extra = dict(zip(extra_names, extra_values, strict=True))
             placed = normalize(placed)
-            axes_of_id = (model, device, dtype, attn, resolution, kind, budget, backend)
+            remote = backend in SERVED_BACKENDS and bool(entry.endpoint or entry.webui)
+            axes_of_id = (model, REMOTE if remote else device, dtype, attn, resolution, kind, budget, backend)
             cell = Cell(
                 id=_cell_id(*axes_of_id, placed, extra),
                 model=model,

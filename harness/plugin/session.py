@@ -15,6 +15,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -143,7 +144,7 @@ class CompatSession:
             self.host.emulated_on = real.name
         self._check_torch()
         self._cells = on_host(cells_mod.expand(matrix, self.matrix_path), self.host.key)
-        self.reports_dir = Path(option("compat_reports")) / self.host.key
+        self.reports_dir = Path(option("compat_reports")) / self._folder_name()
         self.results = ResultsFile(self.reports_dir / "results.json")
         if option("compat_resume") and self.results.path.exists():
             data = load_results(self.results.path)
@@ -163,6 +164,16 @@ class CompatSession:
                     fix="run without --compat-resume to start the folder over, or restore the matrix as it was.",
                 )
         return self._cells
+
+    def _folder_name(self) -> str:
+        """The run's reports folder: the host's card, or, for a run whose every cell goes to one server the
+        harness did not start, `endpoint-<host>-<port>` (its results are that server's, not this host's)."""
+        servers = set()
+        for cell in self._cells:
+            serving = cell.serving or {}
+            url = None if serving.get("launch") else serving.get("endpoint") or serving.get("webui")
+            servers.add(urlsplit(url).netloc.replace(":", "-") if url else None)
+        return f"endpoint-{servers.pop()}" if len(servers) == 1 and None not in servers else self.host.key
 
     def _check_same_environment(self, then: dict) -> None:
         """--compat-resume keeps recorded cells only where they would run the same: a changed card, driver or
