@@ -187,9 +187,8 @@ def _plan(args) -> int:
     from harness.devices.host import resolve
     from harness.matrix import cells
     from harness.matrix import schema as matrix
-    from harness.matrix.cells import selector_matches
+    from harness.matrix.cells import on_host, selector_matches
     from harness.plan.memory import predict
-    from harness.plugin.selection import on_host
 
     args.device = resolve(args.device, "--device").key  # auto: this host's card; a clear error for an unknown key
     _quiet_transformers()
@@ -270,12 +269,17 @@ def _plan(args) -> int:
 def _doctor(args) -> int:
     from harness import doctor
     from harness.devices.host import detect_host
+    from harness.devices.torch_build import probe
 
     host = detect_host()
+    build = probe()
+    problem = doctor.torch_verdict(host, build) if host.compute_capability else None
     _quiet_transformers()
-    rows = doctor.plan_cells(args.matrix, host) if args.matrix else None
-    doctor.render(host, rows)
-    return 0
+    rows = doctor.plan_cells(args.matrix, host) if args.matrix and not problem else None
+    doctor.render(host, rows, build)
+    if problem:
+        print(f"qwen-compat: {problem}", file=sys.stderr)
+    return 1 if problem else 0
 
 
 def _smoke(args) -> int:

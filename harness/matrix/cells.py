@@ -5,6 +5,7 @@ Pure data (no torch): the pytest process expands thousands of cells at collectio
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import itertools
@@ -17,6 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from harness.errors import UserError
+from harness.matrix.gpus import covers
 from harness.matrix.launch import DOCKER, TEMPLATE_NAMES, check_command
 from harness.matrix.placement import cell_id_part, normalize
 from harness.matrix.schema import AXIS_FIELDS, ExpectRule, Launch, Matrix, ModelEntry, Rule, Section
@@ -471,3 +473,12 @@ def run_order(cells: list[Cell]) -> list[Cell]:
             c.placement_id,
         ),
     )
+
+
+def on_host(cells: list[Cell], host_key: str) -> list[Cell]:
+    """The cells as this host runs them: a family's cells become cells of the host's own size (its memory,
+    its budgets, its reports folder), keeping their ids."""
+    return [
+        dataclasses.replace(c, device=host_key) if c.device != host_key and covers(c.device, host_key) else c
+        for c in cells
+    ]

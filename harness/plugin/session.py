@@ -25,10 +25,10 @@ from harness.errors import ReportWriteError, UserError
 from harness.judge.verdict import judge, unchecked
 from harness.matrix import cells as cells_mod
 from harness.matrix import schema as matrix_mod
-from harness.matrix.cells import Cell
+from harness.matrix.cells import Cell, on_host
 from harness.matrix.gpus import table
 from harness.plugin import options
-from harness.plugin.selection import mark, nothing_here, on_host, selection_marks
+from harness.plugin.selection import mark, nothing_here, selection_marks
 from harness.plugin.verdicts import CellFailure, CellRun, HarnessError, enforce, failure_class, outcome
 from harness.report.lock import RunLock
 from harness.report.progress import Progress
