@@ -187,9 +187,8 @@ def _plan(args) -> int:
     from harness.devices.host import resolve
     from harness.matrix import cells
     from harness.matrix import schema as matrix
-    from harness.matrix.cells import selector_matches
+    from harness.matrix.cells import on_host, selector_matches
     from harness.plan.memory import predict
-    from harness.plugin.selection import on_host
 
     args.device = resolve(args.device, "--device").key  # auto: this host's card; a clear error for an unknown key
     _quiet_transformers()
@@ -270,12 +269,17 @@ def _plan(args) -> int:
 def _doctor(args) -> int:
     from harness import doctor
     from harness.devices.host import detect_host
+    from harness.devices.torch_build import probe
 
     host = detect_host()
+    build = probe()
+    problem = doctor.torch_verdict(host, build) if host.compute_capability else None
     _quiet_transformers()
-    rows = doctor.plan_cells(args.matrix, host) if args.matrix else None
-    doctor.render(host, rows)
-    return 0
+    rows = doctor.plan_cells(args.matrix, host) if args.matrix and not problem else None
+    doctor.render(host, rows, build)
+    if problem:
+        print(f"qwen-compat: {problem}", file=sys.stderr)
+    return 1 if problem else 0
 
 
 def _smoke(args) -> int:
@@ -373,7 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--family", help="qwen2_vl, qwen2_5_vl, qwen3_vl or qwen3_vl_moe (default: from the name)")
     p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--reports", default="reports", help="reports folder (results go to <reports>/cpu/)")
+    p.add_argument(
+        "--reports", default="reports", help="reports folder (results go to <reports>/endpoint-<host>-<port>/)"
+    )
     p.add_argument(
         "--lenient", action="store_true", help="record the server's HTTP errors as skips (default: failures)"
     )

@@ -5,15 +5,28 @@ from __future__ import annotations
 from collections import Counter
 
 from harness.devices.host import Host
+from harness.devices.torch_build import TorchBuild, check
+from harness.errors import UserError
 from harness.matrix import cells as cells_mod
 from harness.matrix import schema as matrix_mod
+from harness.matrix.cells import on_host
 from harness.report.results import environment
 from harness.run.disposition import disposition
 
 
-def host_facts(host: Host) -> dict:
-    env = environment(host, None)
+def torch_verdict(host: Host, build: TorchBuild | None) -> str | None:
+    """None when this torch can run on this host's card; else the paragraph a run would stop with."""
+    try:
+        check(build, card=host.name, compute_capability=host.compute_capability, driver_cuda=host.cuda)
+    except UserError as err:
+        return str(err)
+    return None
+
+
+def host_facts(host: Host, build: TorchBuild | None = None) -> dict:
+    env = environment(host, None, build and build.to_dict())
     gpu = host.gpu
+    problem = torch_verdict(host, build) if host.compute_capability else None
     return {
         "device": host.key,
         "gpu": host.name,
@@ -22,6 +35,9 @@ def host_facts(host: Host) -> dict:
         "driver": env["driver"],
         "CUDA": env["cuda"],
         "torch": env["torch"],
+        "torch CUDA": env["torch_cuda"] or "none (a CPU build)",
+        "torch kernels for": " ".join(env["torch_arch_list"] or []) or "-",
+        "torch runs on this card": "-" if not host.compute_capability else "yes" if not problem else f"NO: {problem}",
         "transformers": env["transformers"],
         "native bf16": "yes" if gpu and gpu.native_bf16 else "no" if gpu else "unknown card",
         "flash-attn": env["flash_attn"],
@@ -35,7 +51,7 @@ def plan_cells(matrix_path: str, host: Host) -> list[dict]:
     from harness.plan.memory import predict
 
     rows = []
-    for cell in cells_mod.expand(matrix_mod.load(matrix_path), matrix_path):
+    for cell in on_host(cells_mod.expand(matrix_mod.load(matrix_path), matrix_path), host.key):
         expectation = disposition(cell, host.key)
         row = {
             "id": cell.id,
@@ -56,14 +72,14 @@ def plan_cells(matrix_path: str, host: Host) -> list[dict]:
     return rows
 
 
-def render(host: Host, rows: list[dict] | None) -> None:
+def render(host: Host, rows: list[dict] | None, build: TorchBuild | None = None) -> None:
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
     console = Console(width=220)
     facts = Table(title="this host", show_header=False)
-    for key, value in host_facts(host).items():
+    for key, value in host_facts(host, build).items():
         facts.add_row(key, escape(str(value)))
     console.print(facts)
     if rows is None:

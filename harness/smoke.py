@@ -9,6 +9,7 @@ compare two releases.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
@@ -27,6 +28,7 @@ def matrix(
         entry = {"hub": model, "family": family, "webui": url}
     else:
         entry = {"hub": model, "family": family, "endpoint": url, "served_model": model}
+    entry["id"] = served_id(model)
     if api_key_env:
         entry["api_key_env"] = api_key_env
     return {
@@ -38,6 +40,12 @@ def matrix(
         "exclude": [{"when": {"input": ["images", "video"], "resolution": SIZES[1:]}}],
         "defaults": {"max_new_tokens": max_new_tokens},
     }
+
+
+def served_id(model: str) -> str:
+    """The cells' model id from the served model's own name (its last path part: a server launched from a
+    folder lists the folder), so that ids read as what was tested."""
+    return re.sub(r"[^a-z0-9.]+", "-", model.rstrip("/").rsplit("/", 1)[-1].lower()).strip("-.") or "served"
 
 
 def family_of(model: str, family: str | None) -> str:
@@ -74,6 +82,14 @@ def run(args) -> int:
     """Write the matrix and a one-test suite under the reports folder, then run them with pytest."""
     import pytest
 
+    url = args.webui or args.endpoint
+    if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", url or ""):
+        flag = "--webui" if args.webui else "--endpoint"
+        raise UserError(
+            f"'{url}' is not a server's URL.",
+            key=flag,
+            fix="give it as --endpoint http://HOST:PORT/v1 or --webui http://HOST:7860/ (https:// also).",
+        )
     model = _served_model(args)
     reports = Path(args.reports)
     folder = reports / "smoke"

@@ -139,3 +139,11 @@ def test_plan_resolves_this_host_with_device_auto(capsys):
     assert main(["plan", str(matrix), "--device", "auto", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert rows and all("-cpu-" in row["id"] for row in rows)
+
+
+def test_doctor_says_a_torch_without_the_cards_kernels_and_exits_non_zero(v100_host, capsys):
+    """On the faked V100 16 GB host, this machine's torch (2.14.1+cu130, sm_75 and newer) cannot run."""
+    assert main(["doctor"]) == 1
+    captured = capsys.readouterr()
+    assert "2.14.1+cu130" in captured.out and "sm_75" in captured.out and "NO:" in captured.out
+    assert "download.pytorch.org/whl/cu126" in captured.err and "Traceback" not in captured.err

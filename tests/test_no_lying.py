@@ -72,3 +72,63 @@ def test_a_setting_whose_name_looks_secret_does_not_eat_the_harness_keys(monkeyp
     monkeypatch.setenv("MY_API_KEY", "k3y-Value-1234567")
     out = scrub({"new_token_ids": [1], "text": "token k3y-Value-1234567", "hf_abcdefghijklmnopqrstuvwxyz": 1})
     assert out == {"new_token_ids": [1], "text": "token ***", "***": 1}
+
+
+@pytest.mark.parametrize(
+    "defaults, key",
+    [
+        ("{drift_max_abs_diff: .nan}", "drift_max_abs_diff"),
+        ("{drift_max_abs_diff: -1}", "drift_max_abs_diff"),
+        ("{timeout_s: 1e400}", "timeout_s"),
+        ("{load_timeout_s: 1e9}", "load_timeout_s"),
+    ],
+)
+def test_bounds_a_check_cannot_use_are_matrix_errors(tmp_path, defaults, key):
+    from harness.errors import UserError
+    from harness.matrix.schema import load
+
+    path = tmp_path / "m.yaml"
+    path.write_text(f"models: [{{tiny: qwen2_vl}}]\ndevices: [cpu]\ndefaults: {defaults}\n")
+    with pytest.raises(UserError, match=key):
+        load(path)
+
+
+@pytest.mark.parametrize("tolerance", ["-5%", "nan", "inf%"])
+def test_a_tolerance_that_is_negative_or_not_a_number_is_bad_input(tolerance, tmp_path, capsys):
+    assert main(["gate", "--baseline", str(tmp_path), "--current", str(tmp_path), "--memory-tolerance", tolerance]) == 2
+    assert "not a tolerance" in capsys.readouterr().err
+
+
+def test_a_cuda_visible_devices_naming_no_gpu_is_refused_not_a_green_cpu_run(pytester, monkeypatch):
+    """ba93f90 warned and ran the GPU runner's matrix as the CPU: green, having tested no GPU."""
+    import sys
+
+    from fake_nvml import FakeNvml, h100
+
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNvml([h100(0), h100(1)]).module())
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7")
+    pytester.makepyfile(test_s="def test_cell(cell):\n    pass\n")
+    pytester.makefile(".yaml", m="models: [{tiny: qwen2_vl}]\ndevices: [cpu, h100]\n")
+    result = pytester.runpytest("--compat-matrix", "m.yaml", "--collect-only", "-q")
+    err = result.stderr.str()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR and "CUDA_VISIBLE_DEVICES='7' names no GPU" in err, err
+    assert pytester.runpytest("--compat-matrix", "m.yaml", "--compat-device", "cpu", "--collect-only", "-q").ret == 0
+
+
+def test_resume_in_another_environment_is_refused(suite, matrix_file, monkeypatch):
+    args = ("--compat-matrix", str(matrix_file(TWINS)), "--compat-reports", "r", "-m", "float32")
+    assert suite.runpytest(*args).ret == 0
+    from harness.report import results
+
+    real = results.environment
+    monkeypatch.setattr(results, "environment", lambda *a, **k: {**real(*a, **k), "transformers": "9.9.9"})
+    monkeypatch.setattr("harness.plugin.session.environment", results.environment)
+    again = suite.runpytest(*args, "--compat-resume")
+    err = again.stderr.str()
+    assert again.ret == pytest.ExitCode.USAGE_ERROR and "transformers" in err and "9.9.9" in err, err
+
+
+def test_smoke_with_an_endpoint_that_is_not_a_url_is_one_paragraph(capsys):
+    assert main(["smoke", "--endpoint", "notaurl"]) == 2
+    err = capsys.readouterr().err
+    assert "'notaurl' is not a server's URL" in err and "Traceback" not in err

@@ -754,9 +754,14 @@ def test_smoke_checks_a_running_endpoint_with_the_built_in_matrix(served, tiny_c
     )
     # strict by default: this server fails every video (HTTP 500), so the smoke test fails
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
-    cells = {c["id"]: c for c in json.loads((tmp_path / "r" / "cpu" / "results.json").read_text())["cells"]}
+    # its own folder, named after the server (not this host's cpu/), and ids with the served model's name and
+    # no device, dtype or attention the harness did not see
+    (folder,) = (tmp_path / "r").glob("endpoint-127.0.0.1-*")
+    assert not (tmp_path / "r" / "cpu").exists()
+    cells = {c["id"]: c for c in json.loads((folder / "results.json").read_text())["cells"]}
     assert len(cells) == 5  # three image sizes, two images at once, a video
-    outcomes = {i.split("-sdpa-")[1]: c["outcome"] for i, c in cells.items()}
+    assert all("-endpoint-" in i and "-cpu-" not in i and "sdpa" not in i for i in cells)
+    outcomes = {i.split("-endpoint-")[1]: c["outcome"] for i, c in cells.items()}
     assert outcomes == {
         "448x448-openai": "passed",
         "1024x1024-openai": "passed",

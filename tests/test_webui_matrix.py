@@ -21,7 +21,7 @@ def cells(model: dict, backends=("gradio",), **axes):
 def test_a_webui_cell_carries_its_app_steps_and_greediness():
     steps = [{"upload": "/add_file"}, {"text": "/add_text", "with": {"temperature": 0}}, {"answer": "/predict"}]
     (cell,) = cells({"webui": "http://10.0.0.5:7860/", "steps": steps, "greedy": True})
-    assert cell.id == "tiny-qwen2-vl-cpu-float32-sdpa-448x448-gradio" and cell.group.endswith("/gradio")
+    assert cell.id == "tiny-qwen2-vl-endpoint-448x448-gradio" and cell.group.endswith("/gradio")
     assert cell.serving == {
         "webui": "http://10.0.0.5:7860/",
         "steps": [

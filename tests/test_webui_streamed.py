@@ -83,13 +83,13 @@ def test_through_the_harness_each_family_agrees_with_its_in_process_cell_and_ano
     cells = {c["id"]: c for c in json.loads((suite.path / "reports" / "cpu" / "results.json").read_text())["cells"]}
     for family in FAMILIES:
         slug = family.replace("_", "-")
-        served = cells[f"tiny-{slug}-cpu-float32-sdpa-224x224-gradio"]
+        served = cells[f"tiny-{slug}-endpoint-224x224-gradio"]
         local = cells[f"tiny-{slug}-cpu-float32-sdpa-224x224"]
         m = served["measurements"]
         assert served["outcome"] == "passed" and served["output_text"] == local["output_text"]
         assert m["agreement"] == "measured" and m["agrees"] and m["agreement_reference"] == local["id"]
         assert m["prefill_s"] > 0 and m["webui_steps"] == ["/answer"]
-    wrong = cells["wrong-app-cpu-float32-sdpa-224x224-gradio"]  # a qwen2_vl entry whose WebUI serves qwen3_vl
+    wrong = cells["wrong-app-endpoint-224x224-gradio"]  # a qwen2_vl entry whose WebUI serves qwen3_vl
     assert wrong["outcome"] == "failed" and wrong["category"] == "wrong-answer"
     assert "is not how the in-process cell" in wrong["message"] and "checkpoint" in wrong["remedy"]
 
@@ -105,16 +105,17 @@ def test_smoke_webui_runs_the_built_in_matrix_against_a_running_app(app, tmp_pat
     # others do at 1920x1080, and the verdict says so: degenerate output)
     done = smoke("--webui", f"{app.url}/qwen3_vl_moe/", "--family", "qwen3_vl_moe", "--reports", str(tmp_path))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-    cells = {c["id"]: c for c in json.loads((tmp_path / "cpu" / "results.json").read_text())["cells"]}
+    (folder,) = tmp_path.glob("endpoint-127.0.0.1-*")  # the app's own folder, not this host's cpu/
+    cells = {c["id"]: c for c in json.loads((folder / "results.json").read_text())["cells"]}
     outcomes = {cell_id: c["outcome"] for cell_id, c in cells.items()}
     assert outcomes == {
-        "webui-cpu-float32-sdpa-448x448-gradio": "passed",
-        "webui-cpu-float32-sdpa-1024x1024-gradio": "passed",
-        "webui-cpu-float32-sdpa-1920x1080-gradio": "passed",
-        "webui-cpu-float32-sdpa-448x448-images-gradio": "skipped",  # one image a question on this page
-        "webui-cpu-float32-sdpa-448x448-video-gradio": "skipped",  # no video input
+        "webui-endpoint-448x448-gradio": "passed",
+        "webui-endpoint-1024x1024-gradio": "passed",
+        "webui-endpoint-1920x1080-gradio": "passed",
+        "webui-endpoint-448x448-images-gradio": "skipped",  # one image a question on this page
+        "webui-endpoint-448x448-video-gradio": "skipped",  # no video input
     }
-    assert cells["webui-cpu-float32-sdpa-448x448-gradio"]["measurements"]["gradio_server"]
+    assert cells["webui-endpoint-448x448-gradio"]["measurements"]["gradio_server"]
 
 
 def test_smoke_webui_with_nothing_listening_is_one_paragraph(tmp_path):

@@ -5,6 +5,7 @@ Pure data (no torch): the pytest process expands thousands of cells at collectio
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import itertools
@@ -17,6 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from harness.errors import UserError
+from harness.matrix.gpus import covers
 from harness.matrix.launch import DOCKER, TEMPLATE_NAMES, check_command
 from harness.matrix.placement import cell_id_part, normalize
 from harness.matrix.schema import AXIS_FIELDS, ExpectRule, Launch, Matrix, ModelEntry, Rule, Section
@@ -185,6 +187,9 @@ def model_identity(entry: ModelEntry, matrix_file: str) -> tuple[str, str, dict]
     return entry.id or short, family, {kind: name, **({"seed": entry.seed} if kind == "arch" or entry.seed else {})}
 
 
+REMOTE = "endpoint"  # what a cell id says in place of device, dtype and attention for a server it did not start
+
+
 def _cell_id(
     model: str,
     device: str,
@@ -197,7 +202,9 @@ def _cell_id(
     placement,
     extra: dict,
 ) -> str:
-    parts = [model, device, dtype, attn, resolution]
+    # A server the harness reaches but did not start: its card, dtype and attention are the server's, unseen
+    # here, so the id says `endpoint` instead of naming them.
+    parts = [model, "endpoint", resolution] if device == REMOTE else [model, device, dtype, attn, resolution]
     if kind != "image":
         parts.append(kind)
     if budget is not None:
@@ -323,7 +330,8 @@ def _section_cells(matrix: Matrix, section: Section, matrix_file: str) -> list[C
         ):
             extra = dict(zip(extra_names, extra_values, strict=True))
             placed = normalize(placed)
-            axes_of_id = (model, device, dtype, attn, resolution, kind, budget, backend)
+            remote = backend in SERVED_BACKENDS and bool(entry.endpoint or entry.webui)
+            axes_of_id = (model, REMOTE if remote else device, dtype, attn, resolution, kind, budget, backend)
             cell = Cell(
                 id=_cell_id(*axes_of_id, placed, extra),
                 model=model,
@@ -465,3 +473,12 @@ def run_order(cells: list[Cell]) -> list[Cell]:
             c.placement_id,
         ),
     )
+
+
+def on_host(cells: list[Cell], host_key: str) -> list[Cell]:
+    """The cells as this host runs them: a family's cells become cells of the host's own size (its memory,
+    its budgets, its reports folder), keeping their ids."""
+    return [
+        dataclasses.replace(c, device=host_key) if c.device != host_key and covers(c.device, host_key) else c
+        for c in cells
+    ]

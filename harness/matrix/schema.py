@@ -110,8 +110,12 @@ Resolution = Annotated[
 ]
 
 
+WEEK_S = 7 * 24 * 3600  # no limit a cell may wait is longer; 1e400 is a typo, not a limit
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # `.nan` and `.inf` are YAML floats, never a bound a check can use
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Launch(Strict):
@@ -125,7 +129,7 @@ class Launch(Strict):
     )
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="fraction of the card the engine may take")
     tensor_parallel_size: int = Field(1, ge=1)
-    startup_timeout_s: float = Field(600, gt=0, description="until the server's readiness route answers")
+    startup_timeout_s: float = Field(600, gt=0, le=WEEK_S, description="until the server's readiness route answers")
     image: str | None = Field(
         None, description="command docker: the image to run, e.g. ghcr.io/acme/qwen3-vl-webui:1.4"
     )
@@ -304,8 +308,12 @@ class Claim(Rule):
 class Defaults(Strict):
     prompt: str = "Describe this image."
     max_new_tokens: int = Field(8, ge=1)
-    timeout_s: float = Field(300, gt=0, description="seconds of inference a cell may take (loading not included)")
-    load_timeout_s: float = Field(1800, gt=0, description="seconds a model load may take, reported apart")
+    timeout_s: float = Field(
+        300, gt=0, le=WEEK_S, description="seconds of inference a cell may take (its set-up not included)"
+    )
+    load_timeout_s: float = Field(
+        1800, gt=0, le=WEEK_S, description="seconds a cell's set-up (memory plan, model load) may take"
+    )
     repeats: int = Field(
         1,
         ge=1,
@@ -320,6 +328,7 @@ class Defaults(Strict):
     )
     drift_max_abs_diff: float = Field(
         0.25,
+        ge=0,
         description="largest first-step |logit - float32 logit| allowed for reduced dtypes, relative to the "
         "float32 logits' largest magnitude",
     )

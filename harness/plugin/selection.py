@@ -15,7 +15,7 @@ from collections import Counter
 import pytest
 
 from harness.matrix.cells import Cell
-from harness.matrix.gpus import covers, selectors, table
+from harness.matrix.gpus import selectors, table
 
 HOST_MARK = "this_host"
 DTYPE_MARKERS = ["float32", "float16", "bfloat16"]
@@ -60,14 +60,6 @@ def selection_marks(cell: Cell, host_key: str) -> list:
     if "tiny" not in cell.source:
         marks.append(mark("slow"))
     return marks
-
-
-def on_host(cells: list[Cell], host_key: str) -> list[Cell]:
-    """The cells as this host runs them: a family's cells become cells of the host's own size (its memory,
-    its budgets, its reports folder), keeping their ids."""
-    from dataclasses import replace
-
-    return [replace(c, device=host_key) if c.device != host_key and covers(c.device, host_key) else c for c in cells]
 
 
 def nothing_here(host_key: str, host_name: str, targets: Counter) -> str:

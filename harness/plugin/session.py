@@ -15,6 +15,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -24,10 +25,10 @@ from harness.errors import ReportWriteError, UserError
 from harness.judge.verdict import judge, unchecked
 from harness.matrix import cells as cells_mod
 from harness.matrix import schema as matrix_mod
-from harness.matrix.cells import Cell
+from harness.matrix.cells import Cell, on_host
 from harness.matrix.gpus import table
 from harness.plugin import options
-from harness.plugin.selection import mark, nothing_here, on_host, selection_marks
+from harness.plugin.selection import mark, nothing_here, selection_marks
 from harness.plugin.verdicts import CellFailure, CellRun, HarnessError, enforce, failure_class, outcome
 from harness.report.lock import RunLock
 from harness.report.progress import Progress
@@ -119,6 +120,14 @@ class CompatSession:
             self._assign_gpu()
         emulate = option("compat_emulate")
         self.host = self.detected = resolve(option("compat_device"))
+        if self.host.via.startswith("CUDA_VISIBLE_DEVICES="):
+            raise UserError(
+                f"{self.host.via} of this host's GPUs: CUDA would see none, and the run would test the CPU in place "
+                "of this runner's card (a green run that tested nothing it was meant to).",
+                key="CUDA_VISIBLE_DEVICES",
+                fix="unset it, or name GPUs NVML lists (indices or GPU-/MIG- UUIDs, `nvidia-smi -L`); pass "
+                "--compat-device cpu to test the CPU on purpose.",
+            )
         if emulate:
             real = self.host
             if real.key == "cpu":
@@ -135,10 +144,12 @@ class CompatSession:
             self.host.emulated_on = real.name
         self._check_torch()
         self._cells = on_host(cells_mod.expand(matrix, self.matrix_path), self.host.key)
-        self.reports_dir = Path(option("compat_reports")) / self.host.key
+        self.reports_dir = Path(option("compat_reports")) / self._folder_name()
         self.results = ResultsFile(self.reports_dir / "results.json")
         if option("compat_resume") and self.results.path.exists():
-            recorded = latest_records(load_results(self.results.path))
+            data = load_results(self.results.path)
+            self._check_same_environment(data.get("environment") or {})
+            recorded = latest_records(data)
             # Errored cells run again anyway (a fixed input is how they are mended): only the cells
             # resume would keep must still be what the matrix asks for.
             self.done = {k: v for k, v in recorded.items() if v["outcome"] != "error"}
@@ -153,6 +164,31 @@ class CompatSession:
                     fix="run without --compat-resume to start the folder over, or restore the matrix as it was.",
                 )
         return self._cells
+
+    def _folder_name(self) -> str:
+        """The run's reports folder: the host's card, or, for a run whose every cell goes to one server the
+        harness did not start, `endpoint-<host>-<port>` (its results are that server's, not this host's)."""
+        servers = set()
+        for cell in self._cells:
+            serving = cell.serving or {}
+            url = None if serving.get("launch") else serving.get("endpoint") or serving.get("webui")
+            servers.add(urlsplit(url).netloc.replace(":", "-") if url else None)
+        return f"endpoint-{servers.pop()}" if len(servers) == 1 and None not in servers else self.host.key
+
+    def _check_same_environment(self, then: dict) -> None:
+        """--compat-resume keeps recorded cells only where they would run the same: a changed card, driver or
+        library version makes the old records describe another environment."""
+        now = environment(self.host, self.matrix_path, self.torch_build and self.torch_build.to_dict())
+        keys = ("device", "gpu_name", "driver", "torch", "transformers", "flash_attn", "vllm", "qwen_compat")
+        changed = [f"{k} {then.get(k)} -> {now.get(k)}" for k in keys if k in then and then.get(k) != now.get(k)]
+        if changed:
+            raise UserError(
+                f"--compat-resume: the environment changed since the recorded cells ran ({'; '.join(changed)}); "
+                "their records would not describe this run.",
+                file=str(self.results.path),
+                key="--compat-resume",
+                fix="run without --compat-resume to start the folder over, or resume in the environment that ran them.",
+            )
 
     def _check_torch(self) -> None:
         """On a detected GPU, the installed torch must have kernels for it (and a driver new enough): else

@@ -40,10 +40,19 @@ class Change:
 
 
 def parse_percent(text: str, option: str) -> float:
+    """A tolerance: a finite, non-negative percentage (a negative one would call every unchanged cell a
+    regression, a NaN none)."""
     try:
-        return float(str(text).strip().rstrip("%")) / 100
+        value = float(str(text).strip().rstrip("%")) / 100
     except ValueError:
-        raise UserError(f"'{text}' is not a percentage.", key=option, fix=f"write it as e.g. {option} 5%.") from None
+        value = float("nan")
+    if not (value >= 0 and value != float("inf")):
+        raise UserError(
+            f"'{text}' is not a tolerance (a finite percentage of 0 or more).",
+            key=option,
+            fix=f"write it as e.g. {option} 5%.",
+        )
+    return value
 
 
 def load_run(folder: Path, side: str = "current", notes: list[Change] | None = None) -> dict[str, dict[str, dict]]:
