@@ -129,13 +129,9 @@ def quantization_expectation(cell: Cell, gpu: Gpu) -> Expectation | None:
                 f"placement {cell.placement_id} with {fmt.key}: the quantized model is placed whole (bitsandbytes "
                 "refuses modules on the CPU or disk without llm_int8_enable_fp32_cpu_offload)",
             )
-    if engine == "transformers" and fmt.refused_by_transformers:
-        return Expectation(
-            "xfail",
-            ["dtype-unsupported"],
-            fmt.refused_by_transformers.format(arch=_gguf_arch(cell.family)),
-            source="capability",
-        )
+    refused = fmt.refusal_of_every_qwen_vl(engine, _gguf_arch(cell.family)) if engine else None
+    if refused:
+        return Expectation("xfail", ["dtype-unsupported"], refused, source="capability")
     if gpu.is_gpu and fmt.cpu_only and not cell.prequantized:
         return Expectation("xfail", ["dtype-unsupported"], fmt.cpu_only, strict=False, source="capability")
     refusal = fmt.refusal(engine, gpu.sm) if gpu.is_gpu and engine else None

@@ -62,7 +62,13 @@ class Format:
     engines: dict[str, EngineRule] = field(default_factory=dict)
     why: str | None = None
     cpu_only: str | None = None
-    refused_by_transformers: str | None = None
+    refused: dict | None = None  # engines, says, why, sources
+
+    def refusal_of_every_qwen_vl(self, engine: str, arch: str) -> str | None:
+        """What `engine` says to this format on every Qwen-VL architecture (GGUF), or None."""
+        if not self.refused or engine not in self.refused["engines"]:
+            return None
+        return f'{self.refused["why"]}: "{self.refused["says"].format(arch=arch)}"'
 
     def refusal(self, engine: str, gpu_sm: int) -> str | None:
         """Why `engine` cannot run this format on a card of compute capability `gpu_sm` (70 for 7.0), in the
