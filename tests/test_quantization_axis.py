@@ -170,8 +170,10 @@ def test_card_rules_for_the_formats_built_here():
     for device in ("t4", "a100", "h100"):  # the CPU-packed int4 checkpoint loads only on the CPU
         assert rule("torchao-int4", device).outcome == "xfail" and "CPU" in rule("torchao-int4", device).reason
     gguf = rule("gguf-q8_0", "cpu")
-    assert gguf.outcome == "xfail" and gguf.strict and "GGUF model with architecture qwen2vl is not supported yet" in (
-        gguf.reason
+    assert (
+        gguf.outcome == "xfail"
+        and gguf.strict
+        and "GGUF model with architecture qwen2vl is not supported yet" in (gguf.reason)
     )
     awq = rule("awq", "cpu")
     assert awq.outcome == "skip" and "not made here" in awq.reason
@@ -195,3 +197,75 @@ axes: {quantization: [bnb-nf4], backend: [openai, transformers], placement: [sin
     assert served.outcome == "skip" and "real quantized checkpoint" in served.reason
     placed = reasons["tiny-qwen2-vl-cpu-float32-sdpa-448x448-bnb-nf4-auto"]
     assert placed.outcome == "skip" and "placed whole" in placed.reason
+
+
+def _awq_folder(tmp_path, name: str, base: str, **text) -> str:
+    """A local folder with a shipped architecture's config and AWQ's quantization_config (the unpadded first
+    release of Qwen2.5-VL-72B-Instruct-AWQ when given the bf16 intermediate size)."""
+    from harness.models.architectures import load_config
+
+    folder = tmp_path / name
+    folder.mkdir()
+    config = {**load_config(base), **text, "quantization_config": AWQ_CONFIG}
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+def test_tensor_parallel_refusal_of_marlin_is_predicted_from_the_config_in_vllms_words(tmp_path):
+    from harness.engines.availability import serving_expectation, tensor_parallel_expectation
+
+    first = _awq_folder(tmp_path, "first-awq", "Qwen2.5-VL-72B-Instruct", intermediate_size=29568)
+    text = f"""
+models:
+  - {{path: '{first}', id: first, launch: {{command: vllm, tensor_parallel_size: 2}}}}
+  - {{path: '{first}', id: four, launch: {{command: vllm, tensor_parallel_size: 4}}}}
+  - {{hub: Qwen/Qwen2.5-VL-72B-Instruct-AWQ, id: padded, launch: {{command: vllm, tensor_parallel_size: 2}}}}
+devices: [a100]
+axes: {{dtype: [float16], backend: [openai]}}
+"""
+    found = {c.model: c for c in expand(text).values()}
+    at_two = serving_expectation(found["first"])
+    assert at_two.outcome == "xfail" and at_two.categories == ["dtype-unsupported"]
+    assert (
+        "Weight input_size_per_partition = 14784 is not divisible by min_thread_k = 128. Consider reducing "
+        "tensor_parallel_size or running with --quantization gptq." in at_two.reason
+    )
+    assert "input_size_per_partition = 7392" in serving_expectation(found["four"]).reason
+    padded = found["padded"]  # the published AWQ file pads the intermediate size to 29696: 14848 per shard
+    assert padded.quantization == "awq" and tensor_parallel_expectation(padded) is None
+
+
+def test_plan_says_in_advance_what_fails_on_the_card(tmp_path, capsys):
+    from harness.cli import main
+
+    first = _awq_folder(tmp_path, "first-awq", "Qwen2.5-VL-72B-Instruct", intermediate_size=29568)
+    seven = _awq_folder(tmp_path, "Qwen2.5-VL-7B-Instruct-AWQ", "Qwen2.5-VL-7B-Instruct")
+    path = tmp_path / "m.yaml"
+    path.write_text(
+        f"""
+sections:
+  - models: [{{arch: Qwen2-VL-2B-Instruct}}]
+    devices: [v100]
+    axes: {{dtype: [float16], quantization: [none, bnb-int8, bnb-nf4]}}
+  - models:
+      - {{path: '{seven}', launch: vllm}}
+      - {{path: '{first}', id: first-awq, launch: {{command: vllm, tensor_parallel_size: 2}}}}
+    devices: [v100, a100]
+    axes: {{dtype: [float16], backend: [openai]}}
+"""
+    )
+    assert main(["plan", str(path), "--device", "v100", "--json"]) == 0
+    rows = {r["id"]: r for r in json.loads(capsys.readouterr().out)}
+    awq = rows["qwen2-5-vl-7b-instruct-awq-v100-float16-sdpa-448x448-openai-awq"]["expected"]
+    assert awq["outcome"] == "xfail" and awq["reason"].startswith("awq needs sm75 in vllm")
+    assert "expected" not in rows["qwen2-vl-2b-v100-float16-sdpa-448x448-bnb-nf4"]
+    assert rows["qwen2-vl-2b-v100-float16-sdpa-448x448-bnb-int8"]["expected"]["reason"].startswith(
+        "bnb-int8 needs sm75"
+    )
+    plain, int8, nf4 = (
+        rows["qwen2-vl-2b-v100-float16-sdpa-448x448" + suffix]["parts"] for suffix in ("", "-bnb-int8", "-bnb-nf4")
+    )
+    assert nf4["weights_mib"] < int8["weights_mib"] < plain["weights_mib"] and "weights_packed_mib" in nf4
+    assert main(["plan", str(path), "--device", "a100"]) == 0
+    out = capsys.readouterr().out
+    assert "first-awq-a100-float16-sdpa-448x448-openai-awq: expected failure: vllm will refuse awq" in out

@@ -129,6 +129,8 @@ def quantization_expectation(cell: Cell, gpu: Gpu) -> Expectation | None:
                 f"placement {cell.placement_id} with {fmt.key}: the quantized model is placed whole (bitsandbytes "
                 "refuses modules on the CPU or disk without llm_int8_enable_fp32_cpu_offload)",
             )
+    if engine == "transformers" and q.vision and fmt.vision_tower:
+        return Expectation("xfail", ["other"], fmt.vision_tower, source="capability")
     refused = fmt.refusal_of_every_qwen_vl(engine, _gguf_arch(cell.family)) if engine else None
     if refused:
         return Expectation("xfail", ["dtype-unsupported"], refused, source="capability")

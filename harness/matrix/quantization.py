@@ -63,6 +63,7 @@ class Format:
     why: str | None = None
     cpu_only: str | None = None
     refused: dict | None = None  # engines, says, why, sources
+    vision_tower: str | None = None  # why transformers fails it with the vision tower quantized (+vision)
 
     def refusal_of_every_qwen_vl(self, engine: str, arch: str) -> str | None:
         """What `engine` says to this format on every Qwen-VL architecture (GGUF), or None."""
