@@ -27,6 +27,7 @@ for package in ("torchao", "bitsandbytes", "compressed_tensors", "gguf"):
 
 import torch  # noqa: E402
 
+from harness.devices.memory import held_bytes  # noqa: E402
 from harness.models.checkpoints import checkpoint_for, tiny_checkpoint  # noqa: E402
 from harness.plan.memory import meta_model, predict  # noqa: E402
 from harness.plan.quantized import weight_bytes  # noqa: E402
@@ -100,30 +101,6 @@ def test_drift_is_measured_against_the_float32_unquantized_twin_within_each_form
     for fmt, worst in measured.items():
         bound = quant.formats()[fmt].drift_max
         assert worst * MIN_HEADROOM <= bound <= worst * MAX_HEADROOM, (fmt, worst, bound)
-
-
-def held_bytes(model) -> int:
-    """Bytes the model's tensors hold: every storage once (tied weights), the inner tensors of torchao's tensor
-    subclasses, bitsandbytes' scales and code books."""
-    seen: set[tuple[int, int]] = set()
-
-    def add(t) -> int:
-        if hasattr(t, "__tensor_flatten__"):
-            return sum(add(getattr(t, name)) for name in t.__tensor_flatten__()[0])
-        storage = t.untyped_storage()
-        key = (storage.data_ptr(), storage.nbytes())
-        if key in seen:
-            return 0
-        seen.add(key)
-        return storage.nbytes()
-
-    total = 0
-    for _, t in [*model.named_parameters(), *model.named_buffers()]:
-        total += add(t)
-        state = getattr(t, "quant_state", None)
-        total += add(state.absmax) + add(state.code) if state is not None else 0
-        total += add(t.SCB) if getattr(t, "SCB", None) is not None else 0
-    return total
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl_moe"])
