@@ -97,7 +97,7 @@ def test_a_path_checkpoint_whose_config_says_awq_is_an_awq_cell_whatever_the_axi
         ({"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}, "bnb-nf4"),
         ({"quant_method": "bitsandbytes", "load_in_8bit": True}, "bnb-int8"),
         ({"quant_method": "gptq", "bits": 4, "group_size": 128}, "gptq"),
-        ({"quant_method": "fp8", "weight_block_size": [128, 128]}, "fp8"),
+        ({"quant_method": "fp8", "weight_block_size": [128, 128]}, "fp8-block"),
         (
             {
                 "quant_method": "compressed-tensors",
@@ -121,8 +121,14 @@ def test_real_quantization_configs_are_recognised(config, expected):
 
 
 def test_a_hub_id_says_its_format_by_name_and_an_entry_may_declare_it():
-    found = expand("models: [{hub: Qwen/Qwen2.5-VL-72B-Instruct-AWQ}, {hub: org/Qwen2-VL-7B-x, quantization: gptq}]\n")
-    assert sorted(c.quantization for c in found.values()) == ["awq", "gptq"]
+    text = """
+models:
+  - hub: Qwen/Qwen2.5-VL-72B-Instruct-AWQ
+  - hub: Qwen/Qwen3-VL-8B-Instruct-FP8
+  - hub: RedHatAI/Qwen2.5-VL-7B-Instruct-FP8-Dynamic
+  - {hub: org/Qwen2-VL-7B-x, quantization: gptq}
+"""
+    assert sorted(c.quantization for c in expand(text).values()) == ["awq", "fp8", "fp8-block", "gptq"]
 
 
 def test_quantization_on_a_tiny_model_entry_is_refused_with_the_axis_as_the_fix():
@@ -269,3 +275,18 @@ sections:
     assert main(["plan", str(path), "--device", "a100"]) == 0
     out = capsys.readouterr().out
     assert "first-awq-a100-float16-sdpa-448x448-openai-awq: expected failure: vllm will refuse awq" in out
+
+
+def test_fine_grained_fp8_is_held_packed_from_sm89_and_dequantized_below(tmp_path):
+    """transformers runs Qwen3-VL's FP8 images natively from sm89; below (and on the CPU) it dequantizes them."""
+    from harness.models.architectures import load_config
+    from harness.plan.memory import predict
+
+    folder = tmp_path / "Qwen3-VL-8B-Instruct-FP8"
+    folder.mkdir()
+    config = {**load_config("Qwen3-VL-8B-Instruct"), "quantization_config": {"quant_method": "fp8"}}
+    (folder / "config.json").write_text(json.dumps(config))
+    found = expand(f"models: [{{path: '{folder}', id: fp8}}]\ndevices: [a100, h100]\naxes: {{dtype: [bfloat16]}}\n")
+    a100, h100 = (predict(found[f"fp8-{d}-bfloat16-sdpa-448x448-fp8-block"]).parts for d in ("a100", "h100"))
+    assert h100["weights_mib"] == h100["weights_packed_mib"] == a100["weights_packed_mib"] < a100["weights_mib"]
+    assert expectation(found["fp8-a100-bfloat16-sdpa-448x448-fp8-block"]).outcome == "pass"

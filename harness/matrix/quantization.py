@@ -37,6 +37,7 @@ class Layout:
     resident: str  # packed | dense (what transformers holds after the first forward pass)
     index_bytes: float = 0
     module_bytes: float = 0
+    block_rows: int = 1  # output rows sharing one scale (fine-grained FP8: 128x128 blocks)
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,7 @@ def recognise(quantization_config: dict | None) -> str | None:
     if method in ("awq", "gptq"):
         return method
     if method == "fp8":  # transformers' fine-grained FP8 (Qwen3-VL *-FP8 checkpoints)
-        return "fp8"
+        return "fp8-block"
     if method == "bitsandbytes":
         if q.get("load_in_4bit"):
             return "bnb-nf4" if q.get("bnb_4bit_quant_type", "fp4") == "nf4" else None
@@ -179,7 +180,8 @@ def recognise(quantization_config: dict | None) -> str | None:
 _FROM_NAME = [
     (r"-awq\b", "awq"),
     (r"-gptq\b", "gptq"),
-    (r"-fp8\b", "fp8"),
+    (r"fp8-dynamic", "fp8"),
+    (r"-fp8\b", "fp8-block"),
     (r"bnb-4bit|-nf4\b", "bnb-nf4"),
     (r"bnb-8bit", "bnb-int8"),
     (r"w4a16", "w4a16"),

@@ -263,9 +263,9 @@ class Axes(Strict):
     )
     quantization: list[Annotated[str, AfterValidator(check_quantization)]] = Field(
         ["none"],
-        description="weight format: none, torchao-int8, torchao-int4, bnb-int8, bnb-nf4, fp8, w4a16, w8a16, awq, gptq, "
-        "gguf-q8_0; +vision (e.g. bnb-nf4+vision) quantizes the vision tower too. A pre-quantized checkpoint's cells "
-        "take its own format",
+        description="weight format: none, torchao-int8, torchao-int4, bnb-int8, bnb-nf4, fp8, fp8-block, w4a16, w8a16, "
+        "awq, gptq, gguf-q8_0; +vision (e.g. bnb-nf4+vision) quantizes the vision tower too. A pre-quantized "
+        "checkpoint's cells take its own format",
     )
     extra: dict[str, list[Union[str, int, float, bool]]] = Field(
         {}, description="user axes: name -> values; they appear in cell ids and selectors"

@@ -226,7 +226,8 @@ def predict(
     if cell.quantization != "none":
         from harness.plan.quantized import weight_bytes
 
-        quantized = weight_bytes(meta_model(cell), cell.quantization, cell.dtype)
+        on_card = table()[cell.device].sm if (device_kind or cell.device) != "cpu" else None
+        quantized = weight_bytes(meta_model(cell), cell.quantization, cell.dtype, gpu_sm=on_card)
         weights = quantized.resident
     head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
     kv = text["num_hidden_layers"] * 2 * text["num_key_value_heads"] * head_dim * cached * nbytes

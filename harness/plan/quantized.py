@@ -41,7 +41,7 @@ def linear_bytes(fmt: Format, in_features: int, out_features: int, dtype_bytes: 
     per_group = _per_value(layout.scale_bytes, dtype_bytes) + _per_value(layout.zero_bytes, dtype_bytes)
     return (
         layout.bits * in_features * out_features / 8
-        + groups * out_features * per_group
+        + groups * math.ceil(out_features / layout.block_rows) * per_group
         + layout.index_bytes * in_features
         + layout.module_bytes
     )
@@ -52,8 +52,10 @@ def _quantized(name: str, vision: bool) -> bool:
     return not any(name == s or name.startswith(s + ".") for s in skipped)
 
 
-def weight_bytes(model, value: str, dtype: str) -> WeightBytes:
-    """Bytes of `model`'s weights (a meta-device model: shapes only) in the format `value`, in `dtype`."""
+def weight_bytes(model, value: str, dtype: str, *, gpu_sm: int | None = None) -> WeightBytes:
+    """Bytes of `model`'s weights (a meta-device model: shapes only) in the format `value`, in `dtype`, as
+    transformers holds them on a card of compute capability `gpu_sm` (None: the CPU): a format it runs natively only
+    from some capability (fine-grained FP8: sm89) is dequantized below it."""
     import torch
 
     q = parse(value)
@@ -74,7 +76,9 @@ def weight_bytes(model, value: str, dtype: str) -> WeightBytes:
     packed = sum(linear_bytes(q.format, m.in_features, m.out_features, dtype_bytes, group) for m in linears.values())
     dense = sum(m.in_features * m.out_features * dtype_bytes for m in linears.values())
     extras = packed - sum(q.format.layout.bits * m.in_features * m.out_features / 8 for m in linears.values())
-    resident = dense + extras if q.format.layout.resident == "dense" else packed
+    native = q.format.engines["transformers"].native_sm if "transformers" in q.format.engines else None
+    dequantized = q.format.layout.resident == "dense" or (native is not None and (gpu_sm or 0) < native)
+    resident = dense + extras if dequantized else packed
     return WeightBytes(int(plain + resident), int(plain + packed), len(linears))
 
 
