@@ -290,3 +290,32 @@ def test_fine_grained_fp8_is_held_packed_from_sm89_and_dequantized_below(tmp_pat
     a100, h100 = (predict(found[f"fp8-{d}-bfloat16-sdpa-448x448-fp8-block"]).parts for d in ("a100", "h100"))
     assert h100["weights_mib"] == h100["weights_packed_mib"] == a100["weights_packed_mib"] < a100["weights_mib"]
     assert expectation(found["fp8-a100-bfloat16-sdpa-448x448-fp8-block"]).outcome == "pass"
+
+
+@pytest.mark.parametrize(
+    ("text", "rule"),
+    [
+        (
+            "ValueError: Weight input_size_per_partition = 14784 is not divisible by min_thread_k = 128. Consider "
+            "reducing tensor_parallel_size or running with --quantization gptq.",
+            "marlin-tensor-parallel-shard-not-divisible",
+        ),
+        (
+            "ValueError: The quantization method awq is not supported for the current GPU. Minimum capability: 75. "
+            "Current capability: 70.",
+            "vllm-quantization-method-below-min-capability",
+        ),
+        (
+            "RuntimeError: ('Quantization scheme is not supported for ', 'the current GPU. Min capability: 75. ', "
+            "'Current capability: 70.')",
+            "compressed-tensors-scheme-below-capability",
+        ),
+        ("ValueError: GGUF model with architecture qwen3vl is not supported yet.", "gguf-architecture-not-supported"),
+    ],
+)
+def test_the_classifier_knows_the_refusals_the_rules_predict_with_the_format_in_its_cause(text, rule):
+    from harness.judge.failures import classify
+
+    found = classify(text)
+    assert found.category == "dtype-unsupported" and found.matched == rule
+    assert any(fmt in found.cause.lower() for fmt in ("awq", "gguf", "marlin", "fp8", "w4a16"))

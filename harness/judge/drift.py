@@ -2,8 +2,8 @@
 
 A reduced-dtype or quantized cell's first-step logits are compared with those of its float32
 unquantized twin in the same run (that group runs first). References are keyed by what makes two
-cells comparable: the model's identity (source, seed, checkpoint recipe), the cell's inputs, the attention implementation
-and the harness version, so a reference from another model or another run is never used.
+cells comparable: the model's identity (source, seed, checkpoint recipe), the cell's inputs, the
+attention implementation and the harness version, so a reference from another model or another run is never used.
 Agreement is judged as vLLM's `check_logprobs_close` does: a differing first token is accepted
 when each side's token is in the other's top-k. Random-weight models have tiny logit margins, and
 strict top-1 agreement flips on rounding alone.

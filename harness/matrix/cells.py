@@ -95,7 +95,7 @@ class Cell:
 
     @property
     def group(self) -> str:
-        """Cells sharing a loaded model: model, dtype, attention implementation, backend, weight format and placement."""
+        """Cells sharing a loaded model: model, dtype, attention, backend, weight format and placement."""
         placed = "" if self.placement == "single" else f"/{self.placement_id}"
         quantized = "" if self.quantization == quant.NONE else f"/{self.quantization}"
         return f"{self.model}/{self.dtype}/{self.attn_implementation}/{self.backend}{quantized}{placed}"
