@@ -183,6 +183,18 @@ def _placement_cell(placed: dict | None) -> str:
     return f"{placed['summary']}; {peaks}"
 
 
+def _expected(cell, device: str):
+    """What the card's and the engine's rules say of a cell before it runs (None: expected to pass)."""
+    from harness.engines.availability import tensor_parallel_expectation
+    from harness.matrix.capabilities import effective_expectation
+    from harness.matrix.gpus import table
+
+    expectation = effective_expectation(cell, table()[device])
+    if expectation.outcome == "pass" and cell.backend == "openai":
+        expectation = tensor_parallel_expectation(cell) or expectation
+    return None if expectation.outcome == "pass" else expectation
+
+
 def _plan(args) -> int:
     from harness.devices.host import resolve
     from harness.matrix import cells
@@ -205,6 +217,7 @@ def _plan(args) -> int:
 
     predictions = []
     for cell in chosen:
+        expected = _expected(cell, args.device)
         prediction = predict(cell)
         if cell.placement != "single":
             prediction = with_placement(prediction, predict_placement(cell, cell.placement))
@@ -216,6 +229,12 @@ def _plan(args) -> int:
         claim = next((c for c in m.claims if selector_matches(c.when, cell.axis_values())), None)
         if claim:
             row["claim"] = {"peak_gb": claim.peak_gb, "source": claim.source}
+        if expected:
+            row["expected"] = {
+                "outcome": expected.outcome,
+                "categories": expected.categories,
+                "reason": expected.reason,
+            }
         predictions.append(row)
     if args.json:
         print(json.dumps(predictions, indent=1))
@@ -232,6 +251,7 @@ def _plan(args) -> int:
         "claimed GB",
         "verdict",
         "weights",
+        "packed",
         "KV",
         "vision act.",
         "text act.",
@@ -249,6 +269,7 @@ def _plan(args) -> int:
             claimed,
             r["verdict"],
             f"{p['weights_mib']:.0f}",
+            f"{p['weights_packed_mib']:.0f}" if "weights_packed_mib" in p else "",
             f"{p['kv_cache_mib']:.0f}",
             f"{p['vision_activations_mib']:.0f}",
             f"{p['text_activations_mib']:.0f}",
@@ -257,12 +278,19 @@ def _plan(args) -> int:
         )
     Console(width=260).print(table)
     for r in predictions:
+        if "expected" in r:
+            kind = {"xfail": "expected failure", "skip": "skipped"}[r["expected"]["outcome"]]
+            print(f"{r['id']}: {kind}: {r['expected']['reason']}")
+    for r in predictions:
         if "offload_remedy" in r:
             print(
                 f"{r['id']}: over its card; {r['offload_remedy']['says']}: "
                 f"placement {json.dumps(r['offload_remedy']['placement'])}"
             )
-    print("MiB = 2**20 bytes; GB = 1e9 bytes (as the claimed figures are usually given).")
+    print(
+        "MiB = 2**20 bytes; GB = 1e9 bytes (as the claimed figures are usually given). weights: what transformers "
+        "holds while generating; packed: what a quantized checkpoint holds."
+    )
     return 0
 
 

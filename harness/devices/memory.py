@@ -356,3 +356,30 @@ class DevicePeaks:
                 reserved = torch.cuda.max_memory_reserved(index) / MIB
                 self.result[f"cuda:{index}"] = round(reserved + self.context_mib, 1)
         return False
+
+
+def held_bytes(model) -> int:
+    """Bytes a loaded model's tensors hold, whatever their format: every storage once (tied weights), the inner
+    tensors of torchao's tensor subclasses, bitsandbytes' scales (SCB) and 4-bit code books and absmax. What the
+    planner's weight bytes are checked against: a process's resident memory also counts what loading left behind."""
+    seen: set[tuple[int, int]] = set()
+
+    def add(tensor) -> int:
+        if hasattr(tensor, "__tensor_flatten__"):
+            return sum(add(getattr(tensor, name)) for name in tensor.__tensor_flatten__()[0])
+        storage = tensor.untyped_storage()
+        key = (storage.data_ptr(), storage.nbytes())
+        if key in seen:
+            return 0
+        seen.add(key)
+        return storage.nbytes()
+
+    total = 0
+    for _, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        total += add(tensor)
+        state = getattr(tensor, "quant_state", None)
+        if state is not None:
+            total += add(state.absmax) + add(state.code)
+        if getattr(tensor, "SCB", None) is not None:
+            total += add(tensor.SCB)
+    return total

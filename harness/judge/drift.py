@@ -1,9 +1,9 @@
 """Output health that needs the logits themselves (worker side): drift against float32.
 
-A reduced-dtype cell's first-step logits are compared with those of its float32 twin in the same
-run (float32 groups run first). References are keyed by what makes two cells comparable: the
-model's identity (source, seed, checkpoint recipe), the cell's inputs, the attention implementation
-and the harness version, so a reference from another model or another run is never used.
+A reduced-dtype or quantized cell's first-step logits are compared with those of its float32
+unquantized twin in the same run (that group runs first). References are keyed by what makes two
+cells comparable: the model's identity (source, seed, checkpoint recipe), the cell's inputs, the
+attention implementation and the harness version, so a reference from another model or another run is never used.
 Agreement is judged as vLLM's `check_logprobs_close` does: a differing first token is accepted
 when each side's token is in the other's top-k. Random-weight models have tiny logit margins, and
 strict top-1 agreement flips on rounding alone.
@@ -48,11 +48,12 @@ def _top_k(logits: torch.Tensor, k: int) -> set[int]:
 
 
 def drift(cell: Cell, first_logits: torch.Tensor | None, reference_dir: Path, key: str) -> dict:
-    """Save float32 logits as the reference; for other dtypes, compare with it when this run has it."""
+    """Save the float32 unquantized cell's logits as the reference (`Cell.drift_reference`); for other dtypes and
+    quantized forms of the model, compare with it when this run has it."""
     if first_logits is None:
         return {}
     path = reference_dir / f"{key}.pt"
-    if cell.dtype == "float32":
+    if cell.drift_reference:
         # serialised in memory, then written whole: torch.save onto a full disk raises a RuntimeError ("file
         # write failed") and leaves a truncated file; a full disk is the runner's problem, never this model's
         buffer = io.BytesIO()

@@ -18,11 +18,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from harness.errors import UserError
+from harness.matrix import quantization as quant
 from harness.matrix.gpus import covers
 from harness.matrix.launch import DOCKER, TEMPLATE_NAMES, check_command
 from harness.matrix.placement import cell_id_part, normalize
 from harness.matrix.schema import AXIS_FIELDS, ExpectRule, Launch, Matrix, ModelEntry, Rule, Section
-from harness.models.architectures import shipped, shipped_family
+from harness.models.architectures import load_config, shipped, shipped_family
 from harness.models.families import FAMILIES
 
 DTYPE_ORDER = {"float32": 0, "bfloat16": 1, "float16": 2}  # float32 first: reduced dtypes compare against it
@@ -53,6 +54,7 @@ class Cell:
     max_pixels: int | None
     backend: str
     placement: Any  # "single" | "auto" | a placement mapping (see harness/matrix/placement.py), as JSON
+    quantization: str  # "none" | a format of harness/data/quantization.yaml, maybe with +vision
     extra: dict[str, Any]
     budget: str | None
     prompt: str
@@ -71,6 +73,7 @@ class Cell:
     matrix_file: str = ""
     serving: dict | None = None  # served backends: how the server is reached (the backend's Target's fields)
     single_twin: str | None = None  # the id of the same cell with `single` placement (what slowdown compares to)
+    float32_twin: str | None = None  # the id of the float32 cell drift compares to (unquantized, unless pre-quantized)
 
     @property
     def width(self) -> int:
@@ -87,20 +90,33 @@ class Cell:
 
     @property
     def xdist_group(self) -> str:
-        """Cells that run on one xdist worker: a model's dtypes and placements together, so that each reduced
-        dtype meets its float32 twin (drift) and each placement its `single` twin (slowdown) on one worker."""
+        """Cells that run on one xdist worker: a model's dtypes, weight formats and placements together, so that each
+        reduced dtype or quantized form meets its float32 unquantized twin (drift) and each placement its `single`
+        twin (slowdown) on one worker."""
         return f"{self.model}/{self.attn_implementation}"
 
     @property
     def group(self) -> str:
-        """Cells sharing a loaded model: model, dtype, attention implementation, backend and placement."""
+        """Cells sharing a loaded model: model, dtype, attention, backend, weight format and placement."""
         placed = "" if self.placement == "single" else f"/{self.placement_id}"
-        return f"{self.model}/{self.dtype}/{self.attn_implementation}/{self.backend}{placed}"
+        quantized = "" if self.quantization == quant.NONE else f"/{self.quantization}"
+        return f"{self.model}/{self.dtype}/{self.attn_implementation}/{self.backend}{quantized}{placed}"
 
     @property
     def drift_twin(self) -> str:
-        """The id of the same cell in float32 (what drift is measured against)."""
-        return self.id.replace(f"-{self.dtype}-", "-float32-", 1)
+        """The id of the same cell in float32, unquantized (what drift is measured against)."""
+        return self.float32_twin or self.id.replace(f"-{self.dtype}-", "-float32-", 1)
+
+    @property
+    def prequantized(self) -> bool:
+        """A real checkpoint that is quantized already: its cells run in its own format."""
+        return "quantization" in self.source
+
+    @property
+    def drift_reference(self) -> bool:
+        """Whether this cell's logits are the reference its model's other cells drift from: float32, and
+        unquantized (a pre-quantized checkpoint has no unquantized form: its float32 cell is the reference)."""
+        return self.dtype == "float32" and (self.quantization == quant.NONE or self.prequantized)
 
     def axis_values(self) -> dict[str, Any]:
         """What selectors (`when:`) match against."""
@@ -150,6 +166,14 @@ _FAMILY_FROM_NAME = [
 
 def model_identity(entry: ModelEntry, matrix_file: str) -> tuple[str, str, dict]:
     """(id, family, source) of a model entry."""
+    if entry.quantization and (entry.tiny or entry.arch):
+        raise UserError(
+            f"`quantization: {entry.quantization}` is for a pre-quantized hub:/path: checkpoint; "
+            f"'{entry.tiny or entry.arch}' is quantized by the quantization axis.",
+            file=matrix_file,
+            key="models.quantization",
+            fix=f"remove it from the model and list {entry.quantization} under `axes: quantization:`.",
+        )
     if entry.tiny:
         default_id = "tiny-" + _slug(entry.tiny) + ("" if entry.variant == "default" else "-" + _slug(entry.variant))
         source = {"tiny": entry.tiny, "variant": entry.variant, **({"seed": entry.seed} if entry.seed else {})}
@@ -180,11 +204,26 @@ def model_identity(entry: ModelEntry, matrix_file: str) -> tuple[str, str, dict]
             key=f"models.{kind}",
             fix=f"add `family:` to this model, one of {', '.join(FAMILIES)}.",
         )
+    source = {kind: name, **({"seed": entry.seed} if kind == "arch" or entry.seed else {})}
+    fmt = quant.checkpoint_format(source, _readable_config(kind, name), entry.quantization, matrix_file)
+    if fmt:
+        source["quantization"] = fmt
     plain = urlsplit(name).path if "://" in name else name  # a URL's credentials and query never name a cell
     short = re.sub(r"-instruct$", "", _slug(Path(plain).name if kind == "path" else plain.split("/")[-1]))
     if not short:  # a name of non-ASCII characters only: stable, and not empty
         short = f"{kind}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
-    return entry.id or short, family, {kind: name, **({"seed": entry.seed} if kind == "arch" or entry.seed else {})}
+    return entry.id or short, family, source
+
+
+def _readable_config(kind: str, name: str) -> dict | None:
+    """The config a model's quantization is read from without the network: a `path:` folder's config.json, a
+    shipped architecture's; None for a hub id that is not shipped (its name speaks for it)."""
+    if kind == "path":
+        config = Path(name) / "config.json"
+        return json.loads(config.read_text()) if config.is_file() else None
+    if shipped_family(name):
+        return load_config(name)
+    return None
 
 
 REMOTE = "endpoint"  # what a cell id says in place of device, dtype and attention for a server it did not start
@@ -199,6 +238,7 @@ def _cell_id(
     kind: str,
     budget,
     backend: str,
+    quantization: str,
     placement,
     extra: dict,
 ) -> str:
@@ -212,6 +252,7 @@ def _cell_id(
         parts += [f"max{budget.max_pixels}px"] if budget.max_pixels else []
     if backend != "transformers":
         parts.append(backend)
+    parts += [quant.cell_id_part(quantization)] if quantization != quant.NONE else []
     parts += [cell_id_part(placement)] if placement != "single" else []
     parts += [f"{k}={v}" for k, v in extra.items()]
     return "-".join(parts)
@@ -305,6 +346,14 @@ def serving(entry: ModelEntry, matrix_file: str, backend: str = "openai") -> dic
     }
 
 
+def _drift_bound(defaults, dtype: str, value: str, *, prequantized: bool) -> float:
+    """A quantized cell's drift bound: its format's (harness/data/quantization.yaml), plus the dtype's when it runs
+    in a reduced dtype too; a matrix that sets `drift_max_abs_diff` itself keeps its own."""
+    if value == quant.NONE or prequantized or "drift_max_abs_diff" in defaults.model_fields_set:
+        return defaults.drift_max_abs_diff
+    return round(quant.parse(value).format.drift_max + (defaults.drift_max_abs_diff if dtype != "float32" else 0), 4)
+
+
 def _section_cells(matrix: Matrix, section: Section, matrix_file: str) -> list[Cell]:
     defaults = matrix.defaults
     if section.defaults is not None:
@@ -317,7 +366,8 @@ def _section_cells(matrix: Matrix, section: Section, matrix_file: str) -> list[C
     cells = []
     for entry in section.models:
         model, family, source = model_identity(entry, matrix_file)
-        for device, dtype, attn, resolution, kind, budget, backend, placed, *extra_values in itertools.product(
+        formats = [source["quantization"]] if "quantization" in source else axes.quantization
+        combinations = itertools.product(
             section.devices,
             axes.dtype,
             axes.attn_implementation,
@@ -325,15 +375,18 @@ def _section_cells(matrix: Matrix, section: Section, matrix_file: str) -> list[C
             axes.input,
             axes.pixel_budget,
             axes.backend,
+            formats,
             axes.placement,
             *axes.extra.values(),
-        ):
+        )
+        for device, dtype, attn, resolution, kind, budget, backend, quantized, placed, *extra_values in combinations:
             extra = dict(zip(extra_names, extra_values, strict=True))
             placed = normalize(placed)
             remote = backend in SERVED_BACKENDS and bool(entry.endpoint or entry.webui)
             axes_of_id = (model, REMOTE if remote else device, dtype, attn, resolution, kind, budget, backend)
+            reference = quantized if "quantization" in source else quant.NONE
             cell = Cell(
-                id=_cell_id(*axes_of_id, placed, extra),
+                id=_cell_id(*axes_of_id, quantized, placed, extra),
                 model=model,
                 family=family,
                 source=source,
@@ -346,6 +399,7 @@ def _section_cells(matrix: Matrix, section: Section, matrix_file: str) -> list[C
                 max_pixels=budget.max_pixels if budget else None,
                 backend=backend,
                 placement=placed,
+                quantization=quantized,
                 extra=extra,
                 budget=budgets.get(device, budgets.get("default")),
                 prompt=defaults.prompt,
@@ -355,13 +409,14 @@ def _section_cells(matrix: Matrix, section: Section, matrix_file: str) -> list[C
                 repeats=defaults.repeats,
                 images=defaults.images,
                 image=defaults.image,
-                drift_max_abs_diff=defaults.drift_max_abs_diff,
+                drift_max_abs_diff=_drift_bound(defaults, dtype, quantized, prequantized="quantization" in source),
                 drift_top1=defaults.drift_top1,
                 drift_top_k=defaults.drift_top_k,
                 degenerate_check=defaults.degenerate_check,
                 matrix_file=matrix_file,
                 serving=serving(entry, matrix_file, backend) if backend in SERVED_BACKENDS else None,
-                single_twin=None if placed == "single" else _cell_id(*axes_of_id, "single", extra),
+                single_twin=None if placed == "single" else _cell_id(*axes_of_id, quantized, "single", extra),
+                float32_twin=_cell_id(model, axes_of_id[1], "float32", *axes_of_id[3:], reference, placed, extra),
             )
             values = cell.axis_values()
             if _first_rule(exclude, values):
@@ -455,7 +510,8 @@ def expand(matrix: Matrix, matrix_file: str) -> list[Cell]:
 
 
 def run_order(cells: list[Cell]) -> list[Cell]:
-    """Cells sharing a loaded model run together; float32 before reduced dtypes (drift compares to it),
+    """Cells sharing a loaded model run together; float32 before reduced dtypes and the unquantized model before
+    its quantized forms (drift compares to the float32 unquantized cell),
     in-process before served (a served cell is compared with its in-process twin) and `single` before
     other placements (slowdown compares to it)."""
     first_seen = {}
@@ -466,6 +522,8 @@ def run_order(cells: list[Cell]) -> list[Cell]:
         key=lambda c: (
             first_seen[c.model],
             DTYPE_ORDER[c.dtype],
+            c.quantization != quant.NONE and not c.prequantized,
+            c.quantization,
             c.attn_implementation,
             c.backend != "transformers",
             c.backend,

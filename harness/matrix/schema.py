@@ -27,6 +27,7 @@ from pydantic import (
 from harness.errors import UserError
 from harness.matrix.gpus import table
 from harness.matrix.placement import PlacementValue
+from harness.matrix.quantization import check as check_quantization
 from harness.models.families import FAMILIES
 
 Outcome = Literal["pass", "xfail", "skip"]
@@ -220,6 +221,11 @@ class ModelEntry(Strict):
         False,
         description="backend gradio: the app decodes greedily, so its answer is compared with the in-process cell's",
     )
+    quantization: Annotated[str, AfterValidator(check_quantization)] | None = Field(
+        None,
+        description="hub:/path: the format of a pre-quantized checkpoint when neither its config.json nor its name "
+        "says (awq, gptq, fp8, ...); its cells run in that format whatever the quantization axis lists",
+    )
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -258,6 +264,12 @@ class Axes(Strict):
         description="where the model lives: single (one device), auto (device_map='auto'), {gpus: N}, "
         "{max_memory: {gpu: 20GiB, cpu: 64GiB}} (accelerate's caps; beyond them, disk), "
         "{offload: [vision, layers:N]} (modules kept on the CPU) or {disk: [...]} (kept on disk)",
+    )
+    quantization: list[Annotated[str, AfterValidator(check_quantization)]] = Field(
+        ["none"],
+        description="weight format: none, torchao-int8, torchao-int4, bnb-int8, bnb-nf4, fp8, fp8-block, w4a16, w8a16, "
+        "awq, gptq, gguf-q8_0; +vision (e.g. bnb-nf4+vision) quantizes the vision tower too. A pre-quantized "
+        "checkpoint's cells take its own format",
     )
     extra: dict[str, list[Union[str, int, float, bool]]] = Field(
         {}, description="user axes: name -> values; they appear in cell ids and selectors"
@@ -388,6 +400,7 @@ AXIS_FIELDS = (
     "max_pixels",
     "backend",
     "placement",
+    "quantization",
 )
 SELECTOR_AXES = {*AXIS_FIELDS, "variant"}
 

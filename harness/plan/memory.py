@@ -1,7 +1,8 @@
 """Know before you run: predicted peak memory of a cell, from the architecture and the inputs.
 
 peak = weights + overhead + max(vision activations, KV cache + text activations)
-- weights: every parameter (every expert of a MoE) x bytes of the dtype, counted from the config;
+- weights: every parameter (every expert of a MoE) x bytes of the dtype, counted from the config; a quantized
+  cell's from its layout (harness/plan/quantized.py: packed values, scales, zero points, groups);
 - KV cache: layers x 2 x KV heads x head size x cached tokens (text + visual + new - 1) x bytes;
 - vision activations: patches before merging; linear in patches for sdpa / flash-attention,
   plus heads x patches^2 (float32 softmax) for eager, per image or per window for Qwen2.5-VL;
@@ -124,6 +125,26 @@ def config_for(cell: Cell) -> dict:
     return _full_config(tuple(sorted(cell.source.items())))
 
 
+_META_MODELS: dict[tuple, object] = {}
+
+
+def meta_model(cell: Cell):
+    """The cell's model on the meta device (shapes and dtypes, no memory), built once per model and dtype."""
+    import torch
+    import transformers
+    from accelerate import init_empty_weights
+
+    key = (tuple(sorted(cell.source.items())), cell.dtype)
+    if key not in _META_MODELS:
+        config_dict = config_for(cell)
+        config = getattr(transformers, FAMILIES[config_dict["model_type"]].config_class).from_dict(config_dict)
+        with init_empty_weights():
+            _META_MODELS[key] = transformers.AutoModelForImageTextToText.from_config(
+                config, dtype=getattr(torch, cell.dtype)
+            )
+    return _META_MODELS[key]
+
+
 @cache
 def _video_tokens(family_key: str, width: int, height: int, min_pixels, max_pixels) -> int:
     """Video tokens, counted by the family's own video processor on the synthetic frames."""
@@ -201,6 +222,13 @@ def predict(
     cached = prompt + visual + cell.max_new_tokens - 1
 
     weights = parameter_count(config) * nbytes
+    quantized = None
+    if cell.quantization != "none":
+        from harness.plan.quantized import weight_bytes
+
+        on_card = table()[cell.device].sm if (device_kind or cell.device) != "cpu" else None
+        quantized = weight_bytes(meta_model(cell), cell.quantization, cell.dtype, gpu_sm=on_card)
+        weights = quantized.resident
     head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
     kv = text["num_hidden_layers"] * 2 * text["num_key_value_heads"] * head_dim * cached * nbytes
 
@@ -239,6 +267,8 @@ def predict(
         "text_activations_mib": round(text_act / MIB, 1),
         "overhead_mib": round(overhead / MIB, 1),
     }
+    if quantized is not None:  # what the quantized checkpoint holds, beside what transformers runs
+        parts["weights_packed_mib"] = round(quantized.packed / MIB, 1)
     return Prediction(cell.id, round(peak, 1), verdict, round(budget, 1) if budget else None, parts, visual, cached)
 
 

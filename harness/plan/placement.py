@@ -18,27 +18,7 @@ from dataclasses import asdict, dataclass
 
 from harness.matrix import placement as placement_mod
 from harness.matrix.cells import Cell
-from harness.models.families import FAMILIES
-from harness.plan.memory import ALLOCATOR_SLACK, CPU_RUNTIME_MIB, CUDA_CONTEXT_MIB, MIB, config_for, predict
-
-_META_MODELS: dict[tuple, object] = {}
-
-
-def meta_model(cell: Cell):
-    """The cell's model on the meta device (shapes and dtypes, no memory), built once per model and dtype."""
-    import torch
-    import transformers
-    from accelerate import init_empty_weights
-
-    key = (tuple(sorted(cell.source.items())), cell.dtype)
-    if key not in _META_MODELS:
-        config_dict = config_for(cell)
-        config = getattr(transformers, FAMILIES[config_dict["model_type"]].config_class).from_dict(config_dict)
-        with init_empty_weights():
-            _META_MODELS[key] = transformers.AutoModelForImageTextToText.from_config(
-                config, dtype=getattr(torch, cell.dtype)
-            )
-    return _META_MODELS[key]
+from harness.plan.memory import ALLOCATOR_SLACK, CPU_RUNTIME_MIB, CUDA_CONTEXT_MIB, MIB, config_for, meta_model, predict
 
 
 @contextmanager

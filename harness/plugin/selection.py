@@ -37,6 +37,7 @@ def register(config, families) -> None:
     config.addinivalue_line("markers", "gpu: cells that target a GPU")
     config.addinivalue_line("markers", "slow: cells of true-size or downloaded models")
     config.addinivalue_line("markers", "placement: cells whose model is placed by device_map (not `single`)")
+    config.addinivalue_line("markers", "quantized: cells whose model runs in a quantized weight format")
     config.addinivalue_line(
         "markers", "xdist_group(name): cells that share one xdist worker: a model's dtypes, backends and placements"
     )
@@ -57,6 +58,8 @@ def selection_marks(cell: Cell, host_key: str) -> list:
         marks.append(mark("gpu"))
     if cell.placement != "single":
         marks.append(mark("placement"))
+    if cell.quantization != "none":
+        marks.append(mark("quantized"))
     if "tiny" not in cell.source:
         marks.append(mark("slow"))
     return marks

@@ -56,12 +56,14 @@ def load(
     source: dict | None = None,
     weights_seed=None,
     placement_kwargs: dict | None = None,
+    quantization_kwargs: dict | None = None,
 ):
     """Processor and model through the same `from_pretrained` path a downloaded model takes.
 
     `weights_seed` (an identity string) makes an empty-weights folder's random weights a function of
     that identity: see `seed_weights`. `placement_kwargs` (device_map, max_memory, offload_folder from
-    harness/matrix/placement.py) replace the single `device`.
+    harness/matrix/placement.py) replace the single `device`. `quantization_kwargs` (a quantization_config that
+    quantizes at load, or a GGUF file name: harness/models/quantized.py) go to from_pretrained as they are.
     """
     source = source or {"path": folder}
     _check_attention(attn_implementation)
@@ -73,6 +75,7 @@ def load(
             dtype=DTYPES[dtype],
             attn_implementation=attn_implementation,
             **(placement_kwargs or {"device_map": device}),
+            **(quantization_kwargs or {}),
         )
     except OSError as exc:
         if "hub" not in source:

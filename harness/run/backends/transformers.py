@@ -93,8 +93,16 @@ class TransformersBackend:
         emit({"event": "loading", "group": cell.group})
         t0 = time.perf_counter()
         placed = cell.placement != "single"
-        # A placed `arch:` model reads its seeded weights from files: offloaded modules are filled from them.
-        folder = checkpoint_for(cell.source, dtype=cell.dtype, with_weights=placed)
+        quantizing = cell.quantization != "none" and not cell.prequantized
+        # A placed `arch:` model reads its seeded weights from files: offloaded modules are filled from them; so does
+        # one quantized at load (the quantizer packs the weights it reads).
+        folder = checkpoint_for(cell.source, dtype=cell.dtype, with_weights=placed or quantizing)
+        unquantized = folder
+        folder, quantization_kwargs = _quantized_folder(cell, folder) if quantizing else (folder, {})
+        if cell.prequantized and "path" in cell.source:
+            from harness.matrix.quantization import check_path_checkpoint
+
+            check_path_checkpoint(folder, cell.quantization)
         self.processor, self.model = inference.load(
             folder,
             source=cell.source,
@@ -103,8 +111,10 @@ class TransformersBackend:
             device=self.device(),
             weights_seed=weights_seed(cell.source, folder),
             placement_kwargs=self.placement_kwargs(cell) if placed else None,
+            quantization_kwargs=quantization_kwargs,
         )
-        self.identity = model_identity(cell.source, folder)
+        # A quantized model is the same model as its float32 twin: drift is keyed by the unquantized checkpoint.
+        self.identity = model_identity(cell.source, checkpoint_for(cell.source) if quantizing else unquantized)
         self.group = cell.group
         emit({"event": "loaded", "group": cell.group})
         return time.perf_counter() - t0
@@ -291,6 +301,25 @@ class TransformersBackend:
             measurements.update(self.placement_measurements(device_map, device_peaks.result, tracker.result, planned))
         prediction = after.to_dict() if after else {}
         return {"ok": True, "generation": generation, "measurements": measurements, "prediction": prediction}
+
+
+def _quantized_folder(cell: Cell, folder: str) -> tuple[str, dict]:
+    """The folder a cell in a format built here loads from (a tiny model's quantized checkpoint, built once), and
+    what from_pretrained needs besides (a GGUF file name, or the quantizer of a model quantized at load)."""
+    from harness.matrix.quantization import parse
+    from harness.models.quantized import load_kwargs, quantized_checkpoint
+    from harness.plan.placement import meta_model
+
+    fmt = parse(cell.quantization).format
+    if "tiny" in cell.source:
+        library = fmt.pip.split()[0]
+        folder = str(
+            quantized_checkpoint(
+                cell.source, cell.quantization, cell.dtype, group_size=fmt.layout.group_size, library=library
+            )
+        )
+    kwargs = load_kwargs(cell.source, cell.quantization, group_size=fmt.layout.group_size, meta_model=meta_model(cell))
+    return folder, kwargs
 
 
 def _predict(cell: Cell, **kwargs):
