@@ -24,6 +24,11 @@ from harness.models.architectures import shipped, shipped_family
 from harness.models.families import FAMILIES
 
 DTYPE_ORDER = {"float32": 0, "bfloat16": 1, "float16": 2}  # float32 first: reduced dtypes compare against it
+# Attention implementations the in-process backend switches on a loaded model (transformers'
+# set_attn_implementation) instead of loading it again: checked equal to a fresh load for every family
+# (tests/test_loads.py). flash_attention_2 loads its own model (the switch is not checked on a GPU here), and
+# a served model's attention is its server's launch flag.
+SWITCHED_ATTENTION = ("eager", "sdpa")
 
 
 @dataclass
@@ -84,13 +89,22 @@ class Cell:
         return cell_id_part(self.placement) or "single"
 
     @property
+    def load_attention(self) -> str:
+        """The attention part of the loaded model's key: one for the in-process attentions switched on a loaded
+        model (`SWITCHED_ATTENTION`), else the cell's own."""
+        if self.backend == "transformers" and self.attn_implementation in SWITCHED_ATTENTION:
+            return "+".join(SWITCHED_ATTENTION)
+        return self.attn_implementation
+
+    @property
     def xdist_group(self) -> str:
         """Cells that run on one xdist worker: a model's placements together, so each can compare to `single`."""
-        return f"{self.model}/{self.dtype}/{self.attn_implementation}/{self.backend}"
+        return f"{self.model}/{self.dtype}/{self.load_attention}/{self.backend}"
 
     @property
     def group(self) -> str:
-        """Cells sharing a loaded model: model, dtype, attention implementation, backend and placement."""
+        """Cells sharing a loaded model: model, dtype, backend, placement and (unless switched on the loaded
+        model) attention implementation."""
         return self.xdist_group + ("" if self.placement == "single" else f"/{self.placement_id}")
 
     @property
@@ -397,9 +411,9 @@ def expand(matrix: Matrix, matrix_file: str) -> list[Cell]:
 
 
 def run_order(cells: list[Cell]) -> list[Cell]:
-    """Cells sharing a loaded model run together; float32 before reduced dtypes (drift compares to it),
-    in-process before served (a served cell is compared with its in-process twin) and `single` before
-    other placements (slowdown compares to it)."""
+    """Cells sharing a loaded model run together (a group's attentions one after another, switched on it);
+    float32 before reduced dtypes (drift compares to it), in-process before served (a served cell is compared
+    with its in-process twin) and `single` before other placements (slowdown compares to it)."""
     first_seen = {}
     for i, cell in enumerate(cells):
         first_seen.setdefault(cell.model, i)
@@ -408,10 +422,11 @@ def run_order(cells: list[Cell]) -> list[Cell]:
         key=lambda c: (
             first_seen[c.model],
             DTYPE_ORDER[c.dtype],
-            c.attn_implementation,
             c.backend != "transformers",
             c.backend,
+            c.load_attention,
             c.placement != "single",
             c.placement_id,
+            c.attn_implementation,
         ),
     )
