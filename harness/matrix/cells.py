@@ -129,9 +129,10 @@ class Cell:
         a resumed run may skip a recorded cell only when this is unchanged."""
         return {k: v for k, v in asdict(self).items() if k not in ("id", "expectation", "matrix_file")}
 
-    def fingerprint(self) -> str:
-        blob = json.dumps(self.definition(), sort_keys=True, default=str).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+    def fingerprint(self, definition: dict | None = None) -> str:
+        """The definition's hash (pass `definition` where it is already made: it is the costly part)."""
+        blob = json.dumps(self.definition() if definition is None else definition, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     @classmethod
     def from_dict(cls, data: dict) -> Cell:
