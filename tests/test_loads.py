@@ -141,3 +141,25 @@ def test_plan_prints_the_load_plan_timed_at_this_hosts_cached_speeds(tmp_path, c
     assert abs(tiny.bytes - stored) / stored < 0.01  # the file holds those bytes (and its small header)
     assert arch.predicted_s == pytest.approx(arch.values / 1e6) and arch.bytes == 2 * arch.values
     assert arch.attentions == ["eager", "sdpa"] and arch.cells == 2
+
+
+def test_this_hosts_speeds_are_measured_once_and_kept_per_host(tmp_path, monkeypatch):
+    import socket
+
+    from harness.devices import speeds
+
+    monkeypatch.setenv("QWEN_COMPAT_CACHE", str(tmp_path))
+    monkeypatch.setattr(speeds, "READ_PROBE_BYTES", 16 * 2**20)
+    monkeypatch.setattr(speeds, "SEED_PROBE_VALUES", 1 << 18)
+    read, seeding = speeds.read_bytes_per_s(), speeds.seed_values_per_s("cpu")
+    assert read > 0 and seeding > 0
+    assert [p.name for p in tmp_path.iterdir()] == ["host-speeds.json"]  # the probe file is gone
+    kept = json.loads((tmp_path / "host-speeds.json").read_text())[socket.gethostname()]
+    assert kept == {"read_bytes_per_s": read, "seed_values_per_s cpu": seeding}
+
+    def measured_again(*args):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(speeds, "_measure_read", measured_again)
+    monkeypatch.setattr(speeds, "_measure_seeding", measured_again)
+    assert (speeds.read_bytes_per_s(), speeds.seed_values_per_s("cpu")) == (read, seeding)
