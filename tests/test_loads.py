@@ -43,6 +43,30 @@ def test_a_switched_model_computes_what_a_fresh_load_computes(family):
         assert switched[attention][1] == fresh[attention][1], attention
 
 
+def test_a_placed_model_switched_computes_what_a_fresh_placed_load_computes(tiny_cell, tmp_path):
+    """Modules on disk and CPU behind accelerate's hooks: the switch is the configs', the hooks stay as they were."""
+    from harness.matrix.placement import from_pretrained_kwargs
+    from harness.plan.placement import host_free, meta_model
+
+    cell, value = tiny_cell("qwen2_vl"), {"offload": ["vision"], "disk": ["lm_head", "layers:1"]}
+    folder = str(checkpoints.tiny_checkpoint("qwen2_vl"))
+
+    def placed(attention: str, offload: str):
+        kwargs = from_pretrained_kwargs(value, meta_model(cell), free=host_free(None, 0), offload_folder=offload)
+        return inference.load(
+            folder, dtype="float32", attn_implementation=attention, device="cpu", placement_kwargs=kwargs
+        )
+
+    processor, switched = placed("sdpa", str(tmp_path / "a"))
+    _, fresh = placed("eager", str(tmp_path / "b"))
+    assert "disk" in switched.hf_device_map.values()
+    prepared = inference.prepare(processor, switched, inference.CellInput(width=224, height=224))
+    assert inference.switch_attention(switched, "eager")
+    assert switched.hf_device_map == fresh.hf_device_map
+    ours, theirs = _first_step(processor, switched, prepared), _first_step(processor, fresh, prepared)
+    assert torch.equal(ours[0], theirs[0]) and ours[1] == theirs[1]
+
+
 def test_a_switch_transformers_refuses_is_no_switch():
     """flash-attention-2 without flash-attn (the CPU here): set_attn_implementation raises, the caller loads again."""
     folder = str(checkpoints.tiny_checkpoint("qwen2_vl"))
