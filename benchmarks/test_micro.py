@@ -1,4 +1,6 @@
-"""pytest-benchmark micro-benchmarks of the hot pure parts; kept out of `pytest tests`.
+"""pytest-benchmark micro-benchmarks of the hot parts: expansion, classification, token arithmetic, and what the
+harness itself costs per cell (`-k cell_`: protocol, verdict, record, results files, progress, the worker's
+bookkeeping); kept out of `pytest tests`.
 
 pytest benchmarks/test_micro.py --benchmark-autosave          # store a run under .benchmarks/
 pytest benchmarks/test_micro.py --benchmark-compare           # compare with the last stored run
