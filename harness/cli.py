@@ -281,7 +281,7 @@ def _print_load_plan(chosen: list, device: str, matrix_file: str) -> None:
         rates = [f"read {_bytes(speeds['read_bytes_per_s'])}/s"] if "read_bytes_per_s" in speeds else []
         rates += [f"seeding {speeds['seed_values_per_s']:.3g} values/s"] if "seed_values_per_s" in speeds else []
         line += (
-            f"; predicted load time {timed:.1f} s at this host's {', '.join(rates) or 'speeds'} (measured once, cached)"
+            f"; predicted load time {timed:.3g} s at this host's {', '.join(rates) or 'speeds'} (measured once, cached)"
         )
         line += "; building the modules and the processor is not counted."
     else:
