@@ -1,7 +1,8 @@
 """The baseline for benchmarks/overhead.py: the same cells with transformers alone, in one process.
 
-Each model is loaded once; each cell is chat template -> processor -> greedy generate, as a user's
-own script would do it. Prints one JSON line: cells run and models loaded.
+Each model is loaded once per dtype (its attention switched with set_attn_implementation between cells, as the
+harness does); each cell is chat template -> processor -> greedy generate, as a user's own script would do it.
+Prints one JSON line: cells run and models loaded.
 
     python benchmarks/bare_transformers.py MATRIX SUBSTRING
 """
@@ -34,6 +35,8 @@ def main(matrix_path: str, substring: str) -> None:
             )
             loaded, loads = (cell.group, AutoProcessor.from_pretrained(folder), model.eval()), loads + 1
         _, processor, model = loaded
+        if model.config._attn_implementation != cell.attn_implementation:
+            model.set_attn_implementation(cell.attn_implementation)
         part = {"type": "video"} if cell.input == "video" else {"type": "image"}
         messages = [{"role": "user", "content": [part, {"type": "text", "text": cell.prompt}]}]
         text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

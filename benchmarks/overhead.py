@@ -38,6 +38,32 @@ def timed(cmd: list[str], cwd: Path) -> tuple[float, str]:
     return wall, done.stdout
 
 
+def harness_command(matrix: str, *pytest_args: str) -> list[str]:
+    """The harness run of side (b): pytest in the folder holding test_suite.py, with only qwen-compat's plugin."""
+    return [
+        sys.executable,
+        "-m",
+        "pytest",
+        "test_suite.py",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-p",
+        "no:hypothesispytest",
+        "-p",
+        "no:benchmark",
+        "-p",
+        "no:xdist",
+        "--rootdir",
+        ".",
+        "--compat-matrix",
+        matrix,
+        *pytest_args,
+        "--compat-reports",
+        "r",
+    ]
+
+
 def _runs(times: list[float]) -> str:
     return ", ".join(f"{t:.2f}" for t in times)
 
@@ -63,31 +89,7 @@ def main() -> None:
                 [sys.executable, str(REPO / "benchmarks" / "bare_transformers.py"), args.matrix, args.select], folder
             )
             bare = json.loads(out.strip().splitlines()[-1])
-            harness_s, _ = timed(
-                [
-                    sys.executable,
-                    "-m",
-                    "pytest",
-                    "test_suite.py",
-                    "-q",
-                    "-p",
-                    "no:cacheprovider",
-                    "-p",
-                    "no:hypothesispytest",
-                    "-p",
-                    "no:benchmark",
-                    "-p",
-                    "no:xdist",
-                    "--rootdir",
-                    ".",
-                    "--compat-matrix",
-                    args.matrix,
-                    *select,
-                    "--compat-reports",
-                    "r",
-                ],
-                folder,
-            )
+            harness_s, _ = timed(harness_command(args.matrix, *select), folder)
             run = json.loads((folder / "r" / "cpu" / "run.json").read_text())
             bare_times.append(bare_s)
             harness_times.append(harness_s)

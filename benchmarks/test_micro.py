@@ -1,10 +1,13 @@
-"""pytest-benchmark micro-benchmarks of the hot pure parts; kept out of `pytest tests`.
+"""pytest-benchmark micro-benchmarks of the hot parts: expansion, classification, token arithmetic, and what the
+harness itself costs per cell (`-k cell_`: protocol, verdict, record, results files, progress, the worker's
+bookkeeping); kept out of `pytest tests`.
 
 pytest benchmarks/test_micro.py --benchmark-autosave          # store a run under .benchmarks/
 pytest benchmarks/test_micro.py --benchmark-compare           # compare with the last stored run
 pytest benchmarks/test_micro.py --benchmark-timer time.process_time   # on a shared, loaded machine: CPU time
 """
 
+import json
 import random
 from pathlib import Path
 
@@ -89,3 +92,168 @@ def test_visual_token_arithmetic(benchmark):
     sizes = [(h, w) for h, w in sizes if max(h, w) / min(h, w) < 200]
     total = benchmark(lambda: sum(visual_tokens.image_tokens(h, w, 28, 3136, 12845056) for h, w in sizes))
     assert total > 0
+
+
+# --- the harness's own cost per cell: protocol, verdict, record, results files, progress line ----------------
+
+REPLY = {
+    "ok": True,
+    "generation": {"new_token_ids": [29, 253, 17, 4, 88, 91, 12, 7], "text": "a picture", "nonfinite_steps": []},
+    "measurements": {
+        "rss_peak_mib": 795.9,
+        "peak_memory_mib": 795.9,
+        "peak_memory_source": "worker_rss",
+        "settled_before_mib": 795.9,
+        "visual_tokens": 64,
+        "input_tokens": 143,
+        "load_s": 0.0,
+        "preprocess_s": 0.0823,
+        "prefill_s": 0.7362,
+        "decode_tokens_per_s": 34.11,
+    },
+    "prediction": {
+        "id": "tiny-qwen2-vl-cpu-float32-sdpa-224x224",
+        "predicted_peak_mib": 852.3,
+        "verdict": "fits",
+        "budget_mib": None,
+        "parts": {
+            "weights_mib": 0.7,
+            "kv_cache_mib": 0.07,
+            "vision_activations_mib": 1.5,
+            "text_activations_mib": 0.3,
+            "overhead_mib": 850.0,
+        },
+        "visual_tokens": 64,
+        "cached_tokens": 144,
+        "placement": None,
+    },
+}
+
+# The worker's protocol loop (harness.run.worker.main) with its backend replaced by REPLY: what the protocol itself
+# costs, a cell sent and decoded, a reply encoded and read back, without a model in the way.
+CANNED_WORKER = f"""
+import json, sys
+from harness.matrix.cells import Cell
+out = sys.stdout
+out.write(json.dumps({{"event": "ready", "pid": 0}}) + "\\n"); out.flush()
+reply = json.dumps({REPLY!r})
+for line in sys.stdin:
+    request = json.loads(line)
+    if request["op"] == "exit":
+        break
+    Cell.from_dict(request["cell"])
+    out.write(reply + "\\n"); out.flush()
+"""
+
+
+def _cell():
+    m = matrix.Matrix.model_validate({"models": [{"tiny": "qwen2_vl"}], "axes": {"resolution": ["224x224"]}})
+    return cells.expand(m, "m.yaml")[0]
+
+
+def test_cell_protocol_round_trip(benchmark, tmp_path):
+    import sys
+
+    from harness.run.runner import Runner
+
+    runner = Runner(tmp_path)
+    runner.command = [sys.executable, "-c", CANNED_WORKER]
+    cell = _cell()
+    try:
+        result = benchmark(runner.run, cell)
+    finally:
+        runner.close()
+    assert result.ok and result.measurements["visual_tokens"] == 64 and runner.starts == 1
+
+
+def _finished(cell):
+    from _pytest.reports import TestReport
+
+    from harness.judge.result import WorkerResult
+
+    result = WorkerResult(**REPLY)
+    report = TestReport(
+        f"test_suite.py::test_cell[{cell.id}]", ("test_suite.py", 1, "test_cell"), {}, "passed", None, "call"
+    )
+    return result, report
+
+
+def test_cell_verdict(benchmark):
+    from harness.judge.verdict import judge
+
+    cell = _cell()
+    result, _ = _finished(cell)
+    assert benchmark(judge, cell, result).outcome == "passed"
+
+
+def test_cell_record(benchmark):
+    from harness.judge.verdict import judge
+    from harness.plugin.session import CompatSession
+    from harness.plugin.verdicts import CellRun
+
+    cell = _cell()
+    result, report = _finished(cell)
+    run = CellRun(cell, result, judge(cell, result), 1.0)
+    record = benchmark(CompatSession.record, None, cell, run, report)
+    assert record["outcome"] == "passed" and record["definition_sha"] == cell.fingerprint()
+
+
+def _record(cell):
+    from harness.judge.verdict import judge
+    from harness.plugin.session import CompatSession
+    from harness.plugin.verdicts import CellRun
+
+    result, report = _finished(cell)
+    return CompatSession.record(None, cell, CellRun(cell, result, judge(cell, result), 1.0), report)
+
+
+def test_cell_results_append_to_a_file_of_1000_cells(benchmark, tmp_path):
+    from harness.devices.host import resolve
+    from harness.report.results import ResultsFile, environment
+
+    results = ResultsFile(tmp_path / "cpu" / "results.json")
+    results.start(environment(resolve("cpu"), None), resume=False)
+    record = _record(_cell())
+    for _ in range(1000):
+        results.append(record)
+    benchmark(results.append, record)
+    assert results.path.stat().st_size > 1000 * len(json.dumps(record))
+
+
+def test_cell_progress_line(benchmark):
+    from harness.report.progress import Progress
+
+    cell = _cell()
+    lines = []
+    progress = Progress(lines.append, color=True, planned=[cell] * 100_000)
+    record = _record(cell)
+    benchmark(progress.cell_done, record)
+    assert "passed".upper() in lines[-1]
+
+
+def test_cell_worker_bookkeeping(benchmark, tmp_path):
+    """What the in-process backend does for a cell besides loading, preparing and generating: the memory plan
+    before and after, the memory tracker, the drift reference and the served twin's text."""
+    import torch
+
+    from harness.devices.memory import MemoryTracker
+    from harness.judge import agreement
+    from harness.judge.drift import drift, reference_key
+    from harness.models.checkpoints import checkpoint_for, model_identity
+    from harness.plan import memory as plan
+
+    cell = _cell()
+    identity = model_identity(cell.source, checkpoint_for(cell.source))
+    logits = torch.randn(320)
+
+    def bookkeeping():
+        plan.predict(cell, device_kind="cpu")
+        with MemoryTracker("cpu"):
+            pass
+        measured = drift(cell, logits, tmp_path, reference_key(cell, identity))
+        agreement.save(cell, "a picture", tmp_path)
+        plan.predict(cell, text_tokens=79, visual_tokens=64, device_kind="cpu")
+        return measured
+
+    assert benchmark(bookkeeping) == {}  # float32: the reference saved, nothing to compare
+    assert len(list(tmp_path.iterdir())) == 2

@@ -7,7 +7,7 @@ qwen-compat gate --baseline DIR|NAME --current DIR   compare a run with a baseli
 qwen-compat report DIR...         merge many runners' reports into one fleet view
 qwen-compat export --format csv|jsonl|md DIR...   many runners' results as one table or JSON Lines
 qwen-compat fleet MATRIX --ray ADDRESS [--reports DIR] [PYTEST ARGS]   the matrix on a Ray cluster, by card
-qwen-compat plan MATRIX --device KEY [--json]   predicted peak memory of every cell of that device
+qwen-compat plan MATRIX --device KEY [--json]   predicted peak memory of every cell of that device, its loads
 qwen-compat doctor [MATRIX]       this host's facts, and what the matrix will do here
 qwen-compat smoke --endpoint URL  a running server's release check (built-in matrix)
 qwen-compat smoke --webui URL     the same for a running Gradio WebUI, driven as a person would (--family)
@@ -291,7 +291,62 @@ def _plan(args) -> int:
         "MiB = 2**20 bytes; GB = 1e9 bytes (as the claimed figures are usually given). weights: what transformers "
         "holds while generating; packed: what a quantized checkpoint holds."
     )
+    _print_load_plan(chosen, args.device, args.matrix)
     return 0
+
+
+def _bytes(count: int) -> str:
+    """1e9-based units, as the GB column of the memory plan."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count} B"
+
+
+def _print_load_plan(chosen: list, device: str, matrix_file: str) -> None:
+    """The model loads the run takes, each timed from its weights at this host's measured speeds where the plan's
+    device is this host's (elsewhere another host's disk and card would be guessed)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from harness.devices.host import detect_host
+    from harness.plan.loads import load_plan
+
+    loads = load_plan(chosen)
+    kinds = {load.weights for load in loads}
+    here = detect_host().key == device
+    speeds = {}
+    if here and "read" in kinds:
+        from harness.devices.speeds import read_bytes_per_s
+
+        speeds["read_bytes_per_s"] = read_bytes_per_s()
+    if here and "seeded" in kinds:
+        from harness.devices.speeds import seed_values_per_s
+
+        speeds["seed_values_per_s"] = seed_values_per_s("cpu" if device == "cpu" else "cuda")
+    loads = load_plan(chosen, **speeds)
+    table = Table(title=f"load plan: {matrix_file} on {device}")
+    for column in ("load", "first cell", "cells", "attention", "weights", "size", "predicted s"):
+        table.add_column(column, justify="left" if column in ("first cell", "attention", "weights") else "right")
+    for n, load in enumerate(loads, 1):
+        predicted = "" if load.predicted_s is None else f"{load.predicted_s:.3g}"
+        size = _bytes(load.bytes) if load.weights != "server" else ""
+        attention = " then ".join(load.attentions)
+        table.add_row(str(n), load.first_cell, str(load.cells), attention, load.weights, size, predicted)
+    Console(width=260).print(table)
+    switches = sum(len(load.attentions) - 1 for load in loads)
+    line = f"{len(loads)} loads for {len(chosen)} cells ({switches} attention switches on a loaded model, not loads)"
+    if here:
+        timed = sum(load.predicted_s or 0.0 for load in loads)
+        rates = [f"read {_bytes(speeds['read_bytes_per_s'])}/s"] if "read_bytes_per_s" in speeds else []
+        rates += [f"seeding {speeds['seed_values_per_s']:.3g} values/s"] if "seed_values_per_s" in speeds else []
+        line += (
+            f"; predicted load time {timed:.3g} s at this host's {', '.join(rates) or 'speeds'} (measured once, cached)"
+        )
+        line += "; building the modules and the processor is not counted."
+    else:
+        line += f"; load times are predicted on the run's host: `qwen-compat plan {matrix_file} --device auto` there."
+    print(line)
 
 
 def _doctor(args) -> int:

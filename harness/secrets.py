@@ -49,12 +49,23 @@ def secret_values(named: Iterable[str] = ()) -> list[str]:
     return sorted(found, key=len, reverse=True)
 
 
+# What each pattern cannot match without (exactly: a text holding none of them is left as it is): most strings
+# of a record (ids, axis values, numbers' keys) skip the three regular expressions.
+URL_USERINFO_NEEDS = ("://",)
+URL_TOKEN_PARAM_NEEDS = ("=",)
+TOKEN_SHAPES_NEEDS = ("hf_", "sk-", "ghp_", "github_pat_", "AKIA", "Bearer ")
+
+
 def scrub_text(text: str, secrets: list[str] | None = None) -> str:
     for secret in secret_values() if secrets is None else secrets:
         text = text.replace(secret, MASK)
-    text = URL_USERINFO.sub(lambda m: f"{m['scheme']}{MASK}@", text)
-    text = URL_TOKEN_PARAM.sub(lambda m: f"{m['key']}{MASK}", text)
-    return TOKEN_SHAPES.sub(MASK, text)
+    if any(needed in text for needed in URL_USERINFO_NEEDS):
+        text = URL_USERINFO.sub(lambda m: f"{m['scheme']}{MASK}@", text)
+    if any(needed in text for needed in URL_TOKEN_PARAM_NEEDS):
+        text = URL_TOKEN_PARAM.sub(lambda m: f"{m['key']}{MASK}", text)
+    if any(needed in text for needed in TOKEN_SHAPES_NEEDS):
+        text = TOKEN_SHAPES.sub(MASK, text)
+    return text
 
 
 def scrub(value, secrets: list[str] | None = None):

@@ -27,6 +27,11 @@ from harness.models.architectures import load_config, shipped, shipped_family
 from harness.models.families import FAMILIES
 
 DTYPE_ORDER = {"float32": 0, "bfloat16": 1, "float16": 2}  # float32 first: reduced dtypes compare against it
+# Attention implementations the in-process backend switches on a loaded model (transformers'
+# set_attn_implementation) instead of loading it again: checked equal to a fresh load for every family
+# (tests/test_loads.py). flash_attention_2 loads its own model (the switch is not checked on a GPU here), and
+# a served model's attention is its server's launch flag.
+SWITCHED_ATTENTION = ("eager", "sdpa")
 
 
 @dataclass
@@ -89,18 +94,27 @@ class Cell:
         return cell_id_part(self.placement) or "single"
 
     @property
+    def load_attention(self) -> str:
+        """The attention part of the loaded model's key: one for the in-process attentions switched on a loaded
+        model (`SWITCHED_ATTENTION`), else the cell's own."""
+        if self.backend == "transformers" and self.attn_implementation in SWITCHED_ATTENTION:
+            return "+".join(SWITCHED_ATTENTION)
+        return self.attn_implementation
+
+    @property
     def xdist_group(self) -> str:
-        """Cells that run on one xdist worker: a model's dtypes, weight formats and placements together, so that each
-        reduced dtype or quantized form meets its float32 unquantized twin (drift) and each placement its `single`
-        twin (slowdown) on one worker."""
-        return f"{self.model}/{self.attn_implementation}"
+        """Cells that run on one xdist worker: a model's dtypes, weight formats, attentions and placements
+        together, so that each reduced dtype or quantized form meets its float32 unquantized twin (drift) and
+        each placement its `single` twin (slowdown) on one worker."""
+        return f"{self.model}/{self.load_attention}"
 
     @property
     def group(self) -> str:
-        """Cells sharing a loaded model: model, dtype, attention, backend, weight format and placement."""
+        """Cells sharing a loaded model: model, dtype, backend, weight format, placement and (unless switched
+        on the loaded model) attention implementation."""
         placed = "" if self.placement == "single" else f"/{self.placement_id}"
         quantized = "" if self.quantization == quant.NONE else f"/{self.quantization}"
-        return f"{self.model}/{self.dtype}/{self.attn_implementation}/{self.backend}{quantized}{placed}"
+        return f"{self.model}/{self.dtype}/{self.load_attention}/{self.backend}{quantized}{placed}"
 
     @property
     def drift_twin(self) -> str:
@@ -135,9 +149,10 @@ class Cell:
         a resumed run may skip a recorded cell only when this is unchanged."""
         return {k: v for k, v in asdict(self).items() if k not in ("id", "expectation", "matrix_file")}
 
-    def fingerprint(self) -> str:
-        blob = json.dumps(self.definition(), sort_keys=True, default=str).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+    def fingerprint(self, definition: dict | None = None) -> str:
+        """The definition's hash (pass `definition` where it is already made: it is the costly part)."""
+        blob = json.dumps(self.definition() if definition is None else definition, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     @classmethod
     def from_dict(cls, data: dict) -> Cell:
@@ -510,10 +525,10 @@ def expand(matrix: Matrix, matrix_file: str) -> list[Cell]:
 
 
 def run_order(cells: list[Cell]) -> list[Cell]:
-    """Cells sharing a loaded model run together; float32 before reduced dtypes and the unquantized model before
-    its quantized forms (drift compares to the float32 unquantized cell),
-    in-process before served (a served cell is compared with its in-process twin) and `single` before
-    other placements (slowdown compares to it)."""
+    """Cells sharing a loaded model run together (a group's attentions one after another, switched on it);
+    float32 before reduced dtypes and the unquantized model before its quantized forms (drift compares to the
+    float32 unquantized cell), in-process before served (a served cell is compared with its in-process twin) and
+    `single` before other placements (slowdown compares to it)."""
     first_seen = {}
     for i, cell in enumerate(cells):
         first_seen.setdefault(cell.model, i)
@@ -524,11 +539,12 @@ def run_order(cells: list[Cell]) -> list[Cell]:
             DTYPE_ORDER[c.dtype],
             c.quantization != quant.NONE and not c.prequantized,
             c.quantization,
-            c.attn_implementation,
             c.backend != "transformers",
             c.backend,
+            c.load_attention,
             c.placement != "single",
             c.placement_id,
+            c.attn_implementation,
         ),
     )
 

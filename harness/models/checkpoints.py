@@ -24,7 +24,7 @@ from filelock import FileLock
 from harness.models import architectures
 from harness.models.families import Family, get_family
 
-RECIPE_VERSION = 4  # bump when anything below changes what is written
+RECIPE_VERSION = 5  # bump when anything below changes what is written
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",

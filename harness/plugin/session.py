@@ -391,7 +391,7 @@ class CompatSession:
         record["single_twin"] = cell.single_twin
         record["expectation"] = cell.expectation.__dict__
         record["definition"] = cell.definition()
-        record["definition_sha"] = cell.fingerprint()
+        record["definition_sha"] = cell.fingerprint(record["definition"])
         return record
 
     # -- hooks --------------------------------------------------------------------------------------

@@ -90,6 +90,35 @@ def load(
     return processor, model.eval()
 
 
+def _attention_configs(model):
+    """Every config whose `_attn_implementation` a forward of `model` reads: its own, its sub-configs' (at any
+    depth) and those of its sub-models."""
+    from transformers import PreTrainedModel
+
+    found, pending = {}, [model.config]
+    pending += [m.config for m in model.modules() if isinstance(m, PreTrainedModel)]
+    while pending:
+        config = pending.pop()
+        if id(config) not in found:
+            found[id(config)] = config
+            pending += [getattr(config, key) for key in config.sub_configs if getattr(config, key, None) is not None]
+    return list(found.values())
+
+
+def switch_attention(model, attn_implementation: str) -> bool:
+    """Switch a loaded model to another attention implementation; True when every part of it took the switch.
+
+    A forward reads the implementation from the configs when it runs, so a switched model computes what a fresh
+    load with that attention computes (tests/test_loads.py, every family, sdpa and eager). False where
+    transformers refused (it raises) or skipped a part (it only logs a warning): the caller then loads again.
+    """
+    try:
+        model.set_attn_implementation(attn_implementation)
+    except (ValueError, ImportError):
+        return False
+    return all(config._attn_implementation == attn_implementation for config in _attention_configs(model))
+
+
 @dataclass
 class CellInput:
     """What one cell feeds the model; built from the cell's axes."""

@@ -176,6 +176,9 @@ def main() -> None:
             worker.emit(reply)
     finally:
         worker.stop_served()
+        worker.transformers.stop()  # a placed group's offload folder goes with its model
+    sys.stderr.flush()
+    os._exit(0)  # the interpreter's teardown of torch and transformers (~2 s here) would only delay the run's end
 
 
 if __name__ == "__main__":

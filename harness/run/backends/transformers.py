@@ -1,8 +1,9 @@
 """The in-process backend: transformers' `from_pretrained` and `generate` inside the worker.
 
-Keeps the current group's model (model, dtype, attention) loaded and releases it before another
-group's; checks the memory plan before loading (a cell predicted over its card is skipped), then
-measures each cell's generation: memory, visual tokens, timings and drift against float32.
+Keeps the current group's model (model, dtype, placement) loaded, switching its attention implementation
+between the group's cells, and releases it before another group's; checks the memory plan before loading (a
+cell predicted over its card is skipped), then measures each cell's generation: memory, visual tokens, timings
+and drift against float32.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class TransformersBackend:
 
         self.group = None
         self.processor = self.model = None
+        self.attention: str | None = None  # the loaded model's attention implementation now
         self.identity: dict = {}
         self.gpu = GpuMemory()  # reads what others hold on the device when it creates the CUDA context
         self.cuda = None
@@ -64,7 +66,7 @@ class TransformersBackend:
         import gc
 
         self.processor = self.model = None
-        self.group = None
+        self.group = self.attention = None
         if self.offload_dir:  # a placed group's offloaded weights go with it
             self.offload_dir.cleanup()
             self.offload_dir = None
@@ -83,11 +85,15 @@ class TransformersBackend:
         return "cuda" if self.cuda else "cpu"
 
     def load(self, cell: Cell, emit) -> float:
-        """Load the cell's group's model unless it is loaded; the seconds it took (0 when it was)."""
+        """Load the cell's group's model unless it is loaded (then switch its attention to the cell's); the
+        seconds a load took (0 when there was none)."""
         from harness.models.checkpoints import checkpoint_for, model_identity, weights_seed
         from harness.run import inference
 
-        if self.group == cell.group:
+        if self.group == cell.group and self.attention == cell.attn_implementation:
+            return 0.0
+        if self.group == cell.group and inference.switch_attention(self.model, cell.attn_implementation):
+            self.attention = cell.attn_implementation
             return 0.0
         self.stop()
         emit({"event": "loading", "group": cell.group})
@@ -115,7 +121,7 @@ class TransformersBackend:
         )
         # A quantized model is the same model as its float32 twin: drift is keyed by the unquantized checkpoint.
         self.identity = model_identity(cell.source, checkpoint_for(cell.source) if quantizing else unquantized)
-        self.group = cell.group
+        self.group, self.attention = cell.group, cell.attn_implementation
         emit({"event": "loaded", "group": cell.group})
         return time.perf_counter() - t0
 

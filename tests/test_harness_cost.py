@@ -1,0 +1,71 @@
+"""The per-cell shortcuts (benchmarks/test_micro.py measures them) give exactly what the long way gives."""
+
+import dataclasses
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from harness import secrets
+
+FRAGMENTS = [
+    "https://",
+    "user:pw@",
+    "host/x",
+    "?token=",
+    "&sig=",
+    "abc123",
+    "hf_",
+    "sk-",
+    "ghp_",
+    "github_pat_",
+    "AKIA",
+    "Bearer ",
+    "A" * 20,
+    "0123456789ABCDEF",
+    " ",
+    "=",
+    "@",
+    ":",
+    "é",
+]
+
+
+def _scrub_text_the_long_way(text: str, found: list[str]) -> str:
+    for secret in found:
+        text = text.replace(secret, secrets.MASK)
+    text = secrets.URL_USERINFO.sub(lambda m: f"{m['scheme']}{secrets.MASK}@", text)
+    text = secrets.URL_TOKEN_PARAM.sub(lambda m: f"{m['key']}{secrets.MASK}", text)
+    return secrets.TOKEN_SHAPES.sub(secrets.MASK, text)
+
+
+@given(st.lists(st.sampled_from(FRAGMENTS) | st.text(max_size=6), max_size=12).map("".join))
+def test_scrub_skips_only_the_patterns_a_text_cannot_match(text):
+    assert secrets.scrub_text(text, []) == _scrub_text_the_long_way(text, [])
+    assert secrets.scrub_text(text, ["abc123"]) == _scrub_text_the_long_way(text, ["abc123"])
+
+
+def test_a_cells_fingerprint_from_its_given_definition_is_its_own(tiny_cell):
+    cell = tiny_cell()
+    assert cell.fingerprint(cell.definition()) == cell.fingerprint()
+    assert cell.fingerprint() != dataclasses.replace(cell, prompt="another").fingerprint()
+
+
+def test_the_reference_key_reads_the_harness_version_once_and_still_tells_versions_apart(tiny_cell, monkeypatch):
+    from harness.judge import drift
+
+    cell = tiny_cell()
+    key = drift.reference_key(cell, {"source": cell.source})
+    assert drift.reference_key(cell, {"source": cell.source}) == key
+    monkeypatch.setattr(drift, "_harness_version", lambda: "another")
+    assert drift.reference_key(cell, {"source": cell.source}) != key
+
+
+def test_the_worker_exits_with_status_0_without_the_interpreters_teardown(tiny_cell, tmp_path):
+    """It leaves by os._exit after releasing its model: the run's end does not wait on torch's teardown."""
+    from harness.run.runner import Runner
+
+    runner = Runner(tmp_path)
+    assert runner.run(tiny_cell(max_new_tokens=1)).ok
+    worker = runner._proc
+    runner.close()
+    assert worker.returncode == 0
