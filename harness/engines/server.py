@@ -355,8 +355,14 @@ ENGINE_PATTERNS = [
     ("engine_non_torch_mib", rf"non_torch_memory takes {_GIB}"),
     ("engine_budget_mib", rf"Requested memory: [\d.]+ \(util\), {_GIB}"),
     ("engine_budget_mib", rf"gpu_memory_utilization \([\d.]+\) = {_GIB}"),
+    # vLLM's CPU backend (cpu_worker.py): "Auto set (0.82/23.54) GiB for KV cache on node 0, with 1.88 GiB
+    # requested memory for the worker. 1.06 GiB memory was consumed by non-kv usages." or, with an explicit
+    # size, "Explicitly set (0.06/23.54) GiB for KV cache on node 0."
+    ("engine_kv_cache_mib", r"(?:Auto|Explicitly) set \(([\d.]+)/[\d.]+\) GiB for KV cache"),
+    ("engine_budget_mib", rf"with {_GIB} requested memory for the worker"),
+    ("engine_non_kv_mib", rf"{_GIB} memory was consumed by non-kv usages"),
 ]
-_KV_TOKENS = re.compile(r"GPU KV cache size: ([\d,]+) tokens")
+_KV_TOKENS = re.compile(r"(?:GPU|CPU) KV cache size: ([\d,]+) tokens")
 
 
 def engine_memory(log: str) -> dict:
