@@ -273,7 +273,9 @@ def test_vllm_cpu_memory_lines_become_named_figures_and_the_budget_is_checked_ag
         "engine_non_kv_mib": round(1.06 * 1024, 1),
         "engine_kv_cache_tokens": 863104,
     }
-    explicit = "(Worker pid=1) INFO 12-01 10:02:11 [cpu_worker.py:260] Explicitly set (0.06/23.54) GiB for KV cache on node 0."  # noqa: E501
+    explicit = (
+        "(Worker pid=1) INFO 12-01 10:02:11 [cpu_worker.py:260] Explicitly set (0.06/23.54) GiB for KV cache on node 0."  # noqa: E501
+    )
     assert engine_memory(explicit) == {"engine_kv_cache_mib": round(0.06 * 1024, 1)}
     served = WorkerResult(ok=True, generation={"text": "A cat", "output_tokens": 2}, measurements=figures)
     verdict = judge(tiny_cell(backend="openai", budget="1GiB"), served)  # 0.82 + 1.06 GiB
@@ -369,6 +371,22 @@ def test_a_stream_that_stops_before_the_answer_ends_is_an_error(stand_in, tiny_c
     server = stand_in(lambda h: _events(h, [_chunk("Hel"), _chunk("lo")], done=False))
     with pytest.raises(ServerError, match="stream stopped before the answer ended: 2 chunks"):
         Client(Endpoint(server.url)).run(tiny_cell())
+
+
+def test_tokens_whose_text_vllm_holds_back_still_time_the_answer(stand_in, tiny_cell):
+    """vLLM streams an empty `content` for a byte-level token that ends inside a UTF-8 sequence (seen with
+    the tiny checkpoints on vLLM 0.32); the tokens still arrive, each with its logprob."""
+
+    def token(content, finish=None, usage=None):
+        event = _chunk(content, finish, usage)
+        event["choices"][0]["logprobs"] = {"content": [{"token": "bytes:\\xe2", "logprob": -5.1, "top_logprobs": []}]}
+        return event
+
+    usage = {"prompt_tokens": 20, "completion_tokens": 3}
+    server = stand_in(lambda h: _events(h, [token(""), token(""), token("", "length", usage)]))
+    reply = Client(Endpoint(server.url)).run(tiny_cell())
+    assert reply.text == "" and reply.output_tokens == 3 and len(reply.logprobs) == 3
+    assert reply.prefill_s > 0 and reply.decode_tokens_per_s > 0
 
 
 def test_an_error_event_mid_stream_is_an_error(stand_in, tiny_cell):
@@ -528,7 +546,9 @@ def assert_agrees_with_the_in_process_model(cell, record):
     processor, model = inference.load(
         checkpoint_for(cell.source), dtype=cell.dtype, attn_implementation=cell.attn_implementation, device="cpu"
     )
-    spec = inference.CellInput(width=cell.width, height=cell.height, prompt=cell.prompt)
+    spec = inference.CellInput(
+        kind=cell.input, width=cell.width, height=cell.height, count=cell.images, prompt=cell.prompt
+    )
     local = inference.run(
         processor, model, inference.prepare(processor, model, spec), max_new_tokens=cell.max_new_tokens
     )
