@@ -150,21 +150,21 @@ def test_fp16_overflow_variant_is_numerical_in_float16_only():
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_the_vllm_cpu_variant_keeps_the_family_with_head_size_64_and_generates(family):
-    """vLLM's CPU attention takes head size 64; the variant keeps every feature of the family, and its
-    M-RoPE sections fill half the head as vLLM asserts."""
+    """vLLM's CPU attention takes head size 32; the variant keeps every feature of the family, its M-RoPE
+    sections fill half the head as vLLM asserts, and its greedy output is no single repeated token."""
     from transformers import AutoConfig
 
     folder = checkpoints.tiny_checkpoint(family, "vllm-cpu")
     config = AutoConfig.from_pretrained(folder)
     text = config.text_config
-    assert text.head_dim == 64 and text.hidden_size == 128 and text.num_key_value_heads == 1
+    assert text.head_dim == 32 and text.num_attention_heads == 2 and text.num_key_value_heads == 1
     assert sum(text.rope_parameters["mrope_section"]) == text.head_dim // 2
-    assert config.vision_config.to_dict() | dict(checkpoints.tiny_recipe(family, "vllm-cpu")["vision"]) == (
-        config.vision_config.to_dict()
-    )  # the family's own vision tower, its output sized to the text tower
-    spec = inference.CellInput(kind="image", width=224, height=224)
+    default = AutoConfig.from_pretrained(checkpoints.tiny_checkpoint(family))
+    assert config.vision_config.to_dict() == default.vision_config.to_dict()  # the family's own vision tower
+    spec = inference.CellInput(kind="images", width=448, height=448, count=2)
     proc, model = inference.load(str(folder), dtype="float32", attn_implementation="sdpa", device="cpu")
-    assert len(inference.run(proc, model, inference.prepare(proc, model, spec), max_new_tokens=2).new_token_ids) == 2
+    tokens = inference.run(proc, model, inference.prepare(proc, model, spec), max_new_tokens=8).new_token_ids
+    assert len(tokens) == 8 and len(set(tokens)) > 1
 
 
 def test_the_vllm_cpu_moe_has_the_published_expert_layout_and_loads_the_same_weights():
@@ -177,7 +177,7 @@ def test_the_vllm_cpu_moe_has_the_published_expert_layout_and_loads_the_same_wei
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
         gate_up = f.get_slice("model.language_model.layers.0.mlp.experts.gate_up_proj").get_shape()
         down = f.get_slice("model.language_model.layers.0.mlp.experts.down_proj").get_shape()
-    assert gate_up == [4, 128, 64] and down == [4, 32, 128]  # [experts, hidden, 2 x inter], [experts, inter, hidden]
+    assert gate_up == [4, 64, 32] and down == [4, 16, 64]  # [experts, hidden, 2 x inter], [experts, inter, hidden]
     _, model = inference.load(str(folder), dtype="float32", attn_implementation="sdpa", device="cpu")
     experts = model.model.language_model.layers[0].mlp.experts
     with safe_open(str(folder / "model.safetensors"), "pt") as f:

