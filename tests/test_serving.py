@@ -8,6 +8,7 @@ stand-in servers answer the way vLLM does when it fails (an error body, a stream
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -795,6 +796,19 @@ def test_a_served_answer_that_is_not_the_in_process_one_fails_in_float32(tiny_ce
     assert verdict.outcome == "failed" and verdict.category == "wrong-answer"
     assert "'A cat' is not how the in-process cell" in verdict.message and "'A dog on'" in verdict.message
     assert judge(tiny_cell(backend="openai", dtype="bfloat16"), served).outcome == "passed"  # recorded only
+
+
+def test_an_empty_served_text_beside_only_undecodable_in_process_bytes_is_not_measured(tiny_cell, tmp_path):
+    """Seen on vLLM 0.32 with the tiny Qwen3-VL-MoE: 8 byte-level tokens that never complete a UTF-8 sequence
+    stream as '' (their logprobs too), where transformers decodes them as U+FFFD."""
+    from harness.judge import agreement
+
+    cell = tiny_cell(backend="openai")
+    agreement.save(dataclasses.replace(cell, backend="transformers"), "\ufffd" * 7, tmp_path)
+    assert agreement.compare(cell, "", tmp_path)["agreement"] == agreement.HELD_BACK
+    assert agreement.compare(cell, "x", tmp_path)["agrees"] is False  # any text is compared
+    agreement.save(dataclasses.replace(cell, backend="transformers"), "A cat", tmp_path)
+    assert agreement.compare(cell, "", tmp_path)["agrees"] is False
 
 
 def test_a_served_budget_is_checked_against_the_engines_own_figures(tiny_cell):

@@ -12,6 +12,7 @@ import os
 import signal
 from pathlib import Path
 
+import psutil
 import pytest
 from test_serving import assert_agrees_with_the_in_process_model
 
@@ -111,10 +112,19 @@ def test_each_family_serves_an_image_cell_that_agrees_with_the_in_process_twin(e
     backend = OpenAIBackend(Target(launch="vllm", startup_timeout_s=STARTUP_S), tmp_path)
     try:
         record = backend.run(cell)
+        tree = backend.server.tree()
     finally:
         backend.stop()
     assert record["ok"] and record["measurements"]["output_tokens"] == 8
     assert_agrees_with_the_in_process_model(cell, record)
+    assert len(tree) >= 3 and not [pid for pid in tree if _running(pid)]  # API server, engine core, worker: all gone
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def test_head_dim_16_is_refused_by_the_cpu_attention_at_the_first_request(engine, tiny_cell, tmp_path):
