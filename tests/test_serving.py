@@ -200,16 +200,20 @@ def _served_cells(model: dict, **axes):
     return expand(matrix, "release.yaml")
 
 
-def test_a_served_model_says_how_its_server_is_reached():
+def test_a_served_model_says_how_its_server_is_reached(tmp_path, monkeypatch):
     from harness.engines.availability import serving_expectation
+
+    monkeypatch.setenv("QWEN_COMPAT_ENGINES", str(tmp_path))  # no managed vLLM
+    monkeypatch.setenv("PATH", os.path.dirname(shutil.which("env")))  # and none on PATH
 
     (cell,) = _served_cells({"endpoint": "http://10.0.0.5:8000/v1", "api_key_env": "GATE_KEY"})
     assert cell.id.endswith("-openai") and cell.serving["endpoint"] == "http://10.0.0.5:8000/v1"
     assert cell.serving["api_key_env"] == "GATE_KEY" and "launch" not in cell.serving
     launched = _served_cells({"launch": {"command": "vllm", "gpu_memory_utilization": 0.5}})[0]
     assert launched.serving["launch"] == "vllm" and launched.serving["gpu_memory_utilization"] == 0.5
-    skip = serving_expectation(launched)  # vLLM cannot be installed here: the cell is skipped, saying why
-    assert skip.outcome == "skip" and skip.categories == ["missing-package"] and "pip install vllm" in skip.reason
+    skip = serving_expectation(launched)  # no vLLM here: the cell is skipped, saying how to install it
+    assert skip.outcome == "skip" and skip.categories == ["missing-package"]
+    assert "qwen-compat engine install vllm" in skip.reason and "pip install vllm" in skip.reason
     eager = _served_cells({"launch": "transformers-serve"}, attn_implementation=["eager"])[0]
     assert serving_expectation(eager) is None  # transformers serve has eager attention
     with pytest.raises(UserError, match="has `backend: openai` cells but no server"):
