@@ -11,6 +11,8 @@ qwen-compat plan MATRIX --device KEY [--json]   predicted peak memory of every c
 qwen-compat doctor [MATRIX]       this host's facts, and what the matrix will do here
 qwen-compat smoke --endpoint URL  a running server's release check (built-in matrix)
 qwen-compat smoke --webui URL     the same for a running Gradio WebUI, driven as a person would (--family)
+qwen-compat engine install vllm   build (or reuse) the engine's own environment in the user's cache
+qwen-compat engine list           the engines found here: where, version, interpreter
 """
 
 from __future__ import annotations
@@ -365,6 +367,20 @@ def _doctor(args) -> int:
     return 1 if problem else 0
 
 
+def _engine(args) -> int:
+    from harness.engines import environments
+
+    if args.action == "install":
+        environments.install(args.engine, fresh=args.fresh)
+        return 0
+    engines = environments.found_engines()
+    for e in engines:
+        print(f"{e.name} {e.version or '(version unknown)'}: {e.where} ({' '.join(e.command)}; python {e.python})")
+    if not engines:
+        print("no engine found (on PATH or managed); `qwen-compat engine install vllm` builds vLLM's CPU build")
+    return 0
+
+
 def _smoke(args) -> int:
     from harness import smoke
 
@@ -468,6 +484,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("pytest_args", nargs=argparse.REMAINDER, help="more pytest arguments")
     p.set_defaults(func=_smoke)
+    p = sub.add_parser("engine", help="a serving engine's own environment: install it, or list those found here")
+    p.add_argument("action", choices=["install", "list"])
+    p.add_argument("engine", nargs="?", default="vllm", help="the engine (default vllm)")
+    p.add_argument("--fresh", action="store_true", help="remove the environment and build it anew")
+    p.set_defaults(func=_engine)
     p = sub.add_parser("doctor", help="this host's GPU, drivers and packages; what a matrix will do here")
     p.add_argument("matrix", nargs="?", default="matrices/default.yaml")
     p.set_defaults(func=_doctor)

@@ -46,6 +46,16 @@ def host_facts(host: Host, build: TorchBuild | None = None) -> dict:
     }
 
 
+def engine_rows() -> list[dict]:
+    """The serving engines found here (on PATH or managed), for `launch:` templates."""
+    from harness.engines.environments import found_engines
+
+    return [
+        {"engine": e.name, "version": e.version or "?", "where": e.where, "python": e.python or "?"}
+        for e in found_engines()
+    ]
+
+
 def plan_cells(matrix_path: str, host: Host) -> list[dict]:
     """One row per cell: run / skip / xfail here and why, with the memory plan for cells that run."""
     from harness.plan.memory import predict
@@ -82,6 +92,15 @@ def render(host: Host, rows: list[dict] | None, build: TorchBuild | None = None)
     for key, value in host_facts(host, build).items():
         facts.add_row(key, escape(str(value)))
     console.print(facts)
+    engines = Table(title="serving engines (launch templates)")
+    for column in ("engine", "version", "where", "python"):
+        engines.add_column(column, overflow="fold")
+    for row in engine_rows():
+        engines.add_row(*(escape(row[c]) for c in ("engine", "version", "where", "python")))
+    if engines.row_count:
+        console.print(engines)
+    else:
+        console.print("serving engines: none found (`qwen-compat engine install vllm` builds vLLM's CPU build)")
     if rows is None:
         return
     counts = Counter(r["here"] for r in rows)

@@ -17,6 +17,12 @@ pytest_plugins = ["pytester"]
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "vllm: runs the real vLLM (its CPU build, installed into the user's cache when absent)"
+    )
+
+
 @pytest.fixture(scope="session", autouse=True)
 def checkpoint_cache(tmp_path_factory):
     """One checkpoint cache for the whole test session, fresh for each session (a clean clone's view)."""

@@ -146,3 +146,40 @@ def test_fp16_overflow_variant_is_numerical_in_float16_only():
     assert inference.run(proc, model, inference.prepare(proc, model, spec), max_new_tokens=2).nonfinite_steps == []
     proc, model = inference.load(folder, dtype="float16", attn_implementation="sdpa", device="cpu")
     assert inference.run(proc, model, inference.prepare(proc, model, spec), max_new_tokens=2).nonfinite_steps != []
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_the_vllm_cpu_variant_keeps_the_family_with_head_size_64_and_generates(family):
+    """vLLM's CPU attention takes head size 32; the variant keeps every feature of the family, its M-RoPE
+    sections fill half the head as vLLM asserts, and its greedy output is no single repeated token."""
+    from transformers import AutoConfig
+
+    folder = checkpoints.tiny_checkpoint(family, "vllm-cpu")
+    config = AutoConfig.from_pretrained(folder)
+    text = config.text_config
+    assert text.head_dim == 32 and text.num_attention_heads == 2 and text.num_key_value_heads == 1
+    assert sum(text.rope_parameters["mrope_section"]) == text.head_dim // 2
+    default = AutoConfig.from_pretrained(checkpoints.tiny_checkpoint(family))
+    assert config.vision_config.to_dict() == default.vision_config.to_dict()  # the family's own vision tower
+    spec = inference.CellInput(kind="images", width=448, height=448, count=2)
+    proc, model = inference.load(str(folder), dtype="float32", attn_implementation="sdpa", device="cpu")
+    tokens = inference.run(proc, model, inference.prepare(proc, model, spec), max_new_tokens=8).new_token_ids
+    assert len(tokens) == 8 and len(set(tokens)) > 1
+
+
+def test_the_vllm_cpu_moe_has_the_published_expert_layout_and_loads_the_same_weights():
+    import torch
+    from safetensors import safe_open
+
+    folder = checkpoints.tiny_checkpoint("qwen3_vl_moe", "vllm-cpu")
+    config = json.loads((folder / "config.json").read_text())["text_config"]
+    assert config["norm_topk_prob"] is True and config["mlp_only_layers"] == []
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        gate_up = f.get_slice("model.language_model.layers.0.mlp.experts.gate_up_proj").get_shape()
+        down = f.get_slice("model.language_model.layers.0.mlp.experts.down_proj").get_shape()
+    assert gate_up == [4, 64, 32] and down == [4, 16, 64]  # [experts, hidden, 2 x inter], [experts, inter, hidden]
+    _, model = inference.load(str(folder), dtype="float32", attn_implementation="sdpa", device="cpu")
+    experts = model.model.language_model.layers[0].mlp.experts
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        published = f.get_tensor("model.language_model.layers.0.mlp.experts.gate_up_proj")
+    assert torch.equal(experts.gate_up_proj.detach(), published.transpose(1, 2))

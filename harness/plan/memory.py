@@ -108,7 +108,7 @@ def _full_config(source_key: tuple) -> dict:
 
     source = dict(source_key)
     if "tiny" in source:
-        return checkpoints.tiny_config(FAMILIES[source["tiny"]]).to_dict()
+        return checkpoints.tiny_config(FAMILIES[source["tiny"]], source.get("variant", "default")).to_dict()
     if "arch" in source:
         raw = architectures.load_config(source["arch"])
     else:

@@ -33,6 +33,10 @@ NOT_SUPPORTED = re.compile(
     r"does(?: not|n't) support (?:\w+ )?(video|image|multimodal)|At most 0 (video|image)",
     re.IGNORECASE,
 )
+# vLLM's words when its engine core died (HTTP 500, or an error event in a stream): its API server exits a
+# few seconds later (status 0), so the cell is a crash and the next cell gets a fresh server
+ENGINE_DEAD = re.compile(r"EngineDeadError|EngineCore encountered an issue")
+ENGINE_EXIT_S = 15.0
 FAULT_SIGNALS = {"segfault": signal.SIGSEGV, "abort": signal.SIGABRT, "oom": signal.SIGKILL}
 
 
@@ -167,12 +171,13 @@ class OpenAIBackend:
             if self.server is None:
                 raise exc from None
             time.sleep(0.2)  # a server that broke the connection by dying is reapable a moment later
-            ended = self.server.ended()
+            engine_dead = ENGINE_DEAD.search(str(exc))
+            ended = self.server.ended() or (engine_dead and self.server.wait_ended(ENGINE_EXIT_S))
             if ended:
                 how = f"the server {ended} while running the cell{self.server.kill_evidence()}: {exc}"
                 raise ServerCrashed(self.server.failure(how)) from None
             message = self.server.failure(str(exc))
-            if "exceeded its timeout" in message or is_sticky(message):
+            if "exceeded its timeout" in message or is_sticky(message) or engine_dead:
                 self.stop()  # a hung or poisoned server is replaced for the next cell
             raise ServerError(message) from None
         return scrub(  # an answer may echo the key

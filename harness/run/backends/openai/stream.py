@@ -206,13 +206,15 @@ def _read_stream(lines, start: float, timeout_s: float, hide) -> Reply:
         for choice in event.get("choices") or ():
             delta = choice.get("delta") or {}
             piece = delta.get("content") or delta.get("reasoning_content") or ""
-            if piece:
+            entries = (choice.get("logprobs") or {}).get("content") or ()
+            if piece or entries:  # a token arrived (vLLM holds back the text of an incomplete UTF-8 sequence)
                 now = time.perf_counter()
                 first = first or now
                 last = now
+            if piece:
                 text.append(piece)
                 text_chunks += 1
-            for entry in (choice.get("logprobs") or {}).get("content") or ():
+            for entry in entries:
                 logprobs.append(
                     {
                         "token": entry["token"],
