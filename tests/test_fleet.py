@@ -193,7 +193,7 @@ def test_cells_run_only_on_nodes_advertising_their_card_and_merge_as_separate_ru
     # written from the merged results, as every run's junit.xml is: one suite for the card, every node's cells
     assert junit.count("<testsuite ") == 1 and junit.count("<testcase ") == 2
     fleet_md = (reports / "fleet.md").read_text()
-    assert "| m1 |" in fleet_md and "a10g" in fleet_md and "t4" in fleet_md
+    assert "| m1 · float32 |" in fleet_md and "a10g" in fleet_md and "t4" in fleet_md
     for device in ("cpu", "a10g", "t4"):
         assert (reports / device / "summary.html").exists()
 

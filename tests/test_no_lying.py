@@ -95,7 +95,8 @@ def test_bounds_a_check_cannot_use_are_matrix_errors(tmp_path, defaults, key):
 
 @pytest.mark.parametrize("tolerance", ["-5%", "nan", "inf%"])
 def test_a_tolerance_that_is_negative_or_not_a_number_is_bad_input(tolerance, tmp_path, capsys):
-    assert main(["gate", "--baseline", str(tmp_path), "--current", str(tmp_path), "--memory-tolerance", tolerance]) == 2
+    gate = ["gate", "--baseline", str(tmp_path), "--current", str(tmp_path), f"--memory-tolerance={tolerance}"]
+    assert main(gate) == 2
     assert "not a tolerance" in capsys.readouterr().err
 
 

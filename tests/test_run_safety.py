@@ -472,6 +472,7 @@ def test_measurements_reach_junit_under_the_default_family_with_warnings_as_erro
         "opted",
         "-W",
         "error",
+        *ignore,
         "--junitxml",
         "pytest.xml",
         "-o",
