@@ -18,6 +18,7 @@ What it reproduces (sources in harness/devices/nvml.py and the tests using it):
 
 from __future__ import annotations
 
+import os
 import threading
 import types
 from dataclasses import dataclass, field
@@ -185,13 +186,45 @@ def h100(n: int) -> Device:
     )
 
 
+def cuda_visible(nvml: FakeNvml, visible: str | None) -> list[Device]:
+    """The devices CUDA enumerates, read from CUDA_VISIBLE_DEVICES as the CUDA driver reads it: unset,
+    every GPU (a card in MIG mode shows its first slice; order as with CUDA_DEVICE_ORDER=PCI_BUS_ID);
+    otherwise a comma list of ordinals or UUIDs (`GPU-…`, `MIG-…`; a unique prefix is enough), read up
+    to the first entry that names no device or names one twice. An empty list is a host with no GPU."""
+    if visible is None:
+        return [card.migs[0] if card.migs else card for card in nvml.devices]
+    chosen: list[Device] = []
+    for entry in (e.strip() for e in visible.split(",")):
+        if entry.isdigit():
+            found = nvml.devices[int(entry)] if int(entry) < len(nvml.devices) else None
+        else:
+            matches = [d for d in nvml._all() if entry[:4] in ("GPU-", "MIG-") and d.uuid.startswith(entry)]
+            found = matches[0] if len(matches) == 1 else None
+        if found is None or found in chosen:
+            break
+        chosen.append(found)
+    return chosen
+
+
 class FakeCuda:
     """Plays torch.cuda for the trackers: the device CUDA calls 0 is whichever GPU CUDA_VISIBLE_DEVICES
-    put first; creating the context and allocating show up in NVML as this process's usage."""
+    (read from this process's environment when CUDA initializes) puts first; creating the context and
+    allocating show up in NVML as this process's usage. No visible device fails as CUDA does."""
 
-    def __init__(self, nvml: FakeNvml, device: Device, pid: int, context_mib: float = 500.0):
-        self.nvml, self.device, self.pid, self.context_mib = nvml, device, pid, context_mib
+    def __init__(self, nvml: FakeNvml, pid: int, context_mib: float = 500.0):
+        self.nvml, self.pid, self.context_mib = nvml, pid, context_mib
+        self._device: Device | None = None
         self.reserved = self.allocated = self.reserved_peak = self.allocated_peak = 0.0
+
+    @property
+    def device(self) -> Device:
+        """CUDA's device 0, chosen the first time anything asks (CUDA initializes lazily)."""
+        if self._device is None:
+            visible = cuda_visible(self.nvml, os.environ.get("CUDA_VISIBLE_DEVICES"))
+            if not visible:
+                raise RuntimeError("CUDA error: no CUDA-capable device is detected")
+            self._device = visible[0]
+        return self._device
 
     def init(self) -> None:
         self.nvml.use(self.device.uuid, self.pid, self.context_mib)

@@ -171,7 +171,7 @@ def test_a_percentage_budget_on_a_mig_slice_is_of_the_slice(monkeypatch, tiny_ce
     host, one_g = a100_in_mig_mode()
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", one_g.uuid)
     memory = measurements.GpuMemory(host.module(), pid=1)
-    cuda = FakeCuda(host, one_g, pid=1)
+    cuda = FakeCuda(host, pid=1)
     cuda.identity = lambda: (host.devices[0].uuid.removeprefix("GPU-"), None)  # some CUDA versions: the card's UUID
     memory.attach(cuda)
     assert memory.device_memory_mib(cuda) == 9728

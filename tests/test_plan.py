@@ -113,8 +113,10 @@ def test_doctor_runs_on_a_host_without_gpu():
         assert needle in done.stdout
 
 
-def test_emulation_applies_the_card_and_says_where(suite):
-    """--emulate rtx4090 on a (declared) H100: the 4090's cells are this host's, and reports say so."""
+def test_emulated_cells_on_a_host_without_cuda_are_errors_that_say_where(suite):
+    """--emulate rtx4090 on a (declared) H100: the 4090's cells are this host's, reports say where they
+    were emulated, and since this machine has no GPU the cell is an error, never a pass. What the cap
+    itself does is tests/test_verdict.py::test_an_emulated_card_runs_out_of_memory_where_the_card_would."""
     result = suite.runpytest(
         "--compat-matrix",
         str(REPO / "matrices" / "nightly.yaml"),

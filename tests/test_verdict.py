@@ -141,6 +141,65 @@ def test_emulation_caps_the_allocator_at_the_card_less_the_context():
         cap_fraction(143771, 81106, 0)
 
 
+class OneCardAllocator:
+    """torch.cuda on one H100 for `apply_memory_cap`, as torch 2.14 behaves: the fraction is checked
+    as torch/cuda/memory.py checks it, and an allocation past total × fraction raises
+    torch.OutOfMemoryError with the caching allocator's text (its pieces as in libc10_cuda.so)."""
+
+    def __init__(self, total_mib: float, context_mib: float):
+        self.total_mib, self.context_mib, self.fraction, self.reserved_mib = total_mib, context_mib, 1.0, 0.0
+
+    def is_available(self) -> bool:
+        return True
+
+    def get_device_properties(self, device):
+        import types
+
+        return types.SimpleNamespace(total_memory=int(self.total_mib * 2**20), name="NVIDIA H100 80GB HBM3")
+
+    def set_per_process_memory_fraction(self, fraction, device=None) -> None:
+        if not isinstance(fraction, float):
+            raise TypeError("Invalid type for fraction argument, must be `float`")
+        if fraction < 0 or fraction > 1:
+            raise ValueError(f"Invalid fraction value: {fraction}. Allowed range: 0~1")
+        self.fraction = fraction
+
+    def allocate(self, mib: float) -> None:
+        import torch
+
+        allowed = self.total_mib * self.fraction
+        if self.reserved_mib + mib > allowed:
+            free = self.total_mib - self.reserved_mib - self.context_mib
+            raise torch.OutOfMemoryError(
+                f"CUDA out of memory. Tried to allocate {mib / 1024:.2f} GiB. GPU 0 has a total capacity of "
+                f"{self.total_mib / 1024:.2f} GiB of which {free / 1024:.2f} GiB is free. Including non-PyTorch "
+                f"memory, this process has {(self.reserved_mib + self.context_mib) / 1024:.2f} GiB memory in use. "
+                f"{allowed / 1024:.2f} GiB allowed; Of the allocated memory {self.reserved_mib / 1024:.2f} GiB is "
+                "allocated by PyTorch, and 0 bytes is reserved by PyTorch but unallocated."
+            )
+        self.reserved_mib += mib
+
+
+def test_an_emulated_card_runs_out_of_memory_where_the_card_would(monkeypatch, tiny_cell):
+    """--compat-emulate t4 on an H100: the worker's allocator gets the T4's 15,360 MiB less the context
+    it holds, so what fits a T4 runs and what does not is an out-of-memory failure of the T4 cell."""
+    import torch
+
+    from harness.devices.emulation import apply_memory_cap
+
+    card = OneCardAllocator(total_mib=81559, context_mib=520)
+    for name in ("is_available", "get_device_properties", "set_per_process_memory_fraction"):
+        monkeypatch.setattr(torch.cuda, name, getattr(card, name))
+    fraction = apply_memory_cap("t4", context_mib=520)
+    assert card.fraction == fraction and card.total_mib * fraction + 520 == pytest.approx(15360)
+    card.allocate(14_000)  # weights and activations a T4 holds
+    with pytest.raises(torch.OutOfMemoryError) as raised:
+        card.allocate(1_000)  # 15,000 MiB + the context: more than a T4 has, a sixth of the H100
+    failed = WorkerResult(error_type="OutOfMemoryError", error_message=str(raised.value))
+    verdict = judge(tiny_cell(device="t4", budget="14GiB"), failed)
+    assert verdict.outcome == "failed" and verdict.category == "out-of-memory"
+
+
 def test_the_images_input_sends_as_many_images_as_the_matrix_asks_even_from_one_file(tmp_path):
     from PIL import Image
 
