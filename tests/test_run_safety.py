@@ -36,16 +36,47 @@ def _earlier_run(folder: Path) -> Path:
     ids=["help", "markers", "fixtures", "empty-k", "collect-only"],
 )
 def test_nothing_but_a_real_run_touches_reports_or_starts_a_worker(suite, matrix_file, monkeypatch, args):
+    """Informational runs start nothing; a run that selection empties (`-k` matching no cell) has started
+    its worker during collection, and stops it before sending it anything."""
     from harness.run.runner import Runner
 
     results = _earlier_run(suite.path)
     before = results.read_bytes()
-    spawned = []
-    monkeypatch.setattr(Runner, "_spawn", lambda self: spawned.append(1))
+    spawned, sent = [], []
+    spawn, send = Runner._spawn, Runner._send
+
+    def spawn_and_keep(self):
+        spawn(self)
+        spawned.append((self._proc, Path(self._tmp)))
+
+    def send_and_keep(self, message):
+        sent.append(message["op"])
+        send(self, message)
+
+    monkeypatch.setattr(Runner, "_spawn", spawn_and_keep)
+    monkeypatch.setattr(Runner, "_send", send_and_keep)
     suite.runpytest("--compat-matrix", str(matrix_file(CELLS)), "--compat-reports", "reports", *args)
     assert results.read_bytes() == before
     assert sorted(p.name for p in results.parent.iterdir()) == ["results.json"]
-    assert spawned == []
+    assert len(spawned) == (1 if args[0] == "-k" else 0) and sent == []
+    assert all(proc.poll() is not None and not tmp.exists() for proc, tmp in spawned)
+
+
+def test_the_worker_imports_while_pytest_collects(suite, matrix_file):
+    """The worker starts at configure time: by the end of collection it exists, importing torch."""
+    suite.makeconftest(
+        """
+import psutil, pytest
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_finish(session):
+    workers = [p for p in psutil.Process().children() if "harness.run.worker" in " ".join(p.cmdline())]
+    print("workers at the end of collection:", len(workers))
+"""
+    )
+    result = suite.runpytest("--compat-matrix", str(matrix_file(CELLS)), "--compat-reports", "reports", "-s")
+    result.stdout.fnmatch_lines(["*workers at the end of collection: 1*"])
+    assert result.ret == 0
 
 
 def test_a_second_run_on_a_folder_in_use_is_refused_and_nothing_is_lost(suite, matrix_file, suite_cmd, wait_for_cells):

@@ -80,6 +80,7 @@ def pytest_configure(config):
         except UserError as err:
             raise pytest.UsageError(str(err)) from None
         session.configure_run()
+        session.prestart_worker()
 
 
 @pytest.fixture

@@ -304,6 +304,21 @@ class CompatSession:
             )
         return self.runner
 
+    def prestart_worker(self) -> None:
+        """A run with cells for this host starts its worker at configure time, so that the worker's imports
+        (torch and transformers: seconds) overlap with collection; when selection leaves no cell to run,
+        pytest_collection_finish stops it before it has been sent anything."""
+        option = self.config.option
+        quiet = self.informational or option.collectonly or getattr(option, "setupplan", False)
+        if quiet or self.is_xdist_controller or not self._cells:
+            return
+        self._runner().prestart()
+
+    def _stop_unused_worker(self) -> None:
+        if self.runner is not None:
+            self.runner.close(now=True)
+            self.runner = None
+
     def _references(self) -> Path:
         """This run's float32 references; a resumed run keeps using the folder of the run it resumes."""
         root = references_dir(self.reports_dir)
@@ -444,12 +459,13 @@ class CompatSession:
             self._nothing_new([_cell_of(i) for i in mine])
         mine = new
         if not mine:
+            self._stop_unused_worker()
             return
         self.planned = [_cell_of(i) for i in mine]
         if not self.is_xdist_worker:
             self._begin()
-        if any(not i.get_closest_marker("skip") for i in mine):
-            self._runner().prestart()  # its torch imports overlap with the first cells' set-up
+        if all(i.get_closest_marker("skip") for i in mine):
+            self._stop_unused_worker()
 
     def _nothing_new(self, cells: list[Cell]) -> None:
         """--compat-resume with every selected cell recorded: say so; exit 0 only when they all held."""

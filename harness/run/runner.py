@@ -63,7 +63,7 @@ class Runner:
 
     # -- process management -------------------------------------------------------------------
     def prestart(self) -> None:
-        """Start the worker now, so its ~5 s of imports overlap with pytest's own start-up."""
+        """Start the worker now, so its seconds of imports overlap with pytest's collection."""
         if self._proc is None:
             self._spawn()
 
@@ -111,8 +111,9 @@ class Runner:
         self._proc = None
 
     def close(self, now: bool = False) -> None:
-        """End the worker: politely between cells, at once (`now`) when the run was interrupted."""
-        if self._proc and self._proc.poll() is None and not now:
+        """End the worker: politely between cells, at once (`now`) when the run was interrupted, or when
+        it never said it was ready (still importing: it holds no model, no server, nothing to release)."""
+        if self._proc and self._proc.poll() is None and self._ready and not now:
             try:
                 self._send({"op": "exit"})
                 self._proc.wait(timeout=10)
