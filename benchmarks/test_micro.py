@@ -1,6 +1,6 @@
 """pytest-benchmark micro-benchmarks of the hot parts: expansion, classification, token arithmetic, and what the
-harness itself costs per cell (`-k cell_`: protocol, verdict, record, results files, progress, the worker's
-bookkeeping); kept out of `pytest tests`. Every benchmark fails past its bound (`_fast_enough`).
+harness itself costs per cell (`-k cell_`: protocol, verdict, record, results files, JUnit, progress, the
+worker's bookkeeping); kept out of `pytest tests`. Every benchmark fails past its bound (`_fast_enough`).
 
 pytest benchmarks/test_micro.py --benchmark-autosave          # store a run under .benchmarks/
 pytest benchmarks/test_micro.py --benchmark-compare           # compare with the last stored run
@@ -230,6 +230,22 @@ def test_cell_results_append_to_a_file_of_1000_cells(benchmark, tmp_path):
     benchmark(results.append, record)
     assert results.path.stat().st_size > 1000 * len(json.dumps(record))
     _fast_enough(benchmark, 0.003)
+
+
+def test_cell_junit_of_a_1000_cell_run(benchmark):
+    """junit.xml is written once, at the run's end: its cost per cell is the document of 1,000 cells / 1,000."""
+    from harness.devices.host import resolve
+    from harness.report.junit import junit_xml
+    from harness.report.results import environment
+
+    base = _record(_cell())
+    data = {
+        "environment": environment(resolve("cpu"), None),
+        "cells": [{**base, "id": f"{base['id']}-{n}"} for n in range(1000)],
+    }
+    xml = benchmark.pedantic(junit_xml, args=(data,), rounds=5, iterations=1)
+    assert xml.count("<testcase") == 1000
+    _fast_enough(benchmark, 0.150)  # 0.15 ms a cell
 
 
 def test_cell_progress_line(benchmark):
