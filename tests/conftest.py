@@ -7,7 +7,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-import matplotlib.pyplot  # noqa: F401  (see below)
+import matplotlib.figure  # noqa: F401  (see below)
 import pytest
 
 # In-process pytester runs drop modules first imported inside them; numpy cannot be imported twice

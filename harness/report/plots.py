@@ -10,19 +10,18 @@ import math
 from collections import defaultdict
 
 
-def _pyplot():
-    import matplotlib
+def _axes(figsize: tuple[float, float]):
+    """A figure and its axes without pyplot: no GUI backend, no global figure registry, and half a second less
+    of imports at the end of a run (Figure.savefig renders PNG with Agg)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=figsize, dpi=100)
+    return fig, fig.subplots()
 
 
 def _png(fig) -> str:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
-    _pyplot().close(fig)
     return base64.b64encode(buffer.getvalue()).decode()
 
 
@@ -51,8 +50,7 @@ def against_visual_tokens(
                 failing.append((m["visual_tokens"], m[y_key]))
     if not series:
         return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    fig, ax = _axes((9.5, 4))  # the plot 7 wide, the legend beside it
     for label, points in sorted(series.items()):
         xs, ys = zip(*sorted(points), strict=True)
         ax.plot(xs, ys, marker="o", markersize=4, linewidth=1.2, label=label)
@@ -65,7 +63,7 @@ def against_visual_tokens(
     ax.set_xlabel("visual tokens")
     ax.set_ylabel(y_label)
     ax.set_title(title)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)  # "best" costs 0.3 s
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return _png(fig)
@@ -83,12 +81,11 @@ def pass_rate_heatmap(rows: list[str], columns: list[str], rates: dict[tuple[str
     """Rows x columns coloured by passed / ran (cells that ran, not skipped), each annotated 'p/n'."""
     if not rows or not columns or not rates:
         return None
-    plt = _pyplot()
     grid = [[math.nan] * len(columns) for _ in rows]
     for (r, c), (passed, ran) in rates.items():
         if ran:
             grid[rows.index(r)][columns.index(c)] = passed / ran
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(columns), 1.0 + 0.4 * len(rows)), dpi=100)
+    fig, ax = _axes((1.6 + 1.3 * len(columns), 1.0 + 0.4 * len(rows)))
     image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
     ax.set_xticks(range(len(columns)), labels=columns, rotation=30, ha="right", fontsize=8)
     ax.set_yticks(range(len(rows)), labels=rows, fontsize=8)
