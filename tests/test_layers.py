@@ -32,3 +32,57 @@ def test_ruff_passes_over_the_tree():
 def test_only_the_top_level_modules_sit_directly_under_harness():
     top = {p.stem for p in (REPO / "harness").glob("*.py")}
     assert top == {"__init__", "errors", "secrets", "cli", "doctor", "smoke"}, top
+
+
+# What README command (1) runs: the plugin and the CLI in the pytest process, the worker and its in-process
+# backend for the default matrix's cells.
+COMMAND_1_MODULES = ["harness.plugin", "harness.cli", "harness.run.worker", "harness.run.backends.transformers"]
+
+
+def _installed_by(extras: set[str]) -> set[str]:
+    """The distributions `pip install -e '.[extras]'` brings: qwen-compat's requirements, transitively."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    found, todo = set(), [("qwen-compat", extras)]
+    while todo:
+        name, wanted = todo.pop()
+        try:
+            requires = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:
+            continue
+        for line in requires:
+            req = Requirement(line)
+            if req.marker and not any(req.marker.evaluate({"extra": e}) for e in wanted | {""}):
+                continue
+            key = canonicalize_name(req.name)
+            if key not in found or req.extras:
+                found.add(key)
+                todo.append((req.name, set(req.extras)))
+    return found
+
+
+def test_readme_command_1s_install_is_enough_for_a_default_run():
+    """The base install with the torch extra must hold every third-party module a default run imports: a
+    module of an optional extra (httpx of `serve`, imported by the server module at load) broke command 1."""
+    from importlib import metadata
+
+    from packaging.utils import canonicalize_name
+
+    probe = (
+        f"import sys; [__import__(m) for m in {COMMAND_1_MODULES!r}]; "
+        "print(' '.join(sorted({n.split('.')[0] for n in sys.modules})))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    owners, installed = metadata.packages_distributions(), _installed_by({"torch"})
+    missing = {
+        top: owners[top]
+        for top in done.stdout.split()
+        if top in owners
+        and top != "harness"  # a top-level name no distribution owns is the stdlib's
+        and not any(canonicalize_name(dist) in installed for dist in owners[top])  # a namespace: any owner
+    }
+    assert not missing, f"imported by a default run, not installed by README command 1: {missing}"

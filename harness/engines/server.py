@@ -30,8 +30,6 @@ import time
 from functools import partial
 from pathlib import Path
 
-import httpx
-
 from harness.engines import reaper
 
 LOG_TAIL_CHARS = 4000
@@ -156,6 +154,8 @@ class Server:
                 ) from None
         self.reaper = reaper.start(self.proc.pid, STOP_GRACE_S)
         deadline = start + self.startup_timeout_s
+        import httpx  # the serve extra's: a run of in-process cells loads this module without it
+
         with httpx.Client(timeout=httpx.Timeout(2.0)) as http:
             while True:
                 code = self.proc.poll()
