@@ -86,3 +86,23 @@ def test_readme_command_1s_install_is_enough_for_a_default_run():
         and not any(canonicalize_name(dist) in installed for dist in owners[top])  # a namespace: any owner
     }
     assert not missing, f"imported by a default run, not installed by README command 1: {missing}"
+
+
+def test_a_served_backend_without_its_extra_is_the_environments_gap_with_the_install_line():
+    """Without the serve extra's httpx, an openai cell is bad input naming `pip install -e '.[serve]'`, not a
+    model failure; a WebUI cell names the webui extra."""
+    probe = """
+import sys
+sys.modules["httpx"] = None  # as on a base install: `import httpx` raises ModuleNotFoundError
+from harness.errors import UserError
+from harness.run.worker import _served_backend
+for backend in ("openai", "gradio"):
+    try:
+        _served_backend(backend)
+    except UserError as err:
+        print(backend, "|", err)
+"""
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300)
+    lines = dict(line.split(" | ", 1) for line in done.stdout.splitlines())
+    assert "needs the Python package `httpx`" in lines["openai"] and "pip install -e '.[serve]'" in lines["openai"]
+    assert "pip install -e '.[webui]'" in lines["gradio"], done.stdout + done.stderr[-2000:]

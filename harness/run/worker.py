@@ -56,13 +56,7 @@ class Worker:
         if self.served_group != cell.group:
             self.stop_served()
             self.transformers.stop()  # a launched server gets the memory the in-process model held
-            from harness.run.backends import gradio
-            from harness.run.backends.openai import group as openai
-
-            backend, target = {
-                "openai": (openai.OpenAIBackend, openai.Target),
-                "gradio": (gradio.GradioBackend, gradio.Target),
-            }[cell.backend]
+            backend, target = _served_backend(cell.backend)
             self.served = backend(target(**cell.serving), server_logs)
             self.served_group = cell.group
         return self.served
@@ -97,6 +91,28 @@ def _memory_plan_if_out_of_memory(cell: Cell, message: str) -> dict:
     except Exception as exc:  # noqa: BLE001 - a plan is advice
         print(f"qwen-compat: no memory plan for {cell.id}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return {}
+
+
+SERVED_EXTRAS = {"openai": "serve", "gradio": "webui"}  # the pyproject extra each served backend's client needs
+
+
+def _served_backend(name: str):
+    """The backend class and target of a served backend, imported only when a cell needs it; a client package
+    of its extra that is not installed is this environment's gap, said with the install line, never the model's."""
+    try:
+        if name == "gradio":
+            from harness.run.backends import gradio
+
+            return gradio.GradioBackend, gradio.Target
+        from harness.run.backends.openai import group as openai
+
+        return openai.OpenAIBackend, openai.Target
+    except ModuleNotFoundError as exc:
+        raise UserError(
+            f"backend: {name} needs the Python package `{exc.name}`, which this environment lacks.",
+            key="backend",
+            fix=f"pip install -e '.[{SERVED_EXTRAS[name]}]' (or pip install 'qwen-compat[{SERVED_EXTRAS[name]}]').",
+        ) from None
 
 
 def _as_harness_fault(exc: BaseException) -> BaseException:
