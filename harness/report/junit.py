@@ -13,29 +13,14 @@ import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
+from harness.matrix.schema import AXIS_FIELDS
 from harness.report.provenance import recorded_runner
 from harness.report.results import latest_records
 
 SUITE_DEFAULT = "pytest"  # pytest's own junit_suite_name: not chosen by the user
 FAILED = {"failed", "xpassed-strict"}
 SKIPPED = {"skipped", "xfailed"}
-CELL_KEYS = (
-    "id",
-    "outcome",
-    "category",
-    "model",
-    "family",
-    "device",
-    "dtype",
-    "attn_implementation",
-    "resolution",
-    "input",
-    "min_pixels",
-    "max_pixels",
-    "quantization",
-    "backend",
-    "placement",
-)
+CELL_KEYS = ("id", "outcome", "category", *AXIS_FIELDS)  # a record's id, its outcome and the cell's axes
 ENVIRONMENT_KEYS = (
     "gpu_name",
     "driver",
