@@ -108,25 +108,27 @@ def test_before_is_read_when_the_context_is_created_not_when_the_worker_started(
     assert result["peak_memory_source"] == "nvml_device_delta" and result["peak_memory_mib"] == 3600.0
 
 
-def test_before_is_re_checked_at_each_cell():
-    """Memory no listed process holds (MPS, vGPU, the driver) that is freed between cells is not the cell's."""
+def _with_unlisted_memory():
+    """An H100 seen from a container, holding 2,048 MiB that no listed process holds (MPS, vGPU, the
+    driver), and what frees it."""
     host = FakeNvml([h100(0)], host_pid_offset=734_211)
     host.devices[0].other_used_mib = 2049.0
 
     def unlisted_memory_freed():
         host.devices[0].other_used_mib = 1.0
 
+    return host, unlisted_memory_freed
+
+
+def test_before_is_re_checked_at_each_cell():
+    """Memory no listed process holds that is freed between cells is not the cell's."""
+    host, unlisted_memory_freed = _with_unlisted_memory()
     result = measure(host, cell_mib=3100, before_cell=unlisted_memory_freed)
     assert result["peak_memory_source"] == "nvml_device_delta" and result["peak_memory_mib"] == 3600.0
 
 
 def test_a_device_figure_below_the_allocators_reserved_peak_is_not_believed():
-    host = FakeNvml([h100(0)], host_pid_offset=734_211)
-    host.devices[0].other_used_mib = 2049.0
-
-    def unlisted_memory_freed():
-        host.devices[0].other_used_mib = 1.0
-
+    host, unlisted_memory_freed = _with_unlisted_memory()
     result = measure(host, cell_mib=3100, in_cell=unlisted_memory_freed)  # freed as the cell runs
     assert result["nvml_device_delta_peak_mib"] < 3100
     assert result["peak_memory_source"] == "torch_reserved_plus_context" and result["peak_memory_mib"] == 3600.0
