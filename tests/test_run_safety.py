@@ -525,8 +525,7 @@ def test_ci_fails_when_pytest_collects_no_tests(tmp_path):
     bin_dir.mkdir()
     venv = tmp_path / "repo" / ".venv" / "bin"
     venv.mkdir(parents=True)
-    stand_ins = ((bin_dir / "python3.11", 0), (bin_dir / "chromium", 0), (venv / "pip", 0), (venv / "qwen-compat", 0))
-    for tool, code in (*stand_ins, (venv / "pytest", 5)):
+    for tool, code in ((bin_dir / "python3.11", 0), (bin_dir / "chromium", 0), (venv / "pip", 0), (venv / "pytest", 5)):
         tool.write_text(f"#!/bin/sh\nexit {code}\n")
         tool.chmod(0o755)
     done = subprocess.run(
