@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from overhead import REPO, harness_command, timed
+from overhead import REPO, compile_bytecode, harness_command, timed
 
 MATRIX = """
 models: [{{tiny: qwen2_vl}}]
@@ -52,6 +52,7 @@ def main() -> None:
     from harness.models.checkpoints import tiny_checkpoint
 
     tiny_checkpoint("qwen2_vl")  # built before either side is timed
+    compile_bytecode()
     bare, harness = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

@@ -69,3 +69,20 @@ def test_the_worker_exits_with_status_0_without_the_interpreters_teardown(tiny_c
     worker = runner._proc
     runner.close()
     assert worker.returncode == 0
+
+
+def test_a_videos_plan_from_its_measured_tokens_equals_the_plan_that_runs_the_processor_again(tiny_cell):
+    """After a video cell, the plan takes the worker's token count instead of processing the frames once more."""
+    from harness.models import checkpoints
+    from harness.plan import memory as plan
+    from harness.run import inference
+
+    for family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+        processor, model = inference.load(
+            str(checkpoints.tiny_checkpoint(family)), dtype="float32", attn_implementation="eager", device="cpu"
+        )
+        for resolution, max_pixels in (("448x448", None), ("1024x1024", 200704)):
+            cell = tiny_cell(family, input="video", resolution=resolution, max_pixels=max_pixels)
+            spec = inference.CellInput(kind="video", width=cell.width, height=cell.height, max_pixels=max_pixels)
+            measured = inference.prepare(processor, model, spec).visual_tokens
+            assert plan.predict(cell, visual_tokens=measured) == plan.predict(cell), (family, resolution)

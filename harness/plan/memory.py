@@ -164,12 +164,13 @@ def _video_tokens(family_key: str, width: int, height: int, min_pixels, max_pixe
     return int(out["video_grid_thw"].prod()) // family.merge_size**2
 
 
-def visual_tokens_for(cell: Cell) -> tuple[int, int]:
-    """(visual tokens, largest single attention chunk in patches) of the cell's input."""
+def visual_tokens_for(cell: Cell, measured: int | None = None) -> tuple[int, int]:
+    """(visual tokens, largest single attention chunk in patches) of the cell's input; a video's `measured`
+    tokens (the worker's count) spare running the video processor again on the same frames."""
     family = FAMILIES[cell.family]
     m2 = family.merge_size**2
     if cell.input == "video":
-        total = _video_tokens(cell.family, cell.width, cell.height, cell.min_pixels, cell.max_pixels)
+        total = measured or _video_tokens(cell.family, cell.width, cell.height, cell.min_pixels, cell.max_pixels)
         return total, total * m2 // math.ceil(4 / family.temporal_patch_size)
     per_image = image_tokens(
         cell.height,
@@ -216,7 +217,7 @@ def predict(
     text, vision = config["text_config"], config["vision_config"]
     family = FAMILIES[cell.family]
     nbytes = BYTES[cell.dtype]
-    est_visual, chunk = visual_tokens_for(cell)
+    est_visual, chunk = visual_tokens_for(cell, visual_tokens)
     visual = est_visual if visual_tokens is None else visual_tokens
     prompt = len(cell.prompt.encode()) + TEMPLATE_TOKENS if text_tokens is None else text_tokens
     cached = prompt + visual + cell.max_new_tokens - 1

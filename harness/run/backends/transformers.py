@@ -237,14 +237,14 @@ class TransformersBackend:
             )
         # a percentage budget is of the device this worker has (a MIG slice's own), or of the emulated card
         device_mib = self.gpu.device_memory_mib(self.cuda) if self.cuda and not emulate else None
-        before = _predict(cell, device_kind=kind, device_mib=device_mib)
-        placed = cell.placement != "single"
+        placed, card = cell.placement != "single", self.card_mib(emulate)
+        # the plan before the run decides a skip on a card and a placement; on the CPU it would decide nothing
+        before = _predict(cell, device_kind=kind, device_mib=device_mib) if card or placed else None
         if placed:
             why = self.placement_skip(cell, kind)
             if why:
                 return {"ok": False, "skipped": why}
             before = with_placement(before, _predict_placement(cell, self.free_before_load(cell)))
-        card = self.card_mib(emulate)
         if before and card and before.predicted_peak_mib > card and not context.run_predicted_oom:
             p = before.parts
             remedy = _offload_remedy(cell, card) if not placed else None
