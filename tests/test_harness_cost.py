@@ -86,3 +86,26 @@ def test_a_videos_plan_from_its_measured_tokens_equals_the_plan_that_runs_the_pr
             spec = inference.CellInput(kind="video", width=cell.width, height=cell.height, max_pixels=max_pixels)
             measured = inference.prepare(processor, model, spec).visual_tokens
             assert plan.predict(cell, visual_tokens=measured) == plan.predict(cell), (family, resolution)
+
+
+def test_the_plot_imports_run_on_a_lowest_priority_thread_and_leave_a_failure_to_the_end(monkeypatch):
+    """Started when a run begins, they take only idle CPU from the cells; a broken plotting stack raises where the
+    summary draws its plots (the main thread), not as a stray thread traceback mid-run."""
+    import os
+    import sys
+    import threading
+
+    from harness.report import plots
+
+    calls, unhandled = [], []
+    monkeypatch.setattr(os, "setpriority", lambda *args: calls.append(args))
+    monkeypatch.setattr(threading, "excepthook", unhandled.append)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # its import raises ImportError
+    plots.import_in_background()
+    for thread in threading.enumerate():
+        if thread.name == "qwen-compat-plot-imports":
+            thread.join(timeout=30)
+    assert unhandled == []
+    if sys.platform.startswith("linux"):
+        assert len(calls) == 1 and calls[0][0] == os.PRIO_PROCESS and calls[0][2] == 19
+        assert calls[0][1] != os.getpid()  # the thread's own id: the process keeps its priority

@@ -30,6 +30,7 @@ from harness.matrix.gpus import table
 from harness.plugin import options
 from harness.plugin.selection import mark, nothing_here, selection_marks
 from harness.plugin.verdicts import CellFailure, CellRun, HarnessError, enforce, failure_class, outcome
+from harness.report import plots
 from harness.report.lock import RunLock
 from harness.report.progress import Progress
 from harness.report.results import (
@@ -237,6 +238,7 @@ class CompatSession:
                 if old.name != self.run_id:
                     shutil.rmtree(old, ignore_errors=True)
         self.began = True
+        plots.import_in_background()  # the summary's plots are drawn at the end
 
     def _assign_gpu(self) -> None:
         """--compat-gpu-per-worker: each xdist worker drives its own entry of what CUDA_VISIBLE_DEVICES gave the
