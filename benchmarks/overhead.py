@@ -9,8 +9,10 @@
     python benchmarks/overhead.py [--repeat N] [--select SUBSTRING] [--matrix matrices/default.yaml]
 
 This machine is shared and noisy (one run of each side has given ratios from 0.98 to 1.30), so
-with --repeat N the two sides alternate N times: the figure is the median of the N pairs' ratios (a pair's
-two runs minutes apart see the same machine), printed beside the ratio of each side's best time.
+with --repeat N the two sides alternate N times, in turns a b, b a, a b, ... (so that neither side is always
+the second of its pair): the figure is the median of the N pairs' ratios (a pair's two runs, a minute apart,
+see the same machine), printed beside the ratio of each side's best time. Each harness run starts from a
+fresh reports folder.
 
 By default every CPU cell of the default matrix runs. pytest runs with only qwen-compat's plugin (`-p no:`
 for every other installed pytest plugin: the test extras' and their dependencies'), as after README command
@@ -99,15 +101,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         shutil.copy(REPO / "suites" / "test_inference.py", folder / "test_suite.py")
-        for _ in range(args.repeat):
-            bare_s, out = timed(
-                [sys.executable, str(REPO / "benchmarks" / "bare_transformers.py"), args.matrix, args.select], folder
-            )
-            bare = json.loads(out.strip().splitlines()[-1])
-            harness_s, _ = timed(harness_command(args.matrix, *select), folder)
-            run = json.loads((folder / "r" / "cpu" / "run.json").read_text())
-            bare_times.append(bare_s)
-            harness_times.append(harness_s)
+        for pair in range(args.repeat):
+            sides = {}
+            for side in ("bare", "harness")[:: 1 if pair % 2 == 0 else -1]:  # a b, b a, a b, ...
+                if side == "bare":
+                    sides[side], out = timed(
+                        [sys.executable, str(REPO / "benchmarks" / "bare_transformers.py"), args.matrix, args.select],
+                        folder,
+                    )
+                    bare = json.loads(out.strip().splitlines()[-1])
+                else:
+                    shutil.rmtree(folder / "r", ignore_errors=True)  # each harness run starts a fresh reports folder
+                    sides[side], _ = timed(harness_command(args.matrix, *select), folder)
+                    run = json.loads((folder / "r" / "cpu" / "run.json").read_text())
+            bare_times.append(sides["bare"])
+            harness_times.append(sides["harness"])
     cells = bare["cells"]
     assert cells == run["cells"], (cells, run["cells"])
     best_bare, best_harness = min(bare_times), min(harness_times)
