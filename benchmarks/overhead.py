@@ -4,7 +4,8 @@
     transformers alone; (b) the same cells through the harness: pytest, the plugin, the isolated
     worker, measurements, verdicts and reports. Prints both wall times (each a fresh process, so
     each pays the ~5 s import of torch and transformers once), their ratio b / a, the model loads
-    of each, and the overhead per cell in ms.
+    of each, the overhead per cell in ms, and the ratio of the CPU seconds both sides' processes used
+    (the harness's own work, whatever the machine's neighbours did to the wall clock).
 
     python benchmarks/overhead.py [--repeat N] [--select SUBSTRING] [--matrix matrices/default.yaml]
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import compileall
 import json
+import resource
 import shutil
 import statistics
 import subprocess
@@ -34,17 +36,25 @@ import tempfile
 import time
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def timed(cmd: list[str], cwd: Path) -> tuple[float, str]:
-    start = time.perf_counter()
+class Timing(NamedTuple):
+    wall: float
+    cpu: float  # user + system seconds of the command's processes (the worker's included)
+    stdout: str
+
+
+def timed(cmd: list[str], cwd: Path) -> Timing:
+    before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
-    wall = time.perf_counter() - start
+    wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return wall, done.stdout
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    return Timing(wall, cpu, done.stdout)
 
 
 def compile_bytecode() -> None:
@@ -97,7 +107,7 @@ def main() -> None:
         checkpoints.tiny_checkpoint(family)
     compile_bytecode()
     select = ["-k", args.select] if args.select else []
-    bare_times, harness_times = [], []
+    bare_times, harness_times, cpu_ratios = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         shutil.copy(REPO / "suites" / "test_inference.py", folder / "test_suite.py")
@@ -105,17 +115,18 @@ def main() -> None:
             sides = {}
             for side in ("bare", "harness")[:: 1 if pair % 2 == 0 else -1]:  # a b, b a, a b, ...
                 if side == "bare":
-                    sides[side], out = timed(
+                    sides[side] = timed(
                         [sys.executable, str(REPO / "benchmarks" / "bare_transformers.py"), args.matrix, args.select],
                         folder,
                     )
-                    bare = json.loads(out.strip().splitlines()[-1])
+                    bare = json.loads(sides[side].stdout.strip().splitlines()[-1])
                 else:
                     shutil.rmtree(folder / "r", ignore_errors=True)  # each harness run starts a fresh reports folder
-                    sides[side], _ = timed(harness_command(args.matrix, *select), folder)
+                    sides[side] = timed(harness_command(args.matrix, *select), folder)
                     run = json.loads((folder / "r" / "cpu" / "run.json").read_text())
-            bare_times.append(sides["bare"])
-            harness_times.append(sides["harness"])
+            bare_times.append(sides["bare"].wall)
+            harness_times.append(sides["harness"].wall)
+            cpu_ratios.append(sides["harness"].cpu / sides["bare"].cpu)
     cells = bare["cells"]
     assert cells == run["cells"], (cells, run["cells"])
     best_bare, best_harness = min(bare_times), min(harness_times)
@@ -131,6 +142,7 @@ def main() -> None:
         f"ratio b / a: {statistics.median(ratios):.3f} (median of {len(ratios)} pairs: {_runs(ratios, 3)}; bests: "
         f"{best_harness / best_bare:.3f}); overhead per cell: {(best_harness - best_bare) / cells * 1000:.0f} ms"
     )
+    print(f"CPU seconds b / a: {statistics.median(cpu_ratios):.3f} (median of the pairs: {_runs(cpu_ratios, 3)})")
 
 
 if __name__ == "__main__":

@@ -61,11 +61,11 @@ def main() -> None:
             matrix = folder / f"m{size}.yaml"
             matrix.write_text(MATRIX.format(cases=list(range(size))))
             for _ in range(args.repeat):
-                bare_s, out = timed(
+                bare_run = timed(
                     [sys.executable, str(REPO / "benchmarks" / "bare_transformers.py"), str(matrix), ""], folder
                 )
-                assert json.loads(out.strip().splitlines()[-1])["cells"] == size
-                harness_s, _ = timed(harness_command(str(matrix)), folder)
+                assert json.loads(bare_run.stdout.strip().splitlines()[-1])["cells"] == size
+                bare_s, harness_s = bare_run.wall, timed(harness_command(str(matrix)), folder).wall
                 assert json.loads((folder / "r" / "cpu" / "run.json").read_text())["cells"] == size
                 bare[size] = min(bare.get(size, bare_s), bare_s)
                 harness[size] = min(harness.get(size, harness_s), harness_s)
