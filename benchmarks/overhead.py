@@ -107,26 +107,26 @@ def main() -> None:
         checkpoints.tiny_checkpoint(family)
     compile_bytecode()
     select = ["-k", args.select] if args.select else []
-    bare_times, harness_times, cpu_ratios = [], [], []
+    bare_command = [sys.executable, str(REPO / "benchmarks" / "bare_transformers.py"), args.matrix, args.select]
+    bare_runs, harness_runs = [], []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         shutil.copy(REPO / "suites" / "test_inference.py", folder / "test_suite.py")
+
+        def run_bare():
+            bare_runs.append(timed(bare_command, folder))
+
+        def run_harness():
+            shutil.rmtree(folder / "r", ignore_errors=True)  # each harness run starts a fresh reports folder
+            harness_runs.append(timed(harness_command(args.matrix, *select), folder))
+
         for pair in range(args.repeat):
-            sides = {}
-            for side in ("bare", "harness")[:: 1 if pair % 2 == 0 else -1]:  # a b, b a, a b, ...
-                if side == "bare":
-                    sides[side] = timed(
-                        [sys.executable, str(REPO / "benchmarks" / "bare_transformers.py"), args.matrix, args.select],
-                        folder,
-                    )
-                    bare = json.loads(sides[side].stdout.strip().splitlines()[-1])
-                else:
-                    shutil.rmtree(folder / "r", ignore_errors=True)  # each harness run starts a fresh reports folder
-                    sides[side] = timed(harness_command(args.matrix, *select), folder)
-                    run = json.loads((folder / "r" / "cpu" / "run.json").read_text())
-            bare_times.append(sides["bare"].wall)
-            harness_times.append(sides["harness"].wall)
-            cpu_ratios.append(sides["harness"].cpu / sides["bare"].cpu)
+            for side in (run_bare, run_harness)[:: 1 if pair % 2 == 0 else -1]:  # a b, b a, a b, ...
+                side()
+        run = json.loads((folder / "r" / "cpu" / "run.json").read_text())
+    bare = json.loads(bare_runs[-1].stdout.strip().splitlines()[-1])
+    bare_times, harness_times = [t.wall for t in bare_runs], [t.wall for t in harness_runs]
+    cpu_ratios = [b.cpu / a.cpu for a, b in zip(bare_runs, harness_runs, strict=True)]
     cells = bare["cells"]
     assert cells == run["cells"], (cells, run["cells"])
     best_bare, best_harness = min(bare_times), min(harness_times)
