@@ -241,3 +241,77 @@ def test_a_worker_whose_parent_is_killed_removes_its_temporary_folder(tmp_path, 
     while list(scratch.iterdir()):  # the orphaned worker notices within a second and removes its folder, whole
         assert time.monotonic() < deadline, list(scratch.rglob("*"))
         time.sleep(0.2)
+
+
+ORPHAN_STILL_WRITING = """
+import itertools, os, sys
+from harness.run.worker import _exit_with_parent
+
+_exit_with_parent()
+print("watching", flush=True)
+for i in itertools.count():  # as a model still offloading: files keep appearing in the folder
+    folder = os.path.join(os.environ["TMPDIR"], f"offload-{i % 20}")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"weight-{i}"), "wb") as f:
+        f.write(bytes(4096))
+"""
+
+
+def test_an_orphaned_worker_still_writing_into_its_folder_leaves_none_of_it(tmp_path):
+    """The removal must not race the worker's own writes (it did: a file written behind rmtree kept the folder)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from harness.run.worker import WORKER_TMP_PREFIX
+
+    own = tmp_path / f"{WORKER_TMP_PREFIX}orphan"
+    own.mkdir()
+    parent = subprocess.Popen(  # stands for the runner: starts the writer, then is killed
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', sys.argv[1]])\ntime.sleep(600)\n",
+            ORPHAN_STILL_WRITING,
+        ],
+        env={**os.environ, "TMPDIR": str(own)},
+        cwd=os.getcwd(),
+    )
+    deadline = time.monotonic() + 60
+    while not list(own.rglob("weight-*")):
+        assert time.monotonic() < deadline and parent.poll() is None
+        time.sleep(0.1)
+    time.sleep(0.5)  # writing at full speed
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 30
+    while own.exists():
+        assert time.monotonic() < deadline, sorted(str(p.relative_to(own)) for p in own.rglob("*"))[:5]
+        time.sleep(0.1)
+
+
+def test_a_worker_removes_its_folder_however_its_input_ends(tmp_path):
+    """A parent killed mid-cell ends the worker's stdin (or breaks its pipe) before the worker is reparented: the
+    worker's own end, not only its watch on the parent, must take the folder."""
+    import os
+    import subprocess
+    import sys
+
+    from harness.run.worker import WORKER_TMP_PREFIX
+
+    own = tmp_path / f"{WORKER_TMP_PREFIX}ends"
+    own.mkdir()
+    (own / "qwen-compat-offload-x").mkdir()
+    (own / "qwen-compat-offload-x" / "weight").write_bytes(bytes(16))
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "harness.run.worker"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env={**os.environ, "TMPDIR": str(own)},
+    )
+    assert b'"ready"' in worker.stdout.readline()
+    worker.stdin.close()  # no "exit": as the pipe of a parent that was killed
+    assert worker.wait(timeout=60) == 0 and not own.exists()
+    worker.stdout.close()

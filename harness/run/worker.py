@@ -10,12 +10,14 @@ the process, and the parent (`harness.run.runner`) tells.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from harness.errors import HarnessFault, UserError
 from harness.judge.result import STDERR_TAIL_CHARS
@@ -145,10 +147,24 @@ def failure_reply(cell: Cell, exc: BaseException) -> dict:
     }
 
 
+REMOVE_AND_EXIT = "import shutil, sys; shutil.rmtree(sys.argv[1], ignore_errors=True); sys.exit(int(sys.argv[2]))"
+
+
+def _leave(code: int) -> NoReturn:
+    """End this worker, taking its temporary folder (offloaded weights, server logs) with it, whoever ends it:
+    an orphan's parent is not there to remove it. It replaces itself (exec) by a one-line removal, which stops
+    its other threads at once (a removal beside them races their writes: a model still offloading recreates
+    files behind rmtree) and skips the interpreter's teardown of torch and transformers (~2 s here)."""
+    sys.stderr.flush()
+    own = tempfile.gettempdir()
+    if Path(own).name.startswith(WORKER_TMP_PREFIX):  # never a TMPDIR the worker was not given as its own
+        with contextlib.suppress(OSError):  # no interpreter to exec: the runner removes it, if it is there
+            os.execv(sys.executable, [sys.executable, "-I", "-S", "-c", REMOVE_AND_EXIT, own, str(code)])
+    os._exit(code)
+
+
 def _exit_with_parent() -> None:
-    """End this worker if the process driving it dies (even by SIGKILL), whatever the cell is doing, and take
-    its temporary folder (offloaded weights) with it: the parent that would have removed it is gone."""
-    import shutil
+    """End this worker if the process driving it dies (even by SIGKILL), whatever the cell is doing."""
     import threading
 
     parent = os.getppid()
@@ -156,19 +172,13 @@ def _exit_with_parent() -> None:
     def watch():
         while os.getppid() == parent:
             time.sleep(0.5)
-        own = tempfile.gettempdir()
-        if Path(own).name.startswith(WORKER_TMP_PREFIX):  # never a TMPDIR the worker was not given as its own
-            shutil.rmtree(own, ignore_errors=True)
-        os._exit(1)
+        _leave(1)
 
     threading.Thread(target=watch, daemon=True).start()
 
 
-def main() -> None:
-    import faulthandler
-
-    faulthandler.enable(all_threads=False)  # a segfault leaves the crashing thread's traceback in the stderr tail
-    _exit_with_parent()
+def _serve() -> None:
+    """Import torch, say ready, then answer the parent's cells until it says exit (or its pipe ends)."""
     protocol = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # library prints go to stderr, never into the protocol stream
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -193,8 +203,20 @@ def main() -> None:
     finally:
         worker.stop_served()
         worker.transformers.stop()  # a placed group's offload folder goes with its model
-    sys.stderr.flush()
-    os._exit(0)  # the interpreter's teardown of torch and transformers (~2 s here) would only delay the run's end
+
+
+def main() -> None:
+    import faulthandler
+    import traceback
+
+    faulthandler.enable(all_threads=False)  # a segfault leaves the crashing thread's traceback in the stderr tail
+    _exit_with_parent()
+    try:
+        _serve()
+    except BaseException:  # as the interpreter would: the traceback for the runner's stderr tail, exit status 1
+        traceback.print_exc()
+        _leave(1)  # a parent killed mid-cell breaks the protocol pipe (BrokenPipeError) here, often before the watch
+    _leave(0)  # and its end of stdin ends the loop, maybe before the watch sees the new parent
 
 
 if __name__ == "__main__":
