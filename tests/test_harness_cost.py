@@ -61,7 +61,8 @@ def test_the_reference_key_reads_the_harness_version_once_and_still_tells_versio
 
 
 def test_the_worker_exits_with_status_0_without_the_interpreters_teardown(tiny_cell, tmp_path):
-    """It leaves by os._exit after releasing its model: the run's end does not wait on torch's teardown."""
+    """It leaves by exec (its folder's removal) after releasing its model: the run's end does not wait on torch's
+    teardown."""
     from harness.run.runner import Runner
 
     runner = Runner(tmp_path)
@@ -109,3 +110,87 @@ def test_the_plot_imports_run_on_a_lowest_priority_thread_and_leave_a_failure_to
     if sys.platform.startswith("linux"):
         assert len(calls) == 1 and calls[0][0] == os.PRIO_PROCESS and calls[0][2] == 19
         assert calls[0][1] != os.getpid()  # the thread's own id: the process keeps its priority
+
+
+def _comparable(result) -> tuple:
+    """What a verdict is made of, without the timings and memory figures that vary from run to run."""
+    text = (result.generation or {}).get("text")
+    return (result.ok, result.error_type, result.error_message, result.signal_name, result.worker_started, text)
+
+
+def test_cells_sent_ahead_give_what_cells_sent_one_at_a_time_give(tiny_cell, tmp_path):
+    """Sent ahead, each cell gets the same result, through a sticky CUDA error (a fresh worker next), a crash,
+    another family's load, and a cell sent ahead that is then not run (its reply is dropped)."""
+    from harness.run.runner import Runner
+
+    def cell(n: int, **fields):
+        return dataclasses.replace(tiny_cell(**fields), id=f"cell-{n}")
+
+    cells = [
+        cell(1, max_new_tokens=2),
+        cell(2, fault={"raise": "CUDA error: an illegal memory access was encountered"}),
+        cell(3, max_new_tokens=2),
+        cell(4, fault="segfault"),
+        cell(5, max_new_tokens=2),
+        dataclasses.replace(tiny_cell("qwen3_vl", max_new_tokens=2), id="cell-6"),
+    ]
+    one_at_a_time = Runner(tmp_path / "a")
+    try:
+        expected = [_comparable(one_at_a_time.run(c)) for c in cells]
+    finally:
+        one_at_a_time.close()
+    ahead = Runner(tmp_path / "b")
+    try:
+        got = []
+        for this, following in zip(cells, [*cells[1:], None], strict=True):
+            got.append(_comparable(ahead.run(this)))
+            if following is not None:
+                ahead.send_ahead(following)
+        assert got == expected
+        ahead.send_ahead(cells[0])  # sent ahead, then not run: the run goes on with another cell
+        assert _comparable(ahead.run(cells[2])) == expected[2][:4] + (False, expected[2][5])
+    finally:
+        ahead.close()
+    assert [r[0] for r in expected] == [True, False, True, False, True, True]
+
+
+def test_the_run_sends_the_next_cell_before_reporting_one_and_none_after_a_failure_under_x(
+    suite, matrix_file, monkeypatch
+):
+    from test_reports import SIX_CELLS
+
+    from harness.run.runner import Runner
+
+    sent, waiting = [], []
+    send, run = Runner._send, Runner.run
+
+    def send_and_keep(self, message):
+        sent.append(message.get("cell", {}).get("id"))
+        send(self, message)
+
+    def run_and_see(self, cell):
+        waiting.append(self._ahead is not None and self._ahead[0].id == cell.id)
+        return run(self, cell)
+
+    monkeypatch.setattr(Runner, "_send", send_and_keep)
+    monkeypatch.setattr(Runner, "run", run_and_see)
+    path = matrix_file(SIX_CELLS)
+    result = suite.runpytest("--compat-matrix", str(path), "--compat-reports", "reports", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=6)
+    assert waiting == [False, True, True, True, True, True]  # each cell after the first was sent ahead
+    assert len(sent) == 6 + 1  # one request per cell, and the worker's exit
+
+    sent.clear()
+    failing = matrix_file(SIX_CELLS + 'faults:\n  - when: {n: 3}\n    inject: {raise: "boom"}\n', "failing.yaml")
+    result = suite.runpytest(
+        "--compat-matrix",
+        str(failing),
+        "--compat-allow-faults",
+        "--compat-reports",
+        "again",
+        "-x",
+        "-p",
+        "no:cacheprovider",
+    )
+    result.assert_outcomes(passed=2, failed=1)
+    assert len(sent) == 3 + 1  # the cells up to the failure, nothing after it, and the exit

@@ -84,6 +84,7 @@ class CompatSession:
         self.problems: list[str] = []  # writing failures: said at the end, and the exit status is not 0
         self.notes: list[str] = []
         self.session = None
+        self.next_item = None  # the item pytest runs after the current one
         self._previous_sigterm = None
         self.torch_build = None
         self.usage_error: str | None = None
@@ -354,7 +355,22 @@ class CompatSession:
             self.stop(result.error_message)
             raise HarnessError(result.error_message)
         verdict = judge(cell, result)
-        return CellRun(cell, result, verdict, time.perf_counter() - start)
+        self._send_ahead(verdict)
+        return CellRun(cell, result, verdict, time.perf_counter() - min(start, self.runner.sent_at))
+
+    def _send_ahead(self, verdict) -> None:
+        """The next cell goes to the worker now, to be computed while pytest reports this one: only a cell that
+        pytest runs next through `cell_run`, with no skip mark, and not after a failure under --maxfail/-x
+        (the run may stop there)."""
+        item = self.next_item
+        following = _cell_of(item) if item is not None else None
+        if not isinstance(following, Cell) or "cell_run" not in item.fixturenames:
+            return
+        if any(True for name in ("skip", "skipif") for _ in item.iter_markers(name)):
+            return
+        if self.config.option.maxfail and verdict.outcome != "passed":
+            return
+        self.runner.send_ahead(following)
 
     def stop(self, paragraph: str) -> None:
         self.problems.append(paragraph)
@@ -412,6 +428,11 @@ class CompatSession:
         return record
 
     # -- hooks --------------------------------------------------------------------------------------
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_protocol(self, item, nextitem):
+        """Notes the item after this one (what `run` may send ahead); pytest's own protocol then runs the item."""
+        self.next_item = nextitem
+
     def pytest_sessionstart(self, session):
         self.session = session
         if self.active and self.is_xdist_controller and not self.config.option.collectonly:

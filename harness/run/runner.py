@@ -60,6 +60,8 @@ class Runner:
         self.start_error: str | None = None
         self._stderr = None
         self._tmp: str | None = None  # the worker's own TMPDIR
+        self._ahead: tuple[Cell, float] | None = None  # the cell sent ahead, and when
+        self.sent_at = 0.0  # when the last cell run was sent to the worker (perf_counter)
 
     # -- process management -------------------------------------------------------------------
     def prestart(self) -> None:
@@ -108,7 +110,7 @@ class Runner:
             self._proc.stdout.close()
             self._stderr.close()
             shutil.rmtree(self._tmp, ignore_errors=True)
-        self._proc = None
+        self._proc, self._ahead = None, None
 
     def close(self, now: bool = False) -> None:
         """End the worker: politely between cells, at once (`now`) when the run was interrupted, or when
@@ -153,28 +155,55 @@ class Runner:
 
     # -- running cells --------------------------------------------------------------------------
     def run(self, cell: Cell) -> WorkerResult:
+        """Run the cell in the worker, or take its reply when it was sent ahead (`send_ahead`)."""
         if self.start_error:
             raise RuntimeError(self.start_error)
-        started = loaded = False
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0].id != cell.id:
+            self._reply(ahead[0], started=False)  # sent ahead, then not run (its set-up failed): dropped
+            ahead = None
+        if ahead is not None:
+            self.sent_at = ahead[1]
+            return self._reply(cell, started=False)
+        started = False
         if self._proc is None or self._proc.poll() is not None:
             self._spawn()
         if not self._ready:
             self._await_ready()
             started = True
-        self._send(
-            {
-                "op": "run",
-                "cell": cell.to_dict(),
-                "reference_dir": str(self.reference_dir),
-                "server_logs": str(self.server_logs) if self.server_logs else None,
-                "emulate": self.emulate,
-                "run_predicted_oom": self.run_predicted_oom,
-                "lenient": self.lenient,
-            }
-        )
+        self._send(self._request(cell))
+        self.sent_at = time.perf_counter()
+        return self._reply(cell, started)
+
+    def send_ahead(self, cell: Cell) -> None:
+        """Send the run's next cell now, so that the worker computes it while this process judges and reports
+        the last one; `run(cell)` then takes its reply. Only to a worker that is ready and idle: starting one,
+        or replacing a dead one, stays in `run`, where the cell's result says so."""
+        if self._ahead is not None or not self._ready or self._proc is None or self._proc.poll() is not None:
+            return
+        try:
+            self._send(self._request(cell))
+        except OSError:  # the worker died between cells: run() starts another
+            self._kill()
+            return
+        self._ahead = (cell, time.perf_counter())
+
+    def _request(self, cell: Cell) -> dict:
+        return {
+            "op": "run",
+            "cell": cell.to_dict(),
+            "reference_dir": str(self.reference_dir),
+            "server_logs": str(self.server_logs) if self.server_logs else None,
+            "emulate": self.emulate,
+            "run_predicted_oom": self.run_predicted_oom,
+            "lenient": self.lenient,
+        }
+
+    def _reply(self, cell: Cell, started: bool) -> WorkerResult:
+        """The worker's answer for the cell it is running, or what its death or silence says."""
         # The cell's own timeout starts when the worker says the cell starts ("cell"); what comes before (a
         # fresh worker's imports, the memory plan, loading the model) is set-up, under load_timeout_s.
-        deadline_s, loading = cell.load_timeout_s, True
+        deadline_s, loading, loaded = cell.load_timeout_s, True, False
         while True:
             message = self._read(deadline_s)
             if message is None:
