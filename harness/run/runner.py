@@ -3,7 +3,8 @@ ends one cell, never the run.
 
 `Runner` (imported by the pytest process; never imports torch) starts one worker (`python -m
 harness.run.worker`, a fresh interpreter, never a fork), sends it cells as JSON lines, waits with the
-cell's timeout (the model load, announced by the worker, has its own), and replaces the worker
+cell's timeout (the model load, announced by the worker, has its own), can send the next cell ahead
+(the worker computes it while pytest reports the last one), and replaces the worker
 only after a crash, a timeout, or an error that poisons the worker's CUDA context. Each worker has a
 temporary folder of its own (its TMPDIR: offloaded weights, servers' scratch), removed when the worker
 ends however it ends.
