@@ -69,6 +69,11 @@ def other_plugins() -> list[str]:
     return [arg for name in names for arg in ("-p", f"no:{name}")]
 
 
+def bare_command(matrix: str, select: str = "") -> list[str]:
+    """The run of side (a): the bare transformers script over the matrix's CPU cells (those matching `select`)."""
+    return [sys.executable, str(REPO / "benchmarks" / "bare_transformers.py"), matrix, select]
+
+
 def harness_command(matrix: str, *pytest_args: str) -> list[str]:
     """The harness run of side (b): pytest in the folder holding test_suite.py, with only qwen-compat's plugin."""
     return [
@@ -107,14 +112,13 @@ def main() -> None:
         checkpoints.tiny_checkpoint(family)
     compile_bytecode()
     select = ["-k", args.select] if args.select else []
-    bare_command = [sys.executable, str(REPO / "benchmarks" / "bare_transformers.py"), args.matrix, args.select]
     bare_runs, harness_runs = [], []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         shutil.copy(REPO / "suites" / "test_inference.py", folder / "test_suite.py")
 
         def run_bare():
-            bare_runs.append(timed(bare_command, folder))
+            bare_runs.append(timed(bare_command(args.matrix, args.select), folder))
 
         def run_harness():
             shutil.rmtree(folder / "r", ignore_errors=True)  # each harness run starts a fresh reports folder

@@ -18,11 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
-from overhead import REPO, compile_bytecode, harness_command, timed
+from overhead import REPO, bare_command, compile_bytecode, harness_command, timed
 
 MATRIX = """
 models: [{{tiny: qwen2_vl}}]
@@ -61,9 +60,7 @@ def main() -> None:
             matrix = folder / f"m{size}.yaml"
             matrix.write_text(MATRIX.format(cases=list(range(size))))
             for _ in range(args.repeat):
-                bare_run = timed(
-                    [sys.executable, str(REPO / "benchmarks" / "bare_transformers.py"), str(matrix), ""], folder
-                )
+                bare_run = timed(bare_command(str(matrix)), folder)
                 assert json.loads(bare_run.stdout.strip().splitlines()[-1])["cells"] == size
                 bare_s, harness_s = bare_run.wall, timed(harness_command(str(matrix)), folder).wall
                 assert json.loads((folder / "r" / "cpu" / "run.json").read_text())["cells"] == size

@@ -366,7 +366,7 @@ class CompatSession:
         following = _cell_of(item) if item is not None else None
         if not isinstance(following, Cell) or "cell_run" not in item.fixturenames:
             return
-        if any(True for name in ("skip", "skipif") for _ in item.iter_markers(name)):
+        if item.get_closest_marker("skip") or item.get_closest_marker("skipif"):
             return
         if self.config.option.maxfail and verdict.outcome != "passed":
             return
